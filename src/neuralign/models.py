@@ -1,0 +1,276 @@
+"""Models: a registry of plain PyTorch builders, converted afterwards with a learning rule.
+
+Builders make ordinary ``torch.nn`` models (``nn.Linear``/``nn.Conv*`` layers); the trainer turns
+them into feedback models with :func:`neuralign.convert`. Names:
+
+- ``mlp``: flatten, then ``Linear`` + ReLU per hidden width (``ModelConfig.widths``).
+- ``lenet``: LeNet-5 (conv 6@5x5, pool, conv 16@5x5, pool, 120, 84), ReLU and max-pooling.
+- ``cnn1d``: the MNIST-1D authors' 1-D CNN (three stride-2 convolutions of 25 channels, then a
+  linear read-out), for ``[N, C, L]`` inputs.
+- ``resnet20`` … ``resnet110``: the CIFAR ResNets of He et al. 2016 (§4.2): 3 stages of
+  16/32/64 channels, n basic blocks each (depth 6n+2). The shortcut is **option A** by default
+  (identity; when the shape changes, stride-2 subsampling and zero-padded channels: no
+  parameters, as in the paper's CIFAR experiments); ``shortcut: B`` uses 1x1 convolution + BN
+  projections where the shape changes.
+- any torchvision classifier by name (``resnet18`` … ``resnet152``, ``vgg11``, …), built
+  untrained with ``num_classes`` set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelConfig", "build_model", "list_models", "register_model"]
+
+
+@dataclass
+class ModelConfig:
+    """Which network.
+
+    Attributes:
+        name: a registered name (see :func:`list_models`) or a torchvision classifier.
+        widths: ``mlp``: hidden widths.
+        channels: ``cnn1d``: channels of its three convolutions.
+        shortcut: CIFAR ResNets: ``A`` (parameter-free identity with zero padding) or ``B``
+            (1x1 convolution projections).
+        kwargs: extra keyword arguments for a torchvision builder.
+    """
+
+    name: str = "cnn1d"
+    widths: list[int] = field(default_factory=lambda: [100, 100])
+    channels: list[int] = field(default_factory=lambda: [25, 25, 25])
+    shortcut: str = "A"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_Builder = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
+_MODELS: dict[str, _Builder] = {}
+
+
+def register_model(*names: str) -> Callable[[_Builder], _Builder]:
+    """Register a builder ``(cfg, input_shape, num_classes) -> nn.Module`` under ``names``."""
+
+    def deco(fn: _Builder) -> _Builder:
+        for name in names:
+            if name in _MODELS:
+                raise ValueError(f"model {name!r} is already registered")
+            _MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision.models as tvm
+
+    return sorted(tvm.list_models(module=tvm))
+
+
+def list_models(include_torchvision: bool = True) -> list[str]:
+    """Model names accepted by ``ModelConfig.name``."""
+    names = sorted(_MODELS)
+    if include_torchvision:
+        names += [n for n in _torchvision_names() if n not in _MODELS]
+    return names
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A plain (unconverted) model for inputs ``[N, *input_shape]`` and ``num_classes`` outputs."""
+    if cfg.name in _MODELS:
+        return _MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+    tv = _torchvision_names()
+    if cfg.name in tv:
+        import torchvision.models as tvm
+
+        if len(input_shape) != 3:
+            raise ValueError(f"torchvision model {cfg.name!r} needs image inputs [C, H, W], "
+                             f"the data give {tuple(input_shape)}")
+        model = tvm.get_model(cfg.name, weights=None, num_classes=num_classes, **cfg.kwargs)
+        if input_shape[0] != 3:
+            _adapt_first_conv(model, input_shape[0])
+        return model
+    raise ValueError(f"unknown model {cfg.name!r}; valid: {', '.join(sorted(_MODELS))}, or a "
+                     f"torchvision classifier ({', '.join(tv[:6])}, … {len(tv)} in all)")
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Swap a torchvision model's first convolution for one with ``in_channels`` inputs."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Conv2d):
+            new = nn.Conv2d(in_channels, mod.out_channels, mod.kernel_size, mod.stride,
+                            mod.padding, mod.dilation, mod.groups, mod.bias is not None,
+                            mod.padding_mode)
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], new)
+            log.info("model: first convolution %s takes %d input channels", name, in_channels)
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# small models
+
+
+@register_model("mlp")
+def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    n_in = 1
+    for s in input_shape:
+        n_in *= s
+    layers: list[nn.Module] = [nn.Flatten()]
+    for w in cfg.widths:
+        layers += [nn.Linear(n_in, w), nn.ReLU()]
+        n_in = w
+    layers.append(nn.Linear(n_in, num_classes))
+    return nn.Sequential(*layers)
+
+
+class LeNet(nn.Module):
+    """LeNet-5 with ReLU and max-pooling, for ``[N, C, H, W]`` images (28x28 or larger)."""
+
+    def __init__(self, in_channels: int, num_classes: int, size: tuple[int, int]):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        with torch.no_grad():
+            n = self.features(torch.zeros(1, in_channels, *size)).numel()
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(n, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@register_model("lenet")
+def _lenet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 3:
+        raise ValueError(f"lenet needs image inputs [C, H, W], the data give {input_shape}")
+    return LeNet(input_shape[0], num_classes, tuple(input_shape[1:]))
+
+
+class CNN1d(nn.Module):
+    """The MNIST-1D authors' CNN: three stride-2 ``Conv1d`` + ReLU, then a linear read-out."""
+
+    def __init__(self, in_channels: int, length: int, num_classes: int,
+                 channels: list[int]):
+        super().__init__()
+        if len(channels) != 3:
+            raise ValueError(f"cnn1d needs 3 channel counts (model.channels), got {channels}")
+        c1, c2, c3 = channels
+        self.conv1 = nn.Conv1d(in_channels, c1, 5, stride=2, padding=1)
+        self.conv2 = nn.Conv1d(c1, c2, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(c2, c3, 3, stride=2, padding=1)
+        with torch.no_grad():
+            n = self._features(torch.zeros(1, in_channels, length)).numel()
+        self.fc = nn.Linear(n, num_classes)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        return F.relu(self.conv3(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self._features(x).flatten(1))
+
+
+@register_model("cnn1d")
+def _cnn1d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 2:
+        raise ValueError(f"cnn1d needs sequence inputs [C, L], the data give {input_shape}")
+    return CNN1d(input_shape[0], input_shape[1], num_classes, list(cfg.channels))
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR ResNets (He et al. 2016, section 4.2)
+
+
+class PadShortcut(nn.Module):
+    """Option A shortcut: subsample by ``stride`` and zero-pad channels (no parameters)."""
+
+    def __init__(self, stride: int, extra_channels: int):
+        super().__init__()
+        self.stride = stride
+        self.extra = extra_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        lo = self.extra // 2
+        return F.pad(x, (0, 0, 0, 0, lo, self.extra - lo))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        if stride == 1 and c_in == c_out:
+            self.shortcut: nn.Module = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = PadShortcut(stride, c_out - c_in)
+        else:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for 32x32 images: 16/32/64 channels, global average pool, linear."""
+
+    def __init__(self, depth: int, in_channels: int, num_classes: int, shortcut: str = "A"):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if shortcut not in ("A", "B"):
+            raise ValueError(f"model.shortcut must be 'A' or 'B', got {shortcut!r}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        stages, c_in = [], 16
+        for i, c in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(BasicBlock(c_in, c, stride, shortcut))
+                c_in = c
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _cifar_resnet(depth: int) -> _Builder:
+    def build(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+        if len(input_shape) != 3:
+            raise ValueError(f"resnet{depth} needs image inputs [C, H, W], the data give "
+                             f"{input_shape}")
+        return CifarResNet(depth, input_shape[0], num_classes, cfg.shortcut.upper())
+
+    return build
+
+
+for _d in (20, 32, 44, 56, 110):
+    register_model(f"resnet{_d}")(_cifar_resnet(_d))

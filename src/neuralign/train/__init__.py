@@ -1,0 +1,1 @@
+"""Training engine: config dataclasses, trainer with callbacks, checkpoints, plots."""

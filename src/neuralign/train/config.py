@@ -1,0 +1,344 @@
+"""Run configuration: one dataclass per component, a YAML overlay and dotted ``key=value`` overrides.
+
+A configuration is built in three layers: the dataclass defaults, then a YAML file (any subset of
+the keys, nested as in :class:`Config`), then command-line overrides such as ``optim.lr=0.1`` or
+``optim.schedule.milestones=[30,60,80]`` (values are parsed as YAML). Unknown keys and values of
+the wrong type are rejected with a :class:`ConfigError` that lists the valid keys. Keys of a
+mapping field (``rule.layers``, ``rule.terms``, ``model.kwargs``) are free: everything after the
+field's name is the key, so ``rule.layers.layer1.*=bp`` sets the glob ``layer1.*``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..data import DataConfig
+from ..models import ModelConfig
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "OptimConfig",
+    "RuleConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "apply_overrides",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value has the wrong type."""
+
+
+@dataclass
+class RuleConfig:
+    """The learning rule and its per-layer exceptions.
+
+    Attributes:
+        name: a rule of ``neuralign.list_rules()``.
+        terms: term coefficients overriding the rule's defaults (``decay``, ``amp``, ``null``,
+            ``sparse``, ``self``).
+        noise_std: mirror-noise standard deviation (rules with mirror noise).
+        noise_dist: mirror-noise distribution, ``normal`` or ``uniform``.
+        update_noise: standard deviation σ of the update noise ``F += lr_F * N(0, σ²)``.
+        normalize: rescale F after each step to its initial norm (true) or to this norm.
+        init: initialisation of F (see the core's ``get_rule``).
+        layers: module-name glob -> rule name, e.g. ``{fc: bp}`` keeps the read-out exact.
+        on_unsupported: what ``convert`` does with layer types it cannot convert:
+            ``warn``, ``ignore`` or ``raise``.
+
+    ``None`` keeps the rule's own default.
+    """
+
+    name: str = "ia"
+    terms: dict[str, float] = field(default_factory=dict)
+    noise_std: float | None = None
+    noise_dist: str | None = None
+    update_noise: float | None = None
+    normalize: bool | float | None = None
+    init: str | None = None
+    layers: dict[str, str] = field(default_factory=dict)
+    on_unsupported: str = "warn"
+
+
+@dataclass
+class ScheduleConfig:
+    """A learning-rate schedule, evaluated at every step as a factor of the base rate.
+
+    Attributes:
+        name: ``constant``, ``step`` (×gamma at each milestone epoch) or ``cosine`` (to
+            ``min_factor`` at the last epoch).
+        warmup_epochs: linear warm-up from ``1/steps`` of the rate to the full rate over this
+            many epochs (fractions allowed), before the schedule proper.
+        milestones: ``step``: epochs at which the rate is multiplied by ``gamma``.
+        gamma: ``step``: the factor.
+        min_factor: ``cosine``: final rate as a fraction of the base rate.
+    """
+
+    name: str = "constant"
+    warmup_epochs: float = 0.0
+    milestones: list[float] = field(default_factory=list)
+    gamma: float = 0.1
+    min_factor: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    """An optimizer (``sgd``, ``adam``, ``adamw``) and its schedule.
+
+    ``weight_decay`` applies to the parameters this optimizer owns only: the forward optimizer
+    owns the forward weights, the feedback optimizer the learned feedback weights.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop and the run folder.
+
+    Attributes:
+        name: run name; the run folder is ``runs_dir/name`` (empty: data-model-rule-time).
+        runs_dir: parent folder of run folders.
+        epochs: training epochs.
+        seed: seed of the model's initialisation, of the data order and of all noise.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1`` …
+        checkpoint_every: write ``checkpoints/last.pt`` every this many epochs (0: only at the
+            end); the last epoch is always written.
+        angle_every: measure local gradient angles and the end-to-end angle with backprop every
+            this many steps (0: never).
+        progress: show a progress bar per epoch (stderr).
+        tensorboard: write TensorBoard events to the run folder.
+        plots: write PNG plots at the end.
+        deterministic: ask torch for deterministic algorithms (slower on GPU).
+        overwrite: reuse an existing run folder of the same name (its files are replaced).
+    """
+
+    name: str = ""
+    runs_dir: str = "runs"
+    epochs: int = 30
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_every: int = 1
+    angle_every: int = 50
+    progress: bool = True
+    tensorboard: bool = True
+    plots: bool = True
+    deterministic: bool = False
+    overwrite: bool = False
+
+
+def _feedback_optim() -> OptimConfig:
+    return OptimConfig(name="sgd", lr=0.05, momentum=0.9)
+
+
+@dataclass
+class Config:
+    """Everything a run needs; the resolved copy is saved as ``runs/<name>/config.yaml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rule: RuleConfig = field(default_factory=RuleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    feedback_optim: OptimConfig = field(default_factory=_feedback_optim)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# typed merge
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check(value: Any, tp: Any, key: str) -> Any:
+    """``value`` converted to ``tp`` (int -> float, number -> str), or a ConfigError."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        # bool before float: YAML's true must stay a bool for `bool | float`.
+        for a in sorted(args, key=lambda a: a is not bool and a is not type(None)):
+            try:
+                return _check(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} "
+                          f"{value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)} (e.g. [1, 2]), got "
+                              f"{type(value).__name__} {value!r}")
+        return [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _check(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    hints = typing.get_type_hints(type(obj))
+    return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
+
+
+def _unknown(key: str, prefix: str, obj: Any) -> ConfigError:
+    valid = ", ".join(f"{prefix}{k}" for k in _fields(obj))
+    where = f" in section {prefix.rstrip('.')!r}" if prefix else ""
+    return ConfigError(f"unknown config key {key!r}{where}; valid keys: {valid}")
+
+
+def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got "
+                          f"{type(data).__name__} {data!r}")
+    fields = _fields(obj)
+    for k, v in data.items():
+        if k not in fields:
+            raise _unknown(f"{prefix}{k}", prefix, obj)
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _merge(cur, v if v is not None else {}, f"{prefix}{k}.")
+        else:
+            setattr(obj, k, _check(v, fields[k], f"{prefix}{k}"))
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    """A :class:`Config` from nested plain data (as in a YAML file), defaults elsewhere."""
+    cfg = Config()
+    _merge(cfg, data or {})
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain data (YAML/JSON-safe) of a config."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """A copy of ``cfg`` with dotted ``key=value`` overrides applied (values parsed as YAML)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value "
+                              f"(e.g. optim.lr=0.1); sections: "
+                              f"{', '.join(_fields(cfg))}")
+        value = _parse_value(text)
+        parts = key.split(".")
+        obj, prefix = cfg, ""
+        for i, part in enumerate(parts):
+            fields = _fields(obj)
+            if part not in fields:
+                raise _unknown(prefix + part, prefix, obj)
+            cur = getattr(obj, part)
+            last = i == len(parts) - 1
+            if dataclasses.is_dataclass(cur):
+                if last:
+                    _merge(cur, value, prefix + part + ".")
+                    break
+                obj, prefix = cur, prefix + part + "."
+                continue
+            if last:
+                setattr(obj, part, _check(value, fields[part], prefix + part))
+            elif typing.get_origin(fields[part]) is dict:
+                sub = ".".join(parts[i + 1:])
+                _, vt = typing.get_args(fields[part])
+                new = dict(cur)
+                if value is None:
+                    new.pop(sub, None)
+                else:
+                    new[sub] = _check(value, vt, f"{prefix}{part}.{sub}")
+                setattr(obj, part, new)
+            else:
+                raise ConfigError(f"{prefix}{part} is a value, not a section: "
+                                  f"cannot set {key!r}")
+            break
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        with open(p) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+    try:
+        cfg = config_from_dict(data)
+    except ConfigError as e:
+        if path is not None:
+            raise ConfigError(f"{path}: {e}") from None
+        raise
+    return apply_overrides(cfg, overrides or [])
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML."""
+    with open(path, "w") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=None)
