@@ -1,4 +1,4 @@
-"""Run configuration: one dataclass per component, a YAML overlay and dotted ``key=value`` overrides.
+"""Run configuration: a dataclass per component, a YAML overlay, dotted ``key=value`` overrides.
 
 A configuration is built in three layers: the dataclass defaults, then a YAML file (any subset of
 the keys, nested as in :class:`Config`), then command-line overrides such as ``optim.lr=0.1`` or

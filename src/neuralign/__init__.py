@@ -1,0 +1,18 @@
+"""neuralign: credit assignment without weight symmetry, for any PyTorch model.
+
+>>> import neuralign as na
+>>> model = na.convert(torch.nn.Sequential(torch.nn.Linear(4, 3)), "sa")
+"""
+
+from . import metrics, rules
+from .convert import after_step, convert, exact_backprop, feedback_layers, param_groups, revert
+from .layers import FeedbackConv1d, FeedbackConv2d, FeedbackConv3d, FeedbackLinear
+from .rules import Rule, get_rule, list_rules
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "convert", "revert", "feedback_layers", "param_groups", "exact_backprop", "after_step",
+    "Rule", "get_rule", "list_rules", "metrics", "rules",
+    "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d",
+]

@@ -1,0 +1,124 @@
+"""The autograd Function of a feedback layer: one backward call produces every gradient.
+
+The forward is the torch layer's own op. The backward sends the error down through the
+feedback weight F, gives W and b their ordinary gradients, and gives F its rule gradient
+(plus Kolen-Pollack's task share) from tensors the forward already holds. The Function is
+generic over :class:`~neuralign.ops.LayerOps`: a new layer family only needs new ops.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import terms
+from .ops import LayerOps, num_examples
+from .rules import Rule
+
+__all__ = ["Spec", "FeedbackFunction", "feedback_forward"]
+
+
+@dataclass
+class Spec:
+    """What the Function needs besides tensors.
+
+    Attributes:
+        ops: the layer family's linear map.
+        rule: the feedback rule.
+        derive: for feedback derived from W (sign rules): ``derive(W) -> F``, called in the
+            backward (only when a gradient is taken), writing the layer's buffer in place.
+        probe: a dict that receives the local gradient angle while recording is on, or None.
+    """
+
+    ops: LayerOps
+    rule: Rule
+    derive: Callable[[Tensor], Tensor] | None = None
+    probe: dict | None = field(default=None)
+
+
+def mirror_noise(x: Tensor, rule: Rule) -> Tensor:
+    """Fresh noise of ``x``'s shape: normal, or uniform with the same std."""
+    noise = rule.noise
+    if noise.dist == "normal":
+        return torch.randn_like(x).mul_(noise.std)
+    half_width = noise.std * math.sqrt(3.0)
+    return torch.rand_like(x).mul_(2 * half_width).sub_(half_width)
+
+
+def _angle(a: Tensor, b: Tensor) -> Tensor:
+    """Degrees between two tensors seen as flat vectors (a tensor: no host sync)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    cos = (a @ b) / (a.norm() * b.norm()).clamp_min(1e-300)
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
+class FeedbackFunction(torch.autograd.Function):
+    """``out = layer(x; W, b)``; backward: ``dx = apply_T(dy, F)``, ``dW``, ``db`` as
+    backprop, and ``dF = Σ c_t ∇R_t (+ dW for Kolen-Pollack)``."""
+
+    @staticmethod
+    def forward(x, weight, bias, feedback, spec):
+        return spec.ops.forward(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, feedback, spec = inputs
+        ctx.spec = spec
+        keep_out = ctx.needs_input_grad[3] and spec.rule.uses_output
+        # Derived feedback is not saved: the backward derives it from the saved W, so writing
+        # the buffer in place can never invalidate another pending graph.
+        ctx.save_for_backward(x, weight, bias, None if spec.derive else feedback,
+                              output if keep_out else None)
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device)) \
+            if torch.is_autocast_enabled(device) else None
+
+    @staticmethod
+    def backward(ctx, dout):
+        if ctx.autocast is None:
+            return FeedbackFunction._backward(ctx, dout)
+        # Under autocast the products run in the dtype autocast gave the output, with autocast
+        # itself off (the backward ops are not on its lists); the engine casts each gradient to
+        # its parameter's own dtype.
+        with torch.autocast(ctx.autocast[0], enabled=False):
+            return FeedbackFunction._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
+        x, W, b, F, out = ctx.saved_tensors
+        need_x, need_w, need_b, need_f, _ = ctx.needs_input_grad
+        spec: Spec = ctx.spec
+        ops, rule = spec.ops, spec.rule
+        if spec.derive is not None:
+            F = spec.derive(W)
+        x, W, F = (t.to(dout.dtype) for t in (x, W, F))
+        kp = need_f and rule.kp
+        xp = ops.pad(x)
+        dxp, dw, db = ops.backward(dout, xp, F, (need_x, need_w or kp, need_b))
+        dx = ops.pad_T(dxp) if dxp is not None else None
+        if spec.probe is not None:
+            sent = dx if dx is not None else ops.pad_T(ops.core_T(dout, F, xp.shape))
+            spec.probe["gradient_angle"] = _angle(sent, ops.pad_T(ops.core_T(dout, W, xp.shape)))
+        df = None
+        if need_f:
+            if rule.noise is not None:
+                src = ops.pad(mirror_noise(x, rule))
+                y = ops.core(src, W)
+            else:
+                src = xp
+                y = None if out is None else (out if b is None else ops.remove_bias(out, b))
+                y = y if y is None else y.to(dout.dtype)
+            df = terms.rule_grad(rule.terms, ops, src, W, F, y, num_examples(x, ops))
+            if kp:
+                df = df.add_(dw)
+        return dx, dw if need_w else None, db, df, None
+
+
+def feedback_forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,
+                     spec: Spec) -> Tensor:
+    """Apply the layer through :class:`FeedbackFunction`."""
+    return FeedbackFunction.apply(x, weight, bias, feedback, spec)

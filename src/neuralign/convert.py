@@ -1,0 +1,193 @@
+"""Model surgery: convert any model's layers to feedback layers, and inspect or undo it."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import logging
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from .layers import FeedbackConv1d, FeedbackConv2d, FeedbackConv3d, FeedbackLayer, FeedbackLinear
+from .rules import Rule, get_rule
+
+__all__ = ["DEFAULT_MAPPING", "UnsupportedLayerError", "convert", "revert", "feedback_layers",
+           "param_groups", "exact_backprop", "after_step"]
+
+log = logging.getLogger(__name__)
+
+#: torch layer class -> feedback layer class; exact types are matched. Extend a copy and pass
+#: it as ``mapping`` to convert another layer type.
+DEFAULT_MAPPING: dict[type[nn.Module], type[FeedbackLayer]] = {
+    nn.Linear: FeedbackLinear,
+    nn.Conv1d: FeedbackConv1d,
+    nn.Conv2d: FeedbackConv2d,
+    nn.Conv3d: FeedbackConv3d,
+}
+
+#: Layers whose parameters act elementwise (their "transpose" is themselves): no weight
+#: transport to avoid, so they are left alone without a report.
+ELEMENTWISE = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.PReLU,
+               nn.Embedding, nn.EmbeddingBag, nn.RMSNorm)
+
+POLICIES = ("warn", "ignore", "raise")
+
+
+class UnsupportedLayerError(TypeError):
+    """A layer with parameters that convert cannot give feedback weights."""
+
+
+def _rule_for(name: str, rule: Rule, layer_rules: Mapping[str, str | Rule]) -> Rule:
+    chosen = rule
+    for pattern, r in layer_rules.items():  # the last matching pattern wins
+        if fnmatch.fnmatchcase(name, pattern):
+            chosen = get_rule(r)
+    return chosen
+
+
+def convert(
+    model: nn.Module,
+    rule: str | Rule,
+    layer_rules: Mapping[str, str | Rule] | None = None,
+    mapping: Mapping[type[nn.Module], type[FeedbackLayer]] | None = None,
+    inplace: bool = False,
+    on_unsupported: str = "warn",
+    generator: torch.Generator | None = None,
+) -> nn.Module:
+    """Replace every layer of a type in ``mapping`` by its feedback layer.
+
+    Args:
+        model: any module.
+        rule: a catalog name (see ``list_rules()``) or a :class:`Rule`.
+        layer_rules: module-name glob pattern -> rule, e.g. ``{"fc": "bp", "layer4.*": "sa"}``;
+            the last matching pattern wins; ``"bp"`` keeps a layer plain.
+        mapping: torch class -> feedback class (default :data:`DEFAULT_MAPPING`).
+        inplace: convert ``model`` itself instead of a deep copy.
+        on_unsupported: what to do with other layers that hold parameters directly and are not
+            elementwise: ``'warn'`` (log a warning), ``'ignore'`` or ``'raise'``.
+        generator: random generator for the feedback initialisations.
+
+    Returns:
+        The converted model (a copy unless ``inplace``); weights, hooks, device and train/eval
+        state are kept.
+    """
+    if on_unsupported not in POLICIES:
+        raise ValueError(f"unknown on_unsupported {on_unsupported!r}; valid: {', '.join(POLICIES)}")
+    rule = get_rule(rule)
+    layer_rules = {k: get_rule(v) for k, v in (layer_rules or {}).items()}
+    mapping = DEFAULT_MAPPING if mapping is None else mapping
+    if not inplace:
+        model = copy.deepcopy(model)
+    if type(model) in mapping:  # a bare layer
+        r = _rule_for("", rule, layer_rules)
+        return model if r.feedback == "bp" else mapping[type(model)].from_module(model, r, generator)
+    used = set()
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            cls = mapping.get(type(child))
+            if cls is None:
+                _report(name, child, on_unsupported)
+                continue
+            r = _rule_for(name, rule, layer_rules)
+            used.update(p for p in layer_rules if fnmatch.fnmatchcase(name, p))
+            if r.feedback == "bp":
+                log.info("%s: %s kept (rule bp)", name, type(child).__name__)
+                continue
+            setattr(parent, child_name, cls.from_module(child, r, generator))
+            log.info("%s: %s -> %s (rule %s)", name, type(child).__name__, cls.__name__, r.name)
+    unused = sorted(set(layer_rules) - used)
+    if unused:
+        raise ValueError(f"layer_rules patterns {unused} match no convertible layer; "
+                         f"convertible layers: {[n for n, _ in _convertible(model, mapping)]}")
+    return model
+
+
+def _convertible(model, mapping):
+    return [(n, m) for n, m in model.named_modules() if type(m) in mapping
+            or isinstance(m, FeedbackLayer)]
+
+
+def _report(name: str, module: nn.Module, policy: str) -> None:
+    if isinstance(module, (FeedbackLayer, *ELEMENTWISE)) or not any(
+            True for _ in module.parameters(recurse=False)):
+        return
+    msg = (f"{name}: {type(module).__name__} holds parameters but has no feedback layer; "
+           "its backward still uses its own weights (add it to the mapping to convert it)")
+    if policy == "raise":
+        raise UnsupportedLayerError(msg)
+    if policy == "warn":
+        log.warning(msg)
+
+
+def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Back to plain torch layers, forward weights (the same values) kept, feedback dropped."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    if isinstance(model, FeedbackLayer):
+        return model.to_module()
+    for _, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, FeedbackLayer):
+                setattr(parent, child_name, child.to_module())
+    return model
+
+
+def feedback_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:
+    """``(qualified name, layer)`` for every feedback layer of ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, FeedbackLayer):
+            yield name, m
+
+
+def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """``{'forward': [...], 'feedback': [...]}``: every parameter once, learned feedback
+    weights apart, for two optimizers."""
+    feedback_ids = {id(layer.feedback) for _, layer in feedback_layers(model)}
+    groups = {"forward": [], "feedback": []}
+    for p in model.parameters():
+        groups["feedback" if id(p) in feedback_ids else "forward"].append(p)
+    return groups
+
+
+@contextlib.contextmanager
+def exact_backprop(model: nn.Module):
+    """Within this context the model's feedback layers send errors through W (plain backprop);
+    feedback weights receive no gradient. The previous state is restored on exit."""
+    layers = [layer for _, layer in feedback_layers(model)]
+    saved = [layer._exact_backprop for layer in layers]
+    try:
+        for layer in layers:
+            layer._exact_backprop = True
+        yield model
+    finally:
+        for layer, s in zip(layers, saved, strict=True):
+            layer._exact_backprop = s
+
+
+def after_step(model: nn.Module, lr: float | torch.optim.Optimizer,
+               generator: torch.Generator | None = None) -> None:
+    """Update noise and normalisation, to call after each feedback optimizer step.
+
+    For each feedback layer whose rule asks for it: ``F += lr · N(0, σ²)`` (update noise), then
+    rescale F to its fixed norm (normalisation).
+
+    Args:
+        model: the converted model.
+        lr: the feedback learning rate, or the feedback optimizer (its first group's ``lr``).
+        generator: draws the update noise; give every rank the same seed under
+            DistributedDataParallel so feedback weights stay identical.
+
+    Example::
+
+        loss.backward(); opt_w.step(); opt_f.step()
+        na.after_step(model, opt_f)
+    """
+    if isinstance(lr, torch.optim.Optimizer):
+        lr = lr.param_groups[0]["lr"]
+    for _, layer in feedback_layers(model):
+        layer.perturb_feedback(float(lr), generator)
+        layer.normalize_feedback()

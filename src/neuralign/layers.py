@@ -1,0 +1,180 @@
+"""Feedback layers: torch layers whose backward sends the error through a feedback weight.
+
+Each subclasses the torch layer it replaces, gives the same forward output, keeps ``weight``
+and ``bias`` as the very same Parameters, and adds ``feedback`` (in ``weight``'s layout): a
+Parameter when the rule learns it, a buffer when it is fixed or derived from ``sign(W)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .autograd import Spec, feedback_forward
+from .ops import ops_for
+from .rules import Rule, get_rule
+
+__all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d",
+           "FeedbackConv3d", "init_feedback"]
+
+_INITS = {
+    # the torch layer's own reset_parameters draw for weight (Linear and ConvNd alike)
+    "default": lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g),
+    "kaiming_uniform": lambda t, g: nn.init.kaiming_uniform_(t, nonlinearity="relu", generator=g),
+    "kaiming_normal": lambda t, g: nn.init.kaiming_normal_(t, nonlinearity="relu", generator=g),
+    "xavier_uniform": lambda t, g: nn.init.xavier_uniform_(t, generator=g),
+    "xavier_normal": lambda t, g: nn.init.xavier_normal_(t, generator=g),
+}
+
+
+@torch.no_grad()
+def init_feedback(out: Tensor, weight: Tensor, init: str,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """Fill ``out`` (in ``weight``'s layout) with an initial feedback weight, in place.
+
+    ``'default'`` is an independent draw from the torch layer's own weight init; ``'weight'``
+    copies W (so the layer starts at exact backprop); the others are ``torch.nn.init``'s.
+    """
+    if init == "weight":
+        return out.copy_(weight)
+    return _INITS[init](out, generator)
+
+
+class FeedbackLayer(nn.Module):
+    """Mixin for feedback layers; put it before the torch layer class in the bases."""
+
+    def __init__(self, *args, rule: str | Rule = "fa", generator: torch.Generator | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self._attach(get_rule(rule), generator)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, rule: str | Rule,
+                    generator: torch.Generator | None = None) -> FeedbackLayer:
+        """A feedback layer sharing ``module``'s Parameters, buffers, hooks and state."""
+        base = cls.__mro__[2]
+        if type(module) is not base:
+            raise TypeError(f"{cls.__name__}.from_module takes a {base.__name__}, "
+                            f"got {type(module).__name__}")
+        new = cls.__new__(cls)
+        new.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v
+                             for k, v in module.__dict__.items()})
+        new._attach(get_rule(rule), generator)
+        return new
+
+    def to_module(self) -> nn.Module:
+        """The plain torch layer, sharing this layer's Parameters, hooks and state."""
+        base = type(self).__mro__[2]
+        plain = base.__new__(base)
+        plain.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v
+                               for k, v in self.__dict__.items() if k not in self._ADDED})
+        for name in self._FEEDBACK_TENSORS:
+            plain._parameters.pop(name, None)
+            plain._buffers.pop(name, None)
+            plain._non_persistent_buffers_set.discard(name)
+        return plain
+
+    _ADDED = ("rule", "_spec", "_exact_backprop")
+    _FEEDBACK_TENSORS = ("feedback", "feedback_scale", "feedback_magnitude", "feedback_norm")
+
+    def _attach(self, rule: Rule, generator: torch.Generator | None) -> None:
+        if rule.feedback == "bp":
+            raise ValueError("rule 'bp' means no feedback weight: keep the plain torch layer")
+        self.rule = rule
+        self._exact_backprop = False
+        W = self.weight
+        F0 = init_feedback(torch.empty_like(W, requires_grad=False), W, rule.init, generator)
+        derive = None
+        if rule.feedback == "usf":
+            self.register_buffer("feedback_scale", F0.std())
+            derive = self._derive_usf
+        elif rule.feedback == "frsf":
+            self.register_buffer("feedback_magnitude", F0.abs())
+            derive = self._derive_frsf
+        elif rule.feedback == "brsf":
+            derive = self._derive_brsf
+        if rule.learns:
+            self.feedback = nn.Parameter(F0)
+        else:
+            self.register_buffer("feedback", F0)
+        if rule.normalize:
+            norm = F0.norm() if rule.normalize is True else torch.tensor(float(rule.normalize))
+            self.register_buffer("feedback_norm", norm.to(F0))
+        self._spec = Spec(ops_for(self), rule, derive=derive)
+        if derive is not None:
+            derive(W.detach())
+
+    # -- sign-symmetric feedback, derived in place from the W of the step -------------------------
+    @torch.no_grad()
+    def _derive_usf(self, W: Tensor) -> Tensor:
+        return torch.sign(W, out=self.feedback).mul_(self.feedback_scale)
+
+    @torch.no_grad()
+    def _derive_frsf(self, W: Tensor) -> Tensor:
+        return torch.sign(W, out=self.feedback).mul_(self.feedback_magnitude)
+
+    @torch.no_grad()
+    def _derive_brsf(self, W: Tensor) -> Tensor:
+        F = init_feedback(self.feedback, W, self.rule.init)  # fresh magnitudes every batch
+        return F.abs_().mul_(torch.sign(W))
+
+    # -- forward --------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        if self._exact_backprop or not torch.is_grad_enabled():
+            return super().forward(x)  # no gradient (or exact backprop): the torch layer itself
+        unbatched = x.dim() == self.weight.dim() - 1 and self.weight.dim() > 2
+        if unbatched:  # a single unbatched conv example, as torch layers accept
+            return feedback_forward(x.unsqueeze(0), self.weight, self.bias, self.feedback,
+                                    self._spec).squeeze(0)
+        return feedback_forward(x, self.weight, self.bias, self.feedback, self._spec)
+
+    # -- after the optimizer step ------------------------------------------------------------------
+    @torch.no_grad()
+    def perturb_feedback(self, lr: float, generator: torch.Generator | None = None) -> None:
+        """Update noise ``F += lr · N(0, σ²)`` with the rule's σ (nothing when σ is 0)."""
+        sigma = self.rule.update_noise
+        if sigma:
+            F = self.feedback
+            eps = torch.randn(F.shape, generator=generator, device=F.device, dtype=F.dtype)
+            F.add_(eps, alpha=lr * sigma)
+
+    @torch.no_grad()
+    def normalize_feedback(self) -> None:
+        """Rescale F to the rule's fixed Frobenius norm (nothing when the rule has none)."""
+        if self.rule.normalize:
+            F = self.feedback
+            F.mul_(self.feedback_norm / F.norm().clamp_min(torch.finfo(F.dtype).tiny))
+
+    def record_gradient_angle(self, enabled: bool = True) -> None:
+        """Record, at each backward, the angle between what the layer sends down through F and
+        what it would send through W for the same incoming error."""
+        self._spec.probe = {} if enabled else None
+
+    @property
+    def gradient_angle(self) -> float | None:
+        """Degrees, from the last backward while recording was on (else None)."""
+        probe = self._spec.probe
+        angle = probe.get("gradient_angle") if probe else None
+        return None if angle is None else float(angle)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rule={self.rule.name}"
+
+
+class FeedbackLinear(FeedbackLayer, nn.Linear):
+    """``nn.Linear`` (any number of leading dimensions) with a feedback weight."""
+
+
+class FeedbackConv1d(FeedbackLayer, nn.Conv1d):
+    """``nn.Conv1d`` with a feedback weight."""
+
+
+class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
+    """``nn.Conv2d`` with a feedback weight."""
+
+
+class FeedbackConv3d(FeedbackLayer, nn.Conv3d):
+    """``nn.Conv3d`` with a feedback weight."""

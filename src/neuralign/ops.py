@@ -1,0 +1,254 @@
+"""The three linear-map operations of each layer family: the only module that knows shapes.
+
+A layer computes ``y = A_W(x) + b``. For its kernel ``K`` (the forward weight ``W`` or the
+feedback weight ``F``, both in the forward weight's layout) every layer family provides:
+
+* ``apply(x, K)``: the forward map ``A_K(x)`` (padding included, no bias);
+* ``apply_T(y, K, shape)``: its exact adjoint, back in the input space of ``shape``;
+* ``outer(x, y)``: the kernel-shaped product, summed over examples and positions, such that
+  ``<y, apply(x, K)> == <outer(x, y), K>``.
+
+Internally a map is ``core ∘ pad``: ``pad`` is the explicit padding the torch layer applies
+before its convolution (non-zero padding modes, or asymmetric ``'same'`` padding), and the
+``core_*`` methods act on the padded input. The autograd Function works in that padded space
+(it saves the padded input once) and folds gradients back with ``pad_T``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LayerOps", "LinearOps", "ConvOps", "ops_for"]
+
+
+class LayerOps:
+    """Base class: a layer family's linear map. Subclasses write the three ``core_*`` methods."""
+
+    def pad(self, x: Tensor) -> Tensor:
+        """Explicit padding applied before the core map (identity unless overridden)."""
+        return x
+
+    def pad_T(self, g: Tensor) -> Tensor:
+        """Adjoint of :meth:`pad`."""
+        return g
+
+    def padded_shape(self, shape: torch.Size) -> torch.Size:
+        return shape
+
+    def core(self, xp: Tensor, K: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def core_T(self, y: Tensor, K: Tensor, xp_shape: torch.Size) -> Tensor:
+        raise NotImplementedError
+
+    def core_outer(self, xp: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def bias_grad(self, dy: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def remove_bias(self, out: Tensor, b: Tensor) -> Tensor:
+        """``out - b``: the linear output before bias, from the layer's output."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        """The torch layer's own forward op (bias included): bit for bit its output."""
+        raise NotImplementedError
+
+    def backward(
+        self, dy: Tensor, xp: Tensor, K: Tensor, mask: tuple[bool, bool, bool]
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """``(apply_T(dy, K) in padded space, outer(x, dy), bias grad)``, each only if masked in."""
+        need_x, need_w, need_b = mask
+        dxp = self.core_T(dy, K, xp.shape) if need_x else None
+        dw = self.core_outer(xp, dy) if need_w else None
+        db = self.bias_grad(dy) if need_b else None
+        return dxp, dw, db
+
+    # The public maps, in the layer's real input space.
+    def apply(self, x: Tensor, K: Tensor) -> Tensor:
+        return self.core(self.pad(x), K)
+
+    def apply_T(self, y: Tensor, K: Tensor, shape: torch.Size | None = None) -> Tensor:
+        if shape is None:
+            raise ValueError(f"{type(self).__name__}.apply_T needs the input shape")
+        return self.pad_T(self.core_T(y, K, self.padded_shape(torch.Size(shape))))
+
+    def outer(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.core_outer(self.pad(x), y)
+
+
+class LinearOps(LayerOps):
+    """``nn.Linear`` with any number of leading dimensions (``[*, in] -> [*, out]``)."""
+
+    def core(self, xp, K):
+        return F.linear(xp, K)
+
+    def core_T(self, y, K, xp_shape=None):
+        return y.matmul(K)
+
+    def apply_T(self, y, K, shape=None):
+        return y.matmul(K)
+
+    def core_outer(self, xp, y):
+        return y.reshape(-1, y.shape[-1]).t().mm(xp.reshape(-1, xp.shape[-1]))
+
+    def bias_grad(self, dy):
+        return dy.reshape(-1, dy.shape[-1]).sum(0)
+
+    def remove_bias(self, out, b):
+        return out - b
+
+    def forward(self, x, W, b):
+        return F.linear(x, W, b)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvOps(LayerOps):
+    """``nn.Conv1d/2d/3d`` with stride, padding (ints, ``'same'``, ``'valid'``, any
+    ``padding_mode``), dilation and groups.
+
+    Args:
+        dim: number of spatial dimensions.
+        weight_shape: ``[out_channels, in_channels // groups, *kernel]``.
+        stride, dilation: per spatial dimension.
+        padding: symmetric zero padding given to the convolution itself.
+        pre_pad: an ``F.pad`` tuple applied first (last dimension first), or ``None``.
+        pad_mode: ``'constant'``, ``'reflect'``, ``'replicate'`` or ``'circular'`` for ``pre_pad``.
+        groups: convolution groups.
+    """
+
+    def __init__(self, dim, weight_shape, stride, padding, dilation, groups, pre_pad=None,
+                 pad_mode="constant"):
+        self.dim = dim
+        self.weight_shape = torch.Size(weight_shape)
+        self.stride = tuple(stride)
+        self.padding = tuple(padding)
+        self.dilation = tuple(dilation)
+        self.groups = groups
+        self.pre_pad = tuple(pre_pad) if pre_pad is not None and any(pre_pad) else None
+        self.pad_mode = pad_mode
+        self._conv = _CONV[dim]
+
+    @classmethod
+    def from_module(cls, m: nn.modules.conv._ConvNd) -> ConvOps:
+        """The exact map of a torch convolution, padding included."""
+        dim = len(m.kernel_size)
+        if m.transposed:
+            raise TypeError(f"{type(m).__name__} is a transposed convolution; not supported")
+        if m.padding_mode != "zeros":
+            # torch pads explicitly with _reversed_padding_repeated_twice, then convolves unpadded.
+            return cls(dim, m.weight.shape, m.stride, (0,) * dim, m.dilation, m.groups,
+                       m._reversed_padding_repeated_twice, m.padding_mode)
+        if m.padding == "valid":
+            return cls(dim, m.weight.shape, m.stride, (0,) * dim, m.dilation, m.groups)
+        if m.padding == "same":
+            # As ATen does: symmetric padding, and the odd extra one on the right, explicitly.
+            left, extra = [], []
+            for d, k in zip(m.dilation, m.kernel_size, strict=True):
+                total = d * (k - 1)
+                left.append(total // 2)
+                extra.append(total - 2 * (total // 2))
+            pre = []
+            for e in reversed(extra):
+                pre += [0, e]
+            return cls(dim, m.weight.shape, m.stride, left, m.dilation, m.groups, pre, "constant")
+        return cls(dim, m.weight.shape, m.stride, m.padding, m.dilation, m.groups)
+
+    # -- padding ------------------------------------------------------------------------------
+    def pad(self, x):
+        if self.pre_pad is None:
+            return x
+        return F.pad(x, self.pre_pad, mode=self.pad_mode)
+
+    def padded_shape(self, shape):
+        if self.pre_pad is None:
+            return shape
+        shape = list(shape)
+        for i in range(len(self.pre_pad) // 2):
+            shape[-1 - i] += self.pre_pad[2 * i] + self.pre_pad[2 * i + 1]
+        return torch.Size(shape)
+
+    def pad_T(self, g):
+        if self.pre_pad is None:
+            return g
+        for i in range(len(self.pre_pad) // 2):
+            g = _pad_T_dim(g, g.dim() - 1 - i, self.pre_pad[2 * i], self.pre_pad[2 * i + 1],
+                           self.pad_mode)
+        return g
+
+    # -- core convolution ---------------------------------------------------------------------
+    def core(self, xp, K):
+        return self._conv(xp, K, None, self.stride, self.padding, self.dilation, self.groups)
+
+    def _conv_backward(self, dy, xp, K, mask, bias=False):
+        return torch.ops.aten.convolution_backward(
+            dy, xp, K, [K.shape[0]] if bias else None, self.stride, self.padding,
+            self.dilation, False, [0] * self.dim, self.groups, list(mask))
+
+    def core_T(self, y, K, xp_shape):
+        # Only the input's shape matters for the input gradient: a broadcast empty stands in.
+        xp = y.new_empty(1).expand(xp_shape)
+        return self._conv_backward(y, xp, K, (True, False, False))[0]
+
+    def core_outer(self, xp, y):
+        K = xp.new_empty(1).expand(self.weight_shape)
+        return self._conv_backward(y, xp, K, (False, True, False))[1]
+
+    def bias_grad(self, dy):
+        return dy.sum([0] + list(range(2, dy.dim())))
+
+    def backward(self, dy, xp, K, mask):
+        # One call gives the input gradient through K, the weight gradient and the bias gradient
+        # (the weight gradient does not depend on the kernel passed in).
+        if not any(mask):
+            return None, None, None
+        dxp, dw, db = self._conv_backward(dy, xp, K, mask, bias=mask[2])
+        return dxp if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
+
+    def remove_bias(self, out, b):
+        return out - b.view([-1] + [1] * self.dim)
+
+    def forward(self, x, W, b):
+        return self._conv(self.pad(x), W, b, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _pad_T_dim(g: Tensor, d: int, left: int, right: int, mode: str) -> Tensor:
+    """Adjoint of ``F.pad`` along dimension ``d`` (padded size ``n + left + right``)."""
+    n = g.shape[d] - left - right
+    core = g.narrow(d, left, n)
+    if mode == "constant" or (left == 0 and right == 0):
+        return core
+    core = core.clone()
+    lo, hi = g.narrow(d, 0, left), g.narrow(d, left + n, right)
+    if mode == "circular":  # padded = [x[-left:], x, x[:right]]
+        core.narrow(d, n - left, left).add_(lo)
+        core.narrow(d, 0, right).add_(hi)
+    elif mode == "reflect":  # padded = [flip(x[1:left+1]), x, flip(x[n-1-right:n-1])]
+        core.narrow(d, 1, left).add_(lo.flip(d))
+        core.narrow(d, n - 1 - right, right).add_(hi.flip(d))
+    elif mode == "replicate":  # padded = [x[0] * left, x, x[-1] * right]
+        core.narrow(d, 0, 1).add_(lo.sum(d, keepdim=True))
+        core.narrow(d, n - 1, 1).add_(hi.sum(d, keepdim=True))
+    else:
+        raise ValueError(f"unknown padding mode {mode!r}")
+    return core
+
+
+def ops_for(module: nn.Module) -> LayerOps:
+    """The ops of a torch layer (``nn.Linear`` or ``nn.Conv1d/2d/3d``)."""
+    if isinstance(module, nn.Linear):
+        return LinearOps()
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return ConvOps.from_module(module)
+    raise TypeError(f"no ops for {type(module).__name__}; supported: Linear, Conv1d, Conv2d, Conv3d")
+
+
+def num_examples(x: Tensor, ops: LayerOps) -> int:
+    """Examples in a batch: the first dimension, unless the input is a single unbatched example."""
+    unbatched_rank = 1 if isinstance(ops, LinearOps) else ops.dim + 1
+    return 1 if x.dim() <= unbatched_rank else x.shape[0]

@@ -1,0 +1,261 @@
+"""Learning rules for the feedback weights: the :class:`Rule` type and the catalog of named rules.
+
+A rule is data: term coefficients (see :mod:`neuralign.terms`) plus switches. The named rules
+are frozen catalog entries, each with its defaults and where they come from; a new rule is a
+few lines of data::
+
+    na.Rule(terms={"amp": 1.0, "null": 0.5, "decay": 0.1}, noise={"dist": "normal", "std": 1.0})
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .terms import ACTIVITY_TERMS, TERMS
+
+__all__ = ["MirrorNoise", "Rule", "RuleInfo", "register", "catalog", "get_rule", "list_rules"]
+
+#: How the feedback weight F comes about.
+#: learned: a Parameter trained by the rule's terms (and/or Kolen-Pollack's task share);
+#: fixed: a buffer kept at its random init (feedback alignment);
+#: usf / brsf / frsf: a buffer derived from sign(W) every step (sign symmetry);
+#: bp: no feedback weight at all: the layer is left a plain torch layer.
+FEEDBACK_KINDS = ("learned", "fixed", "usf", "brsf", "frsf", "bp")
+SIGN_KINDS = ("usf", "brsf", "frsf")
+#: Initialisations of F (see neuralign.layers.init_feedback).
+FEEDBACK_INITS = ("default", "kaiming_uniform", "kaiming_normal", "xavier_uniform",
+                  "xavier_normal", "weight")
+NOISE_DISTS = ("normal", "uniform")
+
+
+def _valid(what: str, value: Any, valid) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
+
+
+@dataclass(frozen=True)
+class MirrorNoise:
+    """Mirror noise: the activity terms see fresh noise of the input's shape instead of x.
+
+    Args:
+        dist: ``'normal'`` or ``'uniform'`` (uniform with the same standard deviation).
+        std: standard deviation σ.
+    """
+
+    dist: str = "normal"
+    std: float = 1.0
+
+    def __post_init__(self):
+        _valid("noise distribution", self.dist, NOISE_DISTS)
+        if not (isinstance(self.std, int | float) and math.isfinite(self.std) and self.std > 0):
+            raise ValueError(f"mirror noise std must be a positive number, got {self.std!r}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A learning rule for the feedback weights.
+
+    Args:
+        terms: term name -> coefficient; names from ``decay, amp, null, sparse, self``.
+        feedback: how F comes about, one of ``FEEDBACK_KINDS``.
+        kp: Kolen-Pollack: F's gradient also receives W's task gradient ``outer(x, dy)``.
+        noise: mirror noise (a :class:`MirrorNoise`, a dict of its fields, or None).
+        update_noise: σ of the noise added after each step, ``F += lr_F · N(0, σ²)``.
+        normalize: after each step rescale F to a fixed Frobenius norm: ``True`` for its norm
+            at initialisation, a number for that norm, ``False`` for none.
+        init: how F is initialised, one of ``FEEDBACK_INITS``.
+        name: a label (the catalog name for named rules).
+    """
+
+    terms: Mapping[str, float] = field(default_factory=dict)
+    feedback: str = "learned"
+    kp: bool = False
+    noise: MirrorNoise | None = None
+    update_noise: float = 0.0
+    normalize: bool | float = False
+    init: str = "default"
+    name: str = "custom"
+
+    def __post_init__(self):
+        if not isinstance(self.terms, Mapping):
+            raise TypeError(f"terms must be a mapping of term name to coefficient, got {self.terms!r}")
+        terms = {}
+        for t, c in self.terms.items():
+            _valid("term", t, TERMS)
+            if isinstance(c, bool) or not isinstance(c, int | float) or not math.isfinite(c):
+                raise ValueError(f"coefficient of {t!r} must be a finite number, got {c!r}")
+            if c:
+                terms[t] = float(c)
+        object.__setattr__(self, "terms", MappingProxyType(terms))
+        if isinstance(self.noise, Mapping):
+            unknown = set(self.noise) - {"dist", "std"}
+            if unknown:
+                raise ValueError(f"unknown noise keys {sorted(unknown)}; valid: dist, std")
+            object.__setattr__(self, "noise", MirrorNoise(**self.noise))
+        elif self.noise is not None and not isinstance(self.noise, MirrorNoise):
+            raise TypeError(f"noise must be a MirrorNoise, a dict or None, got {self.noise!r}")
+        _valid("feedback kind", self.feedback, FEEDBACK_KINDS)
+        _valid("feedback init", self.init, FEEDBACK_INITS)
+        if not (isinstance(self.update_noise, int | float) and self.update_noise >= 0):
+            raise ValueError(f"update_noise is a standard deviation >= 0, got {self.update_noise!r}")
+        norm = self.normalize
+        if not (isinstance(norm, bool) or (isinstance(norm, int | float) and norm > 0)):
+            raise ValueError(f"normalize must be True, False or a positive norm, got {norm!r}")
+        if self.feedback != "learned":
+            switches = [k for k in ("terms", "kp", "noise", "update_noise", "normalize")
+                        if getattr(self, k)]
+            if switches:
+                raise ValueError(
+                    f"feedback={self.feedback!r} is never trained, so {', '.join(switches)} "
+                    "cannot apply; use feedback='learned'")
+        elif not (self.terms or self.kp):
+            raise ValueError("a learned feedback needs at least one term (valid: "
+                             f"{', '.join(TERMS)}) or kp=True; for a fixed one use feedback='fixed'")
+        if self.noise is not None and not any(t in self.terms for t in ACTIVITY_TERMS):
+            raise ValueError("mirror noise replaces x in the activity terms "
+                             f"({', '.join(ACTIVITY_TERMS)}), and this rule has none")
+
+    def __hash__(self):
+        return hash((tuple(sorted(self.terms.items())), self.feedback, self.kp, self.noise,
+                     self.update_noise, self.normalize, self.init, self.name))
+
+    def __eq__(self, other):
+        return isinstance(other, Rule) and self.to_dict() == other.to_dict()
+
+    # -- derived properties ---------------------------------------------------------------------
+    @property
+    def learns(self) -> bool:
+        """F is a Parameter that receives gradient."""
+        return self.feedback == "learned"
+
+    @property
+    def uses_output(self) -> bool:
+        """The backward needs the layer's real output ``y`` (activity terms on real data)."""
+        return self.noise is None and any(t in self.terms for t in ("amp", "null"))
+
+    @property
+    def uses_input(self) -> bool:
+        """The backward needs the layer's real input beyond backprop's own use."""
+        return self.noise is None and any(t in self.terms for t in ACTIVITY_TERMS)
+
+    # -- (de)serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["terms"] = dict(self.terms)
+        d["noise"] = dataclasses.asdict(self.noise) if self.noise else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Rule:
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = set(d) - set(valid)
+        if unknown:
+            raise ValueError(f"unknown rule keys {sorted(unknown)}; valid: {', '.join(valid)}")
+        return cls(**d)
+
+    def replace(self, **overrides) -> Rule:
+        """A copy with overrides: term names set coefficients, plus ``noise_std``,
+        ``noise_dist``, and any field of :class:`Rule` (``noise=None`` removes mirror noise)."""
+        fields = [f.name for f in dataclasses.fields(self)]
+        valid = list(TERMS) + ["noise_std", "noise_dist"] + fields
+        unknown = [k for k in overrides if k not in valid]
+        if unknown:
+            raise ValueError(f"unknown rule override(s) {unknown}; valid: {', '.join(valid)}")
+        terms = dict(self.terms)
+        changes: dict[str, Any] = {}
+        noise = self.noise
+        for k, v in overrides.items():
+            if k in TERMS:
+                terms[k] = v
+            elif k in ("noise_std", "noise_dist"):
+                base = noise or MirrorNoise()
+                noise = dataclasses.replace(base, **{k[len("noise_"):]: v})
+            elif k == "noise":
+                noise = v
+            elif k == "terms":
+                terms = dict(v)
+            else:
+                changes[k] = v
+        return dataclasses.replace(self, terms=terms, noise=noise, **changes)
+
+
+@dataclass(frozen=True)
+class RuleInfo:
+    """A catalog entry: a named rule with its defaults and where they come from."""
+
+    name: str
+    description: str
+    source: str
+    rule: Rule
+
+
+_CATALOG: dict[str, RuleInfo] = {}
+
+
+def register(name: str, description: str, source: str, **rule_fields) -> RuleInfo:
+    """Add a named rule to the catalog; a duplicate name raises."""
+    if name in _CATALOG:
+        raise ValueError(f"rule {name!r} is already registered")
+    info = RuleInfo(name, description, source, Rule(name=name, **rule_fields))
+    _CATALOG[name] = info
+    return info
+
+
+def catalog() -> list[RuleInfo]:
+    """All catalog entries, sorted by name."""
+    return [_CATALOG[k] for k in sorted(_CATALOG)]
+
+
+def list_rules() -> list[str]:
+    """Names of the catalog's rules, sorted."""
+    return sorted(_CATALOG)
+
+
+def get_rule(name: str | Rule, **overrides) -> Rule:
+    """A named rule with its defaults, overridden by ``overrides`` (see :meth:`Rule.replace`)."""
+    if isinstance(name, Rule):
+        return name.replace(**overrides) if overrides else name
+    if name not in _CATALOG:
+        raise ValueError(f"unknown rule {name!r}; valid rules: {', '.join(list_rules())}")
+    rule = _CATALOG[name].rule
+    return rule.replace(**overrides) if overrides else rule
+
+
+# -- the catalog ----------------------------------------------------------------------------
+# Coefficients are ratios: with its own optimizer, the feedback weight's speed is the feedback
+# learning rate's business, so the named defaults fix where F settles. The reference code's
+# coefficients (paper/reference-code-notes.md) write decay, null and sparse without the 1/2,
+# so ours for those are twice theirs; both sets below are theirs times 500.
+_REF = "reference code (neuroailab/neural-alignment) defaults, decay/null/sparse doubled for the 1/2, x500"
+
+register("bp", "Backpropagation: errors go down through W (the layer stays a plain torch layer).",
+         "Rumelhart, Hinton & Williams 1986", feedback="bp")
+register("fa", "Feedback alignment: F fixed at an independent random init.",
+         "Lillicrap et al. 2016", feedback="fixed")
+register("wm", "Weight mirror: amp + decay on mirror noise; F -> (amp*std^2/decay) W = W.",
+         f"Akrout et al. 2019; {_REF} (amp 1e-3, decay 1e-3 -> 1:2), rescaled to F = W",
+         terms={"amp": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0))
+register("ia", "Information alignment: amp + null + decay on mirror noise; F learns a ridge "
+         "reconstruction of x from y.",
+         f"Kunin et al. 2020; {_REF} (amp 2e-3, null 1e-3, decay 1e-3)",
+         terms={"amp": 1.0, "null": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0))
+register("sa", "Symmetric alignment: self + decay; F -> (self/decay) W = W.",
+         f"Kunin et al. 2020; {_REF} (self 2e-3, decay 1e-3)",
+         terms={"self": 1.0, "decay": 1.0})
+register("aa", "Activation alignment: amp + sparse on the data; F -> (amp/sparse) W = W on the "
+         "data's span.", f"Kunin et al. 2020; {_REF} (amp 2e-3, sparse 1e-3)",
+         terms={"amp": 1.0, "sparse": 1.0})
+register("kp", "Kolen-Pollack: F gets W's task gradient plus decay; F - W -> 0 when W has the "
+         "same decay.", "Kolen & Pollack 1994, Akrout et al. 2019; reference code decay 1e-3 "
+         "without the 1/2 (gradient 2e-3 F)", terms={"decay": 2e-3}, kp=True)
+register("usf", "Uniform sign-concordant feedback: F = s sign(W), s the std of F's init.",
+         "Liao, Leibo & Poggio 2016; Xiao et al. 2018", feedback="usf")
+register("brsf", "Batchwise random-magnitude sign-concordant feedback: F = |R| sign(W), R drawn "
+         "from F's init distribution every batch.", "Xiao et al. 2018", feedback="brsf")
+register("frsf", "Fixed random-magnitude sign-concordant feedback: F = |F0| sign(W), F0 fixed.",
+         "Xiao et al. 2018", feedback="frsf")

@@ -1,0 +1,109 @@
+"""The five terms of Kunin et al. (2020): loss forms and closed-form gradients, generic over ops.
+
+``x`` is the layer's input, ``y = apply(x, W)`` its linear output before bias. Activity terms
+(amp, null, sparse) average over the batch's examples and sum over everything else.
+
+========  ==========================  ===========================================
+term      R(F)                        gradient with respect to F
+========  ==========================  ===========================================
+decay     ½‖F‖²                       F
+amp       −E⟨y, apply(x, F)⟩          −E outer(x, y)
+null      ½E‖apply_T(y, F)‖²          E outer(apply_T(y, F), y)
+sparse    ½E‖apply(x, F)‖²            E outer(x, apply(x, F))
+self      −⟨F, W⟩                     −W
+========  ==========================  ===========================================
+
+:func:`loss` and :func:`grad` are the definitions, one term at a time; :func:`rule_grad` is
+what the backward pass computes: the weighted sum with terms that share an operand merged
+before the expensive op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .ops import LayerOps, num_examples
+
+TERMS = ("decay", "amp", "null", "sparse", "self")
+ACTIVITY_TERMS = ("amp", "null", "sparse")
+NONLOCAL_TERMS = ("sparse", "self")
+
+
+def _check(term: str) -> None:
+    if term not in TERMS:
+        raise ValueError(f"unknown term {term!r}; valid terms: {', '.join(TERMS)}")
+
+
+def loss(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
+    """The term's value R(F), differentiable in ``F`` (the reference for :func:`grad`)."""
+    _check(term)
+    if term == "decay":
+        return 0.5 * F.pow(2).sum()
+    if term == "self":
+        return -(F * W).sum()
+    n = num_examples(x, ops)
+    y = ops.apply(x, W)
+    if term == "amp":
+        return -(y * ops.apply(x, F)).sum() / n
+    if term == "null":
+        return 0.5 * ops.apply_T(y, F, x.shape).pow(2).sum() / n
+    return 0.5 * ops.apply(x, F).pow(2).sum() / n  # sparse
+
+
+def grad(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
+    """Closed-form gradient of :func:`loss` with respect to ``F``, in ``F``'s layout."""
+    _check(term)
+    if term == "decay":
+        return F.clone()
+    if term == "self":
+        return -W.clone()
+    n = num_examples(x, ops)
+    y = ops.apply(x, W)
+    if term == "amp":
+        return -ops.outer(x, y) / n
+    if term == "null":
+        return ops.outer(ops.apply_T(y, F, x.shape), y) / n
+    return ops.outer(x, ops.apply(x, F)) / n  # sparse
+
+
+def rule_grad(
+    coeffs: Mapping[str, float], ops: LayerOps, xp: Tensor, W: Tensor, F: Tensor, y: Tensor, n: int
+) -> Tensor:
+    """``Σ_t c_t ∇_F R_t``, merged: the fewest kernel-sized products.
+
+    Args:
+        coeffs: term name -> coefficient (missing terms are zero).
+        ops: the layer's ops.
+        xp: the (possibly noise) input, already padded by ``ops.pad``.
+        W, F: forward and feedback kernels (same layout).
+        y: ``apply(x, W)`` for that input, before bias.
+        n: number of examples the activity terms average over.
+
+    amp shares ``x`` with sparse and ``y`` with null: with null present, amp joins null as
+    ``outer(null·apply_T(y, F) − amp·x, y)``; otherwise it joins sparse as
+    ``outer(x, sparse·apply(x, F) − amp·y)``.
+    """
+    amp, null, sparse = (coeffs.get(t, 0.0) / n for t in ACTIVITY_TERMS)
+    g = None
+    if null:
+        u = ops.pad(ops.pad_T(ops.core_T(y, F, xp.shape)))
+        u = u.mul_(null) if not amp else torch.add(u.mul_(null), xp, alpha=-amp)
+        g = ops.core_outer(u, y)
+        amp = 0.0
+    if sparse or amp:
+        v = ops.core(xp, F).mul_(sparse) if sparse else None
+        if amp:
+            v = y * -amp if v is None else v.sub_(y, alpha=amp)
+        h = ops.core_outer(xp, v)
+        g = h if g is None else g.add_(h)
+    if g is not None and g.dtype != F.dtype:  # under autocast: accumulate in F's own dtype
+        g = g.to(F.dtype)
+    decay, self_ = coeffs.get("decay", 0.0), coeffs.get("self", 0.0)
+    if decay:
+        g = F * decay if g is None else g.add_(F, alpha=decay)
+    if self_:
+        g = W * -self_ if g is None else g.sub_(W, alpha=self_)
+    return g if g is not None else torch.zeros_like(F)
