@@ -124,6 +124,12 @@ class Rule:
         return hash((tuple(sorted(self.terms.items())), self.feedback, self.kp, self.noise,
                      self.update_noise, self.normalize, self.init, self.name))
 
+    def __reduce__(self):  # the terms mapping is read-only, and pickles as a dict
+        return (Rule.from_dict, (self.to_dict(),))
+
+    def __deepcopy__(self, memo):  # immutable
+        return self
+
     def __eq__(self, other):
         return isinstance(other, Rule) and self.to_dict() == other.to_dict()
 

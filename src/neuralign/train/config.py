@@ -54,7 +54,9 @@ class RuleConfig:
         noise_dist: mirror-noise distribution, ``normal`` or ``uniform``.
         update_noise: standard deviation σ of the update noise ``F += lr_F * N(0, σ²)``.
         normalize: rescale F after each step to its initial norm (true) or to this norm.
-        init: initialisation of F (see the core's ``get_rule``).
+        init: initialisation of F: ``default``, ``kaiming_uniform``, ``kaiming_normal``,
+            ``xavier_uniform``, ``xavier_normal`` or ``weight`` (F starts equal to W).
+        kp: add W's task gradient to F's (Kolen-Pollack's switch; for ``custom`` rules).
         layers: module-name glob -> rule name, e.g. ``{fc: bp}`` keeps the read-out exact.
         on_unsupported: what ``convert`` does with layer types it cannot convert:
             ``warn``, ``ignore`` or ``raise``.
@@ -69,6 +71,7 @@ class RuleConfig:
     update_noise: float | None = None
     normalize: bool | float | None = None
     init: str | None = None
+    kp: bool | None = None
     layers: dict[str, str] = field(default_factory=dict)
     on_unsupported: str = "warn"
 

@@ -1,0 +1,127 @@
+"""PNG plots of a run (accuracy and loss curves, per-layer angles) and of a comparison."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["plot_history", "plot_run", "plot_compare"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _col(history: Sequence[dict], key: str) -> list[float]:
+    return [float(h.get(key, math.nan)) for h in history]
+
+
+def _finite(values: list[float]) -> bool:
+    return any(math.isfinite(v) for v in values)
+
+
+def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") -> list[Path]:
+    """``accuracy.png`` (top-1 and loss per epoch) and ``angles.png`` (per-layer weight,
+    local gradient and end-to-end angles per epoch) in ``out_dir``; returns the paths."""
+    plt = _plt()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    epochs = _col(history, "epoch")
+    paths = []
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_top1", "train"), ("val_top1", "validation"),
+                       ("test_top1", "test")):
+        ys = _col(history, key)
+        if _finite(ys):
+            ax1.plot(epochs, ys, marker=".", label=label)
+    ax1.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
+    ax1.legend()
+    ax1.grid(alpha=0.3)
+    for key, label in (("train_loss", "train"), ("val_loss", "validation"),
+                       ("test_loss", "test")):
+        ys = _col(history, key)
+        if _finite(ys):
+            ax2.plot(epochs, ys, marker=".", label=label)
+    ax2.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    paths.append(out_dir / "accuracy.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    kinds = [("weight_angle", "weight angle ∠(W, F)"),
+             ("gradient_angle", "local gradient angle"),
+             ("backprop_angle", "end-to-end angle vs backprop")]
+    keys = sorted({k for h in history for k in h})
+    present = [(k, t) for k, t in kinds
+               if any(_finite(_col(history, c)) for c in keys if c.startswith(k + "/"))]
+    fig, axes = plt.subplots(1, max(1, len(present)), figsize=(5 * max(1, len(present)), 4),
+                             squeeze=False)
+    for ax, (kind, label) in zip(axes[0], present, strict=False):
+        for c in [c for c in keys if c.startswith(kind + "/")]:
+            ys = _col(history, c)
+            if _finite(ys):
+                ax.plot(epochs, ys, label=c.split("/", 1)[1])
+        ax.set(xlabel="epoch", ylabel="degrees", title=label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    if not present:
+        axes[0][0].text(0.5, 0.5, "no feedback layers (backprop)", ha="center", va="center")
+        axes[0][0].set_axis_off()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    paths.append(out_dir / "angles.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Redraw a run folder's plots from its ``metrics.csv``."""
+    from .callbacks import read_csv
+
+    run_dir = Path(run_dir)
+    csv_path = run_dir / "metrics.csv"
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{str(csv_path)!r} does not exist: is {str(run_dir)!r} a run "
+                                f"folder that finished at least one epoch?")
+    history = read_csv(csv_path)
+    if not history:
+        raise ValueError(f"{csv_path} has no rows")
+    return plot_history(history, run_dir / "plots", title=run_dir.name)
+
+
+def plot_compare(results: dict[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
+    """Test top-1 and mean weight angle per epoch, one line per rule."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for rule, history in results.items():
+        ep = _col(history, "epoch")
+        ax1.plot(ep, _col(history, "test_top1"), marker=".", label=rule)
+        angle = _col(history, "weight_angle")
+        if _finite(angle):
+            ax2.plot(ep, angle, marker=".", label=rule)
+    ax1.set(xlabel="epoch", ylabel="test top-1 (%)", title="accuracy")
+    ax2.set(xlabel="epoch", ylabel="degrees", title="mean weight angle ∠(W, F)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,408 @@
+"""The trainer: a short loop that fires named events; everything else is a callback.
+
+Events, in order: ``on_train_start``, then per epoch ``on_epoch_start``, ``on_step_end`` after
+each optimizer step, ``on_epoch_end`` with the epoch's metrics, and finally ``on_train_end``
+with the whole history. Metrics, progress, CSV, TensorBoard, checkpoints and plots are callbacks
+(see :mod:`neuralign.train.callbacks`); a search adds its own (e.g. Optuna pruning) and calls the
+same :func:`train`.
+
+Per step: forward, loss, one ``backward`` (W's task gradient and F's rule gradient together),
+the forward optimizer's step, the feedback optimizer's step, then ``neuralign.after_step``
+(update noise and normalisation of F). Every ``angle_every`` steps the trainer also measures,
+on the same batch, each layer's local gradient angle and the angle between its W gradient
+under the rule and under exact backprop.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+import neuralign as na
+
+from ..data import DataBundle, build_data
+from ..models import build_model
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from .optim import Schedule, build_optimizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Callback", "DivergenceError", "Trainer", "train", "build_rule", "resolve_run_dir",
+           "CHECKPOINT", "RUN_FILES"]
+
+#: Path of the checkpoint inside a run folder.
+CHECKPOINT = "checkpoints/last.pt"
+#: What a run folder holds.
+RUN_FILES = ("config.yaml", "metrics.csv", CHECKPOINT, "tb/", "plots/")
+
+
+class DivergenceError(RuntimeError):
+    """The loss (or a weight) became non-finite; the run stopped, its last checkpoint kept."""
+
+    def __init__(self, epoch: int, step: int, what: str, checkpoint: Path | None,
+                 checkpoint_epoch: int | None):
+        self.epoch, self.step, self.what = epoch, step, what
+        self.checkpoint, self.checkpoint_epoch = checkpoint, checkpoint_epoch
+        where = (f"the last good checkpoint, {checkpoint} (end of epoch {checkpoint_epoch}), "
+                 f"is intact" if checkpoint is not None
+                 else "no checkpoint had been written yet")
+        super().__init__(f"training diverged at epoch {epoch}, step {step}: {what}. Stopped; "
+                         f"{where}. Try a lower optim.lr or feedback_optim.lr, or other rule "
+                         f"coefficients.")
+
+
+class Callback:
+    """Base class of trainer callbacks; override the events you need."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+
+    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None: ...
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: Trainer, history: list[dict[str, float]]) -> None: ...
+
+
+def build_rule(cfg) -> na.Rule:
+    """The :class:`neuralign.Rule` of a :class:`RuleConfig` (``name: custom`` builds one from
+    ``terms`` and the switches)."""
+    overrides: dict[str, Any] = {}
+    for key in ("noise_std", "noise_dist", "update_noise", "normalize", "init", "kp"):
+        value = getattr(cfg, key)
+        if value is not None:
+            overrides[key] = value
+    try:
+        if cfg.name == "custom":
+            if not cfg.terms:
+                raise ConfigError("rule.name=custom needs rule.terms, e.g. "
+                                  "rule.terms={amp: 1.0, null: 1.0, decay: 1.0}")
+            return na.Rule(terms=dict(cfg.terms), name="custom").replace(**overrides)
+        if cfg.name not in na.list_rules():
+            raise ConfigError(f"unknown rule.name {cfg.name!r}; valid: "
+                              f"{', '.join(na.list_rules())}, custom")
+        return na.get_rule(cfg.name, **cfg.terms, **overrides)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"rule: {e}") from None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"train.device: {e}; valid: auto, cpu, cuda, cuda:N") from None
+
+
+def resolve_run_dir(run: str | Path, runs_dir: str | Path = "runs") -> Path:
+    """A run folder from a path or a name under ``runs_dir``."""
+    p = Path(run)
+    if (p / "config.yaml").is_file():
+        return p
+    q = Path(runs_dir) / run
+    if (q / "config.yaml").is_file():
+        return q
+    raise FileNotFoundError(f"no run folder at {str(p)!r} or {str(q)!r} (a run folder holds "
+                            f"config.yaml, metrics.csv and {CHECKPOINT})")
+
+
+@dataclass
+class _EpochStats:
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    grad_angles: dict[str, list[float]] = field(default_factory=dict)
+    bp_angles: dict[str, list[float]] = field(default_factory=dict)
+
+
+class Trainer:
+    """Builds data, model (converted with the rule), two optimizers and their schedules from a
+    :class:`Config`, and trains.
+
+    Args:
+        cfg: the resolved configuration (not modified).
+        callbacks: extra callbacks, run after the built-in ones.
+        run_dir: the run folder (default ``cfg.train.runs_dir / cfg.train.name``).
+        default_callbacks: add progress, logging, CSV, TensorBoard, checkpoint and plot
+            callbacks as the config asks.
+        data: prebuilt data (e.g. shared by the runs of a comparison).
+    """
+
+    def __init__(self, cfg: Config, callbacks: list[Callback] | None = None,
+                 run_dir: str | Path | None = None, default_callbacks: bool = True,
+                 data: DataBundle | None = None):
+        cfg = self.cfg = copy.deepcopy(cfg)  # the caller's config is left as it is
+        tc = cfg.train
+        if tc.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {tc.epochs}")
+        if not tc.name:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            tc.name = f"{cfg.data.name}-{cfg.model.name}-{cfg.rule.name}-{stamp}"
+        self.run_dir = Path(run_dir) if run_dir is not None else Path(tc.runs_dir) / tc.name
+        self.device = _device(tc.device)
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+
+        self.rule = build_rule(cfg.rule)
+        torch.manual_seed(tc.seed)
+        self.data = data if data is not None else build_data(
+            cfg.data, pin_memory=self.device.type == "cuda")
+        info = self.data.info
+        plain = build_model(cfg.model, info.input_shape, info.num_classes)
+        self.model = na.convert(plain, self.rule, layer_rules=dict(cfg.rule.layers),
+                                on_unsupported=cfg.rule.on_unsupported).to(self.device)
+        self.layer_names = [n for n, _ in na.feedback_layers(self.model)]
+        groups = na.param_groups(self.model)
+        self.optimizer = build_optimizer(groups["forward"], cfg.optim, "optim")
+        self.feedback_optimizer = (build_optimizer(groups["feedback"], cfg.feedback_optim,
+                                                   "feedback_optim")
+                                   if groups["feedback"] else None)
+        steps = len(self.data.train)
+        self.schedule = Schedule(self.optimizer, cfg.optim.schedule, steps, tc.epochs,
+                                 "optim.schedule")
+        self.feedback_schedule = (Schedule(self.feedback_optimizer, cfg.feedback_optim.schedule,
+                                           steps, tc.epochs, "feedback_optim.schedule")
+                                  if self.feedback_optimizer is not None else None)
+        n_w = sum(p.numel() for p in groups["forward"])
+        n_f = sum(p.numel() for p in groups["feedback"])
+        log.info("model %s, rule %s: %d feedback layers, %d forward and %d learned feedback "
+                 "parameters, device %s", cfg.model.name, self.rule.name, len(self.layer_names),
+                 n_w, n_f, self.device)
+
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimizer steps completed
+        self.history: list[dict[str, float]] = []
+        self.last_checkpoint: Path | None = None
+        self.last_checkpoint_epoch: int | None = None
+        self.should_stop = False  # a callback may set this to end training after the epoch
+
+        self.callbacks: list[Callback] = []
+        if default_callbacks:
+            from .callbacks import default_callbacks as _defaults
+
+            self.callbacks += _defaults(tc)
+        self.callbacks += list(callbacks or [])
+
+    # -- events ----------------------------------------------------------------------------------
+    def _fire(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, event)(self, *args)
+
+    # -- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (tensors and plain data only)."""
+        return {
+            "format": 1,
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "feedback_optimizer": (self.feedback_optimizer.state_dict()
+                                   if self.feedback_optimizer is not None else None),
+            "schedule": self.schedule.state_dict(),
+            "feedback_schedule": (self.feedback_schedule.state_dict()
+                                  if self.feedback_schedule is not None else None),
+            "rng": rng_state(),
+            "history": list(self.history),
+            "config": config_to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.feedback_optimizer is not None:
+            self.feedback_optimizer.load_state_dict(state["feedback_optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.feedback_schedule is not None:
+            self.feedback_schedule.load_state_dict(state["feedback_schedule"])
+        self.epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.history = [dict(m) for m in state["history"]]
+        set_rng_state(state["rng"])
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/last.pt`` atomically (only when every weight is finite)."""
+        for name, p in self.model.named_parameters():
+            if not torch.isfinite(p).all():
+                raise DivergenceError(self.epoch, self.step, f"parameter {name} is not finite",
+                                      self.last_checkpoint, self.last_checkpoint_epoch)
+        path = save_checkpoint(self.state_dict(), self.run_dir / CHECKPOINT)
+        self.last_checkpoint, self.last_checkpoint_epoch = path, self.epoch
+        return path
+
+    @classmethod
+    def from_run(cls, run: str | Path, overrides: list[str] | None = None,
+                 callbacks: list[Callback] | None = None, runs_dir: str | Path = "runs",
+                 **kwargs) -> Trainer:
+        """A trainer that continues the run folder ``run`` from its last checkpoint.
+
+        ``overrides`` may change the config (e.g. ``train.epochs=60`` to train longer)."""
+        from .config import apply_overrides
+
+        run_dir = resolve_run_dir(run, runs_dir)
+        ckpt_path = run_dir / CHECKPOINT
+        state = load_checkpoint(ckpt_path)
+        cfg = apply_overrides(config_from_dict(state["config"]), overrides or [])
+        trainer = cls(cfg, callbacks=callbacks, run_dir=run_dir, **kwargs)
+        trainer.load_state_dict(state)
+        trainer.last_checkpoint, trainer.last_checkpoint_epoch = ckpt_path, trainer.epoch
+        log.info("resuming %s after epoch %d (step %d)", run_dir, trainer.epoch, trainer.step)
+        return trainer
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict[str, float]:
+        """Loss, top-1 and top-5 (percent) of the model on ``loader``."""
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum, top1, top5, n = 0.0, 0, 0, 0
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            out = self.model(x)
+            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+            k = min(5, out.shape[1])
+            pred = out.topk(k, dim=1).indices
+            hit = pred == y[:, None]
+            top1 += int(hit[:, 0].sum())
+            top5 += int(hit.any(dim=1).sum())
+            n += len(y)
+        self.model.train(was_training)
+        n = max(n, 1)
+        return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
+
+    def _measure_angles(self, x: torch.Tensor, y: torch.Tensor, stats: _EpochStats) -> None:
+        """End-to-end angle vs backprop on this batch; BN statistics are left as they were."""
+        buffers = {k: b.clone() for k, b in self.model.named_buffers()}
+        try:
+            angles = na.metrics.backprop_angles(
+                self.model, lambda: F.cross_entropy(self.model(x), y))
+        finally:
+            with torch.no_grad():
+                for k, b in self.model.named_buffers():
+                    b.copy_(buffers[k])
+        for k, v in angles.items():
+            stats.bp_angles.setdefault(k, []).append(v)
+
+    # -- the loop --------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One pass over the training data; returns the training part of the metrics."""
+        self.model.train()
+        loader = self.data.train
+        loader.set_epoch(epoch)
+        stats = _EpochStats()
+        every = self.cfg.train.angle_every
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            probe = bool(every) and bool(self.layer_names) and self.step % every == 0
+            if probe:
+                self._measure_angles(x, y, stats)
+                na.metrics.record_gradient_angles(self.model, True)
+            out = self.model(x)
+            loss = F.cross_entropy(out, y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                if probe:
+                    na.metrics.record_gradient_angles(self.model, False)
+                raise DivergenceError(epoch, self.step + 1, f"the loss is {value}",
+                                      self.last_checkpoint, self.last_checkpoint_epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.feedback_optimizer is not None:
+                self.feedback_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if probe:
+                for k, v in na.metrics.gradient_angles(self.model).items():
+                    stats.grad_angles.setdefault(k, []).append(v)
+                na.metrics.record_gradient_angles(self.model, False)
+            self.optimizer.step()
+            if self.feedback_optimizer is not None:
+                self.feedback_optimizer.step()
+                na.after_step(self.model, self.feedback_optimizer)
+            self.schedule.step()
+            if self.feedback_schedule is not None:
+                self.feedback_schedule.step()
+            self.step += 1
+            stats.loss_sum += value * len(y)
+            stats.correct += int((out.detach().argmax(1) == y).sum())
+            stats.seen += len(y)
+            self._fire("on_step_end", self.step, value)
+        n = max(stats.seen, 1)
+        metrics = {"train_loss": stats.loss_sum / n, "train_top1": 100.0 * stats.correct / n}
+        metrics["_grad"] = {k: sum(v) / len(v) for k, v in stats.grad_angles.items()}
+        metrics["_bp"] = {k: sum(v) / len(v) for k, v in stats.bp_angles.items()}
+        return metrics
+
+    def fit(self) -> list[dict[str, float]]:
+        """Train from the current epoch to ``train.epochs``; returns the metrics history."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        self._fire("on_train_start")
+        epochs = self.cfg.train.epochs
+        while self.epoch < epochs and not self.should_stop:
+            epoch = self.epoch + 1
+            self._fire("on_epoch_start", epoch)
+            t0 = time.perf_counter()
+            tr = self.train_epoch(epoch)
+            train_time = time.perf_counter() - t0
+            self.epoch = epoch
+            metrics = self._epoch_metrics(epoch, tr, train_time)
+            if not math.isfinite(metrics["test_loss"]):
+                raise DivergenceError(epoch, self.step,
+                                      f"the test loss is {metrics['test_loss']}",
+                                      self.last_checkpoint, self.last_checkpoint_epoch)
+            self.history.append(metrics)
+            self._fire("on_epoch_end", epoch, metrics)
+        self._fire("on_train_end", self.history)
+        return self.history
+
+    def _epoch_metrics(self, epoch: int, tr: dict[str, Any], train_time: float
+                       ) -> dict[str, float]:
+        nan = math.nan
+        m: dict[str, float] = {"epoch": epoch, "step": self.step, "lr": self.schedule.lr,
+                               "feedback_lr": (self.feedback_schedule.lr
+                                               if self.feedback_schedule is not None else nan),
+                               "train_loss": tr["train_loss"], "train_top1": tr["train_top1"]}
+        if self.data.val is not None:
+            for k, v in self.evaluate(self.data.val).items():
+                m[f"val_{k}"] = v
+        for k, v in self.evaluate(self.data.test).items():
+            m[f"test_{k}"] = v
+        weight = na.metrics.weight_angles(self.model)
+
+        def mean(d: dict[str, float]) -> float:
+            return sum(d.values()) / len(d) if d else nan
+
+        m["weight_angle"] = mean(weight)
+        m["gradient_angle"] = mean(tr["_grad"])
+        m["backprop_angle"] = mean(tr["_bp"])
+        m["epoch_time_s"] = train_time
+        for name in self.layer_names:
+            m[f"weight_angle/{name}"] = weight.get(name, nan)
+        for name in self.layer_names:
+            m[f"gradient_angle/{name}"] = tr["_grad"].get(name, nan)
+        for name in self.layer_names:
+            m[f"backprop_angle/{name}"] = tr["_bp"].get(name, nan)
+        return m
+
+
+def train(cfg: Config, callbacks: list[Callback] | None = None, **kwargs
+          ) -> list[dict[str, float]]:
+    """Build a :class:`Trainer` for ``cfg`` and train; returns the metrics history."""
+    return Trainer(cfg, callbacks=callbacks, **kwargs).fit()
+

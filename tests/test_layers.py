@@ -1,0 +1,227 @@
+"""Feedback layers: same forward as the torch layer; with F = W, exactly backprop's gradients;
+with any F, the error goes down through F."""
+
+import copy
+
+import pytest
+import torch
+from cases import LAYER_CASES, plain_forward
+from torch import nn
+
+import neuralign as na
+from neuralign.autograd import FeedbackFunction, Spec
+from neuralign.layers import FeedbackLayer
+from neuralign.ops import ops_for
+
+CASES = [pytest.param(c, id=c.id) for c in LAYER_CASES]
+
+
+def _backprop(layer, x, dy):
+    """Plain autograd through the torch layer: (dx, dW, db)."""
+    x = x.detach().requires_grad_()
+    params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    grads = torch.autograd.grad(layer(x), [x, *params], dy)
+    return grads[0], grads[1], grads[2] if layer.bias is not None else None
+
+
+def _run(layer, x, dy):
+    x = x.detach().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    layer(x).backward(dy)
+    return x.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad
+
+
+@pytest.mark.parametrize("rule", ["fa", "ia", "aa", "kp", "usf"])
+@pytest.mark.parametrize("case", CASES)
+def test_forward_is_the_torch_layer_bit_for_bit(case, rule):
+    plain, x = case.make(), case.input()
+    layer = na.convert(plain, rule)
+    assert isinstance(layer, FeedbackLayer) and isinstance(layer, type(plain))
+    assert torch.equal(layer(x), plain(x))
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain(x))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_feedback_equal_to_weight_is_exact_backprop(case):
+    plain, x = case.make(), case.input()
+    layer = na.convert(plain, na.get_rule("fa", init="weight"))
+    assert torch.equal(layer.feedback, layer.weight)
+    dy = torch.randn_like(plain(x))
+    for got, want in zip(_run(layer, x, dy), _backprop(plain, x, dy), strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["fa", "sa", "wm", "kp", "frsf"])
+@pytest.mark.parametrize("case", CASES)
+def test_error_goes_down_through_feedback(case, rule):
+    plain, x = case.make(), case.input()
+    layer = na.convert(plain, rule)
+    dy = torch.randn_like(plain(x))
+    dx, dW, db = _run(layer, x, dy)
+    F = layer.feedback.detach()
+    assert not torch.allclose(F, layer.weight)
+    xr = x.detach().requires_grad_()
+    (want,) = torch.autograd.grad(plain_forward(plain, xr, F), xr, dy)  # the torch layer with W := F
+    torch.testing.assert_close(dx, want, rtol=1e-12, atol=1e-12)
+    # W and b get backprop's own gradients whatever the rule
+    _, dW_bp, db_bp = _backprop(plain, x, dy)
+    torch.testing.assert_close(dW, dW_bp, rtol=1e-12, atol=1e-12)
+    if db_bp is not None:
+        torch.testing.assert_close(db, db_bp, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gradcheck_of_the_function(case):
+    layer, x = case.make(), case.input()
+    if layer.weight.dim() > 2 and x.dim() == layer.weight.dim() - 1:
+        x = x.unsqueeze(0)
+    spec = Spec(ops_for(layer), na.get_rule("fa"))
+    W = layer.weight.detach().clone().requires_grad_()
+    b = None if layer.bias is None else layer.bias.detach().clone().requires_grad_()
+    F = W.detach().clone()  # F = W: the Function's Jacobian must then be the true one
+    inputs = (x.requires_grad_(), W) + ((b,) if b is not None else ())
+
+    def f(x, W, b=None):
+        return FeedbackFunction.apply(x, W, b, F, spec)
+
+    assert torch.autograd.gradcheck(f, inputs, fast_mode=True)
+
+
+def test_no_rule_work_without_gradient(monkeypatch):
+    layer = na.convert(nn.Linear(4, 3), "ia")
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the Function ran")
+
+    monkeypatch.setattr(FeedbackFunction, "apply", boom)
+    with torch.no_grad():
+        layer(torch.randn(2, 4))
+    layer.eval()
+    with torch.inference_mode():
+        layer(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "brsf", "frsf"])
+def test_no_rule_gradient_for_rules_that_need_none(rule, monkeypatch):
+    import neuralign.terms
+
+    def boom(*args, **kwargs):
+        raise AssertionError("rule gradient computed")
+
+    monkeypatch.setattr(neuralign.terms, "rule_grad", boom)
+    layer = na.convert(nn.Conv2d(2, 3, 3), rule)
+    layer(torch.randn(2, 2, 5, 5, requires_grad=True)).sum().backward()
+    assert not layer.feedback.requires_grad and layer.feedback.grad is None
+    assert "feedback" in dict(layer.named_buffers())
+
+
+def test_from_module_shares_parameters_and_to_module_goes_back():
+    plain = nn.Conv1d(3, 4, 3, padding=1)
+    hook_calls = []
+    plain.register_forward_hook(lambda *a: hook_calls.append(1))
+    layer = na.FeedbackConv1d.from_module(plain, "sa")
+    assert layer.weight is plain.weight and layer.bias is plain.bias
+    assert isinstance(layer.feedback, nn.Parameter) and layer.feedback.shape == plain.weight.shape
+    layer(torch.randn(2, 3, 5))
+    assert hook_calls == [1]
+    back = layer.to_module()
+    assert type(back) is nn.Conv1d and back.weight is plain.weight
+    assert "feedback" not in back.state_dict() and not hasattr(back, "rule")
+    with pytest.raises(TypeError, match="takes a Conv1d"):
+        na.FeedbackConv1d.from_module(nn.Conv2d(1, 1, 1), "fa")
+
+
+def test_layers_can_be_built_directly():
+    layer = na.FeedbackLinear(4, 3, rule="kp")
+    assert layer.rule.name == "kp" and layer.feedback.requires_grad
+    with pytest.raises(ValueError, match="keep the plain torch layer"):
+        na.FeedbackLinear(4, 3, rule="bp")
+
+
+def test_default_init_is_an_independent_draw_of_the_layer_init():
+    torch.manual_seed(0)
+    layer = na.FeedbackLinear(400, 300, rule="fa")
+    bound = 1 / 400 ** 0.5  # nn.Linear's weight init is U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    F = layer.feedback
+    assert F.abs().max() <= bound and F.abs().max() > 0.99 * bound
+    assert abs(F.std().item() - bound / 3 ** 0.5) < 0.01 * bound
+    assert na.metrics.angle(F, layer.weight) > 85  # independent of W
+
+
+@pytest.mark.parametrize("init", ["kaiming_normal", "xavier_uniform", "weight"])
+def test_other_inits(init):
+    layer = na.FeedbackConv2d(3, 8, 3, rule=na.get_rule("fa", init=init))
+    if init == "weight":
+        assert torch.equal(layer.feedback, layer.weight)
+    else:
+        assert not torch.equal(layer.feedback, layer.weight)
+
+
+def test_channels_last_gives_the_same_gradients():
+    plain = nn.Conv2d(3, 5, 3, padding=1).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    layer = na.convert(plain, "aa")
+    dy = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    a = _run(layer, x, dy) + (layer.feedback.grad.clone(),)
+    lcl = copy.deepcopy(layer).to(memory_format=torch.channels_last)
+    b = _run(lcl, x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last))
+    b = b + (lcl.feedback.grad,)
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
+
+
+def _autocast_grads(model, x, autocast):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    assert out.dtype == (torch.bfloat16 if autocast else torch.float32)
+    out.float().square().mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 10))
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_autocast_bf16_with_feedback_equal_to_weight_is_plain_autocast():
+    plain, x = _small_cnn(), torch.randn(4, 3, 6, 6)
+    model = na.convert(plain, na.get_rule("fa", init="weight"))
+    want, got = _autocast_grads(plain, x, True), _autocast_grads(model, x, True)
+    for n, g in want.items():
+        assert got[n].dtype == torch.float32
+        assert _rel(got[n], g) < 1e-2, n
+
+
+@pytest.mark.parametrize("rule", ["fa", "aa", "kp", "sa", "brsf"])
+def test_autocast_bf16(rule):
+    plain, x = _small_cnn(), torch.randn(4, 3, 6, 6)
+    # bf16's own error on this model, measured on plain backprop
+    tol = 3 * max(_rel(_autocast_grads(plain, x, True)[n], g)
+                  for n, g in _autocast_grads(plain, x, False).items()) + 0.02
+    model = na.convert(plain, rule)
+    if rule == "brsf":  # fresh random magnitudes each batch: use the same draw in both runs
+        torch.manual_seed(1)
+    ref = _autocast_grads(model, x, False)
+    if rule == "brsf":
+        torch.manual_seed(1)
+    got = _autocast_grads(model, x, True)
+    for n, p in model.named_parameters():
+        assert got[n].dtype == p.dtype == torch.float32, n
+        assert _rel(got[n], ref[n]) < tol, (n, _rel(got[n], ref[n]), tol)
+
+
+def test_autocast_bf16_with_mirror_noise_runs():
+    model = na.convert(_small_cnn(), "ia")
+    grads = _autocast_grads(model, torch.randn(4, 3, 6, 6), True)
+    assert all(torch.isfinite(g).all() and g.dtype == torch.float32 for g in grads.values())
+    assert grads["0.feedback"].abs().sum() > 0

@@ -1,0 +1,82 @@
+"""ops: apply, apply_T and outer against the torch layers themselves and against each other."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import LAYER_CASES, plain_forward
+
+from neuralign.ops import _pad_T_dim, ops_for
+
+CASES = [pytest.param(c, id=c.id) for c in LAYER_CASES]
+
+
+def _batched(case, x):
+    """ops act on batched inputs; the layers add the batch dimension of an unbatched conv input."""
+    return x.unsqueeze(0) if case.cls is not torch.nn.Linear and x.dim() == len(case.input_shape) and \
+        len(case.input_shape) == int(case.cls.__name__[-2]) + 1 else x
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_apply_is_the_layer_map_without_bias(case):
+    layer, x = case.make(), _batched(case, case.input())
+    K = torch.randn_like(layer.weight)
+    _close(ops_for(layer).apply(x, K), plain_forward(layer, x, K))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_apply_T_and_outer_are_autograd_of_the_layer(case):
+    layer, x = case.make(), _batched(case, case.input()).requires_grad_()
+    K = torch.randn_like(layer.weight, requires_grad=True)
+    y = plain_forward(layer, x, K)
+    dy = torch.randn_like(y)
+    gx, gK = torch.autograd.grad(y, (x, K), dy)
+    ops = ops_for(layer)
+    _close(ops.apply_T(dy, K.detach(), x.shape), gx)
+    _close(ops.outer(x.detach(), dy), gK)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_adjoint_identities(case):
+    layer, x = case.make(), _batched(case, case.input())
+    ops = ops_for(layer)
+    K = torch.randn_like(layer.weight)
+    y = torch.randn_like(ops.apply(x, K))
+    # <y, A_K x> = <A_K^T y, x> = <outer(x, y), K>
+    lhs = (y * ops.apply(x, K)).sum()
+    _close(lhs, (ops.apply_T(y, K, x.shape) * x).sum())
+    _close(lhs, (ops.outer(x, y) * K).sum())
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.values[0].cls is not torch.nn.Linear])
+def test_fused_backward_matches_the_three_ops(case):
+    layer, x = case.make(), _batched(case, case.input())
+    ops = ops_for(layer)
+    K = torch.randn_like(layer.weight)
+    xp = ops.pad(x)
+    dy = torch.randn_like(ops.core(xp, K))
+    dxp, dw, db = ops.backward(dy, xp, K, (True, True, True))
+    _close(dxp, ops.core_T(dy, K, xp.shape))
+    _close(dw, ops.core_outer(xp, dy))
+    _close(db, ops.bias_grad(dy))
+    only_x = ops.backward(dy, xp, K, (True, False, False))
+    assert only_x[1] is None and only_x[2] is None
+    _close(only_x[0], dxp)
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("left,right", [(0, 2), (2, 1), (3, 3)])
+def test_pad_adjoint_per_mode(mode, left, right):
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
+    padded = F.pad(x, (left, right), mode=mode)
+    g = torch.randn_like(padded)
+    (expected,) = torch.autograd.grad(padded, x, g)
+    _close(_pad_T_dim(g, 2, left, right, mode), expected)
+
+
+def test_ops_for_rejects_other_layers():
+    with pytest.raises(TypeError, match="supported: Linear, Conv1d"):
+        ops_for(torch.nn.Bilinear(2, 2, 2))

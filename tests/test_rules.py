@@ -1,0 +1,220 @@
+"""Rules, generated from the catalog: each rule's feedback gradient is the sum of its terms
+(plus Kolen-Pollack's task share), W never receives rule gradient, sign rules derive F from the
+current W, and the learned rules reach their fixed points."""
+
+import math
+
+import pytest
+import torch
+from cases import LAYER_CASES
+from torch import nn
+
+import neuralign as na
+from neuralign import terms
+from neuralign.ops import ops_for
+from neuralign.rules import SIGN_KINDS, Rule, catalog, register
+
+RULES = [r for r in na.list_rules() if r != "bp"]
+LEARNED = [r for r in RULES if na.get_rule(r).learns]
+CASES = [pytest.param(c, id=c.id) for c in LAYER_CASES
+         if c.id in ("linear-3d", "conv1d-reflect", "conv2d-stride-pad", "conv2d-same-even-dil",
+                     "conv3d")]
+
+
+def _noise_like(x, noise):
+    """The mirror noise the backward draws, from the same random stream."""
+    if noise.dist == "normal":
+        return torch.randn_like(x) * noise.std
+    h = noise.std * math.sqrt(3)
+    return torch.rand_like(x) * 2 * h - h
+
+
+def _variants(name):
+    rule = na.get_rule(name)
+    out = [rule]
+    if rule.noise is not None:
+        out.append(rule.replace(noise_dist="uniform", noise_std=0.7))
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("name", LEARNED)
+def test_feedback_gradient_is_the_sum_of_its_terms(name, case):
+    for rule in _variants(name):
+        plain = case.make()
+        layer = na.convert(plain, rule)
+        x = case.input().requires_grad_()
+        out = layer(x)
+        dy = torch.randn_like(out)
+        W, F = layer.weight.detach(), layer.feedback.detach().clone()
+        torch.manual_seed(123)
+        out.backward(dy)
+        src = x.detach()
+        if rule.noise is not None:
+            torch.manual_seed(123)
+            src = _noise_like(src, rule.noise)
+        ops = ops_for(layer)
+        want = torch.zeros_like(F)
+        for t, c in rule.terms.items():  # autograd of each term's loss form
+            Fv = F.clone().requires_grad_()
+            want += c * torch.autograd.grad(terms.loss(t, ops, src, W, Fv), Fv)[0]
+        if rule.kp:  # Kolen-Pollack: plus W's task gradient
+            want += layer.weight.grad
+        torch.testing.assert_close(layer.feedback.grad, want, rtol=1e-10, atol=1e-10)
+        assert layer.feedback.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_weight_never_receives_rule_gradient(name):
+    plain = nn.Linear(5, 4).double()
+    layer = na.convert(plain, name)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    dy = torch.randn(6, 4, dtype=torch.float64)
+    layer(x).backward(dy)
+    torch.testing.assert_close(layer.weight.grad, dy.T @ x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, dy.sum(0), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", [r for r in RULES if na.get_rule(r).feedback in SIGN_KINDS])
+def test_sign_rules_derive_feedback_from_the_current_weight(name):
+    torch.manual_seed(0)
+    layer = na.convert(nn.Conv2d(3, 4, 3), name)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    magnitudes = []
+    for _ in range(2):
+        x.grad = None
+        out = layer(x)
+        dy = torch.randn_like(out)
+        out.backward(dy)
+        F = layer.feedback
+        assert torch.equal(torch.sign(F), torch.sign(layer.weight))
+        (want,) = torch.autograd.grad(nn.functional.conv2d(x, F), x, dy)  # sent through this F
+        torch.testing.assert_close(x.grad, want)
+        magnitudes.append(F.abs().clone())
+        with torch.no_grad():
+            layer.weight.neg_()  # the next step must follow the new signs
+    if name == "usf":
+        assert torch.allclose(magnitudes[0], layer.feedback_scale.expand_as(magnitudes[0]))
+        assert torch.equal(magnitudes[0], magnitudes[1])
+    elif name == "frsf":
+        assert torch.equal(magnitudes[0], layer.feedback_magnitude)
+        assert torch.equal(magnitudes[0], magnitudes[1])
+    else:  # brsf: fresh magnitudes every batch
+        assert not torch.equal(magnitudes[0], magnitudes[1])
+
+
+def test_fa_feedback_stays_fixed():
+    layer = na.convert(nn.Linear(5, 4), "fa")
+    F0 = layer.feedback.clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for _ in range(3):
+        layer(torch.randn(3, 5)).square().sum().backward()
+        opt.step()
+    assert torch.equal(layer.feedback, F0)
+    assert all(p is not layer.feedback for p in layer.parameters())
+
+
+# -- fixed points: W frozen, only F trained (Linear 30 -> 20) ---------------------------------------
+def _train_feedback(rule, steps, lr, batch=128, seed=0, conv=False):
+    torch.manual_seed(seed)
+    plain = nn.Conv2d(4, 6, 3) if conv else nn.Linear(30, 20)
+    layer = na.convert(plain, rule)
+    layer.weight.requires_grad_(False)
+    opt = torch.optim.SGD([layer.feedback], lr=lr)
+    start = na.metrics.angle(layer.weight, layer.feedback)
+    for _ in range(steps):
+        x = torch.randn(batch, 4, 6, 6) if conv else torch.randn(batch, 30)
+        opt.zero_grad()
+        layer(x).sum().backward()  # the task error does not matter for these rules
+        opt.step()
+    return start, na.metrics.angle(layer.weight, layer.feedback), layer
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv2d"])
+@pytest.mark.parametrize("name,lr", [("sa", 0.2), ("aa", 0.05)])
+def test_sa_and_aa_align_below_one_degree(name, lr, conv):
+    lr = lr / 10 if conv and name == "aa" else lr  # activity terms sum over positions
+    start, end, layer = _train_feedback(name, 100 if conv else 300, lr, batch=16 if conv else 128,
+                                        conv=conv)
+    assert start > 80 and end < 1.0, (start, end)
+    # and they settle at F = W itself, not only its direction
+    torch.testing.assert_close(layer.feedback, layer.weight, rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("name,bound", [("wm", 10.0), ("ia", 45.0)])
+def test_mirror_rules_lower_the_angle(name, bound):
+    start, end, _ = _train_feedback(name, 300, 0.05)
+    assert start > 80 and end < bound, (start, end)
+
+
+def test_kp_with_equal_decay_drives_feedback_to_weight():
+    torch.manual_seed(0)
+    lam = 0.1
+    model = na.convert(nn.Sequential(nn.Linear(10, 20), nn.Tanh(), nn.Linear(20, 3)),
+                       na.get_rule("kp", decay=lam))
+    groups = na.param_groups(model)
+    opt = torch.optim.SGD([{"params": groups["forward"], "weight_decay": lam},
+                           {"params": groups["feedback"]}], lr=0.1)
+    layer = model[0]
+    gap0 = (layer.feedback - layer.weight).norm().item()
+    w0 = layer.weight.detach().clone()
+    for _ in range(400):
+        x = torch.randn(32, 10)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), x[:, :3].argmax(1)).backward()
+        opt.step()
+    gap = (layer.feedback - layer.weight).norm().item()
+    assert (layer.weight - w0).norm() > 0.1  # W trained
+    assert gap < 0.02 * gap0, (gap0, gap)  # (1 - lr*lam)^400 ~ 0.018 in exact arithmetic
+
+
+# -- the catalog and the Rule type ----------------------------------------------------------------
+def test_catalog_entries_are_complete():
+    assert na.list_rules() == ["aa", "bp", "brsf", "fa", "frsf", "ia", "kp", "sa", "usf", "wm"]
+    for info in catalog():
+        assert info.description and info.source and info.rule.name == info.name
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        register("sa", "again", "nowhere", terms={"self": 1.0, "decay": 1.0})
+
+
+def test_get_rule_overrides_and_errors():
+    r = na.get_rule("wm", amp=2.0, decay=0.5, noise_std=0.5)
+    assert dict(r.terms) == {"amp": 2.0, "decay": 0.5} and r.noise.std == 0.5
+    assert na.get_rule("ia", noise=None).noise is None
+    with pytest.raises(ValueError, match="valid rules: aa, bp"):
+        na.get_rule("wmx")
+    with pytest.raises(ValueError, match="valid: decay, amp, null, sparse, self, noise_std"):
+        na.get_rule("sa", alpha=1.0)
+    with pytest.raises(ValueError, match="never trained"):
+        na.get_rule("usf", amp=1.0)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"terms": {"amp": 1, "mirror": 1}}, "unknown term 'mirror'; valid: decay, amp"),
+    ({"terms": {"amp": float("nan")}}, "finite number"),
+    ({"terms": {}}, "needs at least one term"),
+    ({"terms": {"self": 1.0}, "noise": {"std": 1.0}}, "has none"),
+    ({"terms": {"amp": 1.0}, "noise": {"dist": "cauchy"}}, "valid: normal, uniform"),
+    ({"terms": {"amp": 1.0}, "noise": {"sd": 1.0}}, "valid: dist, std"),
+    ({"terms": {"amp": 1.0}, "feedback": "magic"}, "valid: learned, fixed"),
+    ({"terms": {"amp": 1.0}, "init": "zeros"}, "valid: default, kaiming_uniform"),
+    ({"terms": {"amp": 1.0}, "update_noise": -1.0}, "standard deviation >= 0"),
+    ({"terms": {"amp": 1.0}, "normalize": -2.0}, "positive norm"),
+])
+def test_bad_rules_are_rejected_with_the_valid_choices(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        Rule(**bad)
+
+
+def test_user_rule_from_a_plain_dict_round_trips():
+    spec = {"terms": {"amp": 1.0, "null": 0.5, "decay": 0.1}, "noise": {"dist": "normal", "std": 1.0}}
+    rule = Rule.from_dict(spec)
+    assert rule.noise == na.rules.MirrorNoise("normal", 1.0)
+    assert Rule.from_dict(rule.to_dict()) == rule
+    import pickle
+    assert pickle.loads(pickle.dumps(rule)) == rule
+    with pytest.raises(ValueError, match="valid: terms, feedback"):
+        Rule.from_dict({"terms": {"amp": 1.0}, "mirror": True})
