@@ -5,10 +5,10 @@ import copy
 
 import pytest
 import torch
-from cases import LAYER_CASES, plain_forward
 from torch import nn
 
 import neuralign as na
+from cases import LAYER_CASES, plain_forward
 from neuralign.autograd import FeedbackFunction, Spec
 from neuralign.layers import FeedbackLayer
 from neuralign.ops import ops_for

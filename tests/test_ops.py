@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import LAYER_CASES, plain_forward
 
+from cases import LAYER_CASES, plain_forward
 from neuralign.ops import _pad_T_dim, ops_for
 
 CASES = [pytest.param(c, id=c.id) for c in LAYER_CASES]

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-from cases import LAYER_CASES
 from torch import nn
 
 import neuralign as na
+from cases import LAYER_CASES
 from neuralign import terms
 from neuralign.ops import ops_for
 from neuralign.rules import SIGN_KINDS, Rule, catalog, register

@@ -5,11 +5,11 @@ import itertools
 
 import pytest
 import torch
-from cases import LAYER_CASES
-from test_ops import _batched
 
+from cases import LAYER_CASES
 from neuralign import terms
 from neuralign.ops import num_examples, ops_for
+from test_ops import _batched
 
 CASES = [pytest.param(c, id=c.id) for c in LAYER_CASES]
 

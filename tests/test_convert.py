@@ -1,0 +1,222 @@
+"""convert / revert / inspection on real models: torchvision resnet18, Conv1d + 3-D Linear."""
+
+import io
+import logging
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import neuralign as na
+from neuralign.convert import DEFAULT_MAPPING, UnsupportedLayerError
+from neuralign.layers import FeedbackLayer
+
+
+class SeqModel(nn.Module):
+    """Conv1d over time, then a Linear on [N, T, D] inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 5, padding="same", padding_mode="circular")
+        self.proj = nn.Linear(8, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):  # x: [N, 3, T]
+        h = torch.relu(self.conv(x)).transpose(1, 2)  # [N, T, 8]
+        return self.head(torch.tanh(self.proj(h))).mean(1)
+
+
+def _resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10)
+
+
+@pytest.mark.parametrize("make,shape", [(_resnet, (2, 3, 32, 32)), (SeqModel, (2, 3, 11))],
+                         ids=["resnet18", "conv1d+linear3d"])
+def test_round_trip_and_state_dict(make, shape, tmp_path):
+    torch.manual_seed(0)
+    plain = make().eval()
+    x = torch.randn(shape)
+    model = na.convert(plain, "ia")
+    assert all(type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d) for m in plain.modules()
+               if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d))  # the original is untouched
+    n_layers = sum(isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d) for m in plain.modules())
+    assert len(list(na.feedback_layers(model))) == n_layers
+    assert not model.training  # eval state kept
+    torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    sd = model.state_dict()
+    assert sum(k.endswith(".feedback") for k in sd) == n_layers
+    # save / load into a freshly converted model (different random feedback)
+    path = tmp_path / "m.pt"
+    torch.save(sd, path)
+    fresh = na.convert(make(), "ia")
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    for (_, a), (_, b) in zip(na.feedback_layers(model), na.feedback_layers(fresh), strict=True):
+        assert torch.equal(a.feedback, b.feedback) and torch.equal(a.weight, b.weight)
+    # revert: plain torch layers again, forward weights kept
+    back = na.revert(model)
+    assert not list(na.feedback_layers(back)) and list(na.feedback_layers(model))
+    assert set(back.state_dict()) == set(plain.state_dict())
+    torch.testing.assert_close(back(x), plain(x), rtol=0, atol=0)
+
+
+def test_convert_copies_by_default_and_inplace_on_request():
+    plain = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    model = na.convert(plain, "sa")
+    assert type(plain[0]) is nn.Linear and model[0].weight is not plain[0].weight
+    same = na.convert(plain, "sa", inplace=True)
+    assert same is plain and isinstance(plain[0], na.FeedbackLinear)
+
+
+def test_bare_layer_and_per_layer_rules():
+    assert isinstance(na.convert(nn.Linear(2, 2), "fa"), na.FeedbackLinear)
+    model = na.convert(_resnet(), "ia", layer_rules={"fc": "bp", "layer4.*": "sa",
+                                                     "layer4.1.conv2": na.get_rule("kp")})
+    assert type(model.fc) is nn.Linear
+    rules = {n: layer.rule.name for n, layer in na.feedback_layers(model)}
+    assert rules["conv1"] == "ia" and rules["layer4.0.conv1"] == "sa"
+    assert rules["layer4.0.downsample.0"] == "sa" and rules["layer4.1.conv2"] == "kp"
+    with pytest.raises(ValueError, match="match no convertible layer"):
+        na.convert(_resnet(), "ia", layer_rules={"classifier": "bp"})
+
+
+def test_unsupported_layers_are_reported(caplog):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Bilinear(4, 4, 2))
+    with caplog.at_level(logging.WARNING, logger="neuralign"):
+        na.convert(model, "fa")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "2: Bilinear" in warned[0]  # BatchNorm is elementwise: not reported
+    with pytest.raises(UnsupportedLayerError, match="Bilinear"):
+        na.convert(model, "fa", on_unsupported="raise")
+    caplog.clear()
+    na.convert(model, "fa", on_unsupported="ignore")
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    with pytest.raises(ValueError, match="valid: warn, ignore, raise"):
+        na.convert(model, "fa", on_unsupported="skip")
+
+
+def test_custom_mapping_extends_conversion():
+    class MyLinear(nn.Linear):
+        pass
+
+    class FeedbackMyLinear(FeedbackLayer, MyLinear):  # a new layer type is this line
+        pass
+
+    model = nn.Sequential(MyLinear(2, 3))
+    assert not list(na.feedback_layers(na.convert(model, "fa", on_unsupported="ignore")))
+    mapping = {**DEFAULT_MAPPING, MyLinear: FeedbackMyLinear}
+    converted = na.convert(model, "fa", mapping=mapping)
+    layer = converted[0]
+    assert type(layer) is FeedbackMyLinear and isinstance(layer, MyLinear)
+    x = torch.randn(4, 2, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(4, 3) @ layer.feedback)
+    assert type(na.revert(converted)[0]) is MyLinear
+
+
+def test_hooks_device_and_training_state_are_kept():
+    plain = nn.Sequential(nn.Linear(3, 4))
+    calls = []
+    plain[0].register_forward_pre_hook(lambda m, i: calls.append("pre"))
+    plain[0].register_full_backward_hook(lambda m, gi, go: calls.append("back"))
+    plain.train()
+    model = na.convert(plain, "kp")
+    model(torch.randn(2, 3, requires_grad=True)).sum().backward()
+    assert calls == ["pre", "back"] and model.training
+    assert model[0].feedback.device == model[0].weight.device
+
+
+def test_param_groups_split_forward_and_feedback():
+    model = na.convert(_resnet(), "sa", layer_rules={"fc": "fa"})
+    groups = na.param_groups(model)
+    ids = [id(p) for p in groups["forward"] + groups["feedback"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    fb = {id(layer.feedback) for _, layer in na.feedback_layers(model) if layer.rule.learns}
+    assert {id(p) for p in groups["feedback"]} == fb
+    assert id(model.fc.feedback) not in ids  # fixed feedback is a buffer
+
+
+def test_exact_backprop_gives_plain_gradients_and_restores():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    model = na.convert(plain, "fa")
+    x = torch.randn(4, 5)
+    plain(x).square().sum().backward()
+    with na.exact_backprop(model):
+        model(x).square().sum().backward()
+    for p, q in zip(plain.parameters(), [model[0].weight, model[0].bias, model[2].weight,
+                                         model[2].bias], strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    model.zero_grad()
+    model(x).square().sum().backward()  # restored: feedback again
+    assert not torch.allclose(model[0].weight.grad, plain[0].weight.grad)
+    with pytest.raises(RuntimeError), na.exact_backprop(model):
+        raise RuntimeError
+    assert not model[0]._exact_backprop
+
+
+def test_after_step_update_noise_and_normalisation():
+    rule = na.get_rule("sa", update_noise=0.1, normalize=True)
+    model = na.convert(nn.Sequential(nn.Linear(4, 3)), rule)
+    layer = model[0]
+    norm0 = layer.feedback.norm().item()
+    with torch.no_grad():
+        layer.feedback.mul_(3.0)
+    F = layer.feedback.detach().clone()
+    lr = 0.5
+    na.after_step(model, lr, generator=torch.Generator().manual_seed(7))
+    eps = torch.randn(F.shape, generator=torch.Generator().manual_seed(7))
+    want = F + lr * 0.1 * eps
+    torch.testing.assert_close(layer.feedback, want * (norm0 / want.norm()))
+    opt = torch.optim.SGD([layer.feedback], lr=0.2)
+    na.after_step(model, opt)  # the optimizer's lr is read
+    assert abs(layer.feedback.norm().item() - norm0) < 1e-5
+    plain_rule = na.convert(nn.Linear(4, 3), "sa")
+    F = plain_rule.feedback.detach().clone()
+    na.after_step(plain_rule, 1.0)
+    assert torch.equal(plain_rule.feedback, F)  # no noise or normalisation asked: unchanged
+
+
+def test_metrics_angles():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    x = torch.randn(8, 5)
+    same = na.convert(plain, na.get_rule("fa", init="weight"))
+    assert all(a < 1e-5 for a in na.metrics.weight_angles(same).values())
+    model = na.convert(plain, "fa")
+    assert all(a > 45 for a in na.metrics.weight_angles(model).values())
+    assert na.metrics.gradient_angles(model) == {}
+    na.metrics.record_gradient_angles(model)
+    model(x).square().sum().backward()
+    local = na.metrics.gradient_angles(model)
+    assert set(local) == {"0", "2"} and all(a > 10 for a in local.values())
+    na.metrics.record_gradient_angles(model, False)
+    assert na.metrics.gradient_angles(model) == {}
+    grads = [p.grad.clone() for p in model.parameters()]
+    e2e = na.metrics.backprop_angles(model, lambda: model(x).square().sum())
+    assert e2e["2"] < 1e-5 and e2e["0"] > 10  # the top layer's update does not depend on F
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True))
+    assert na.metrics.backprop_angles(same, lambda: same(x).square().sum())["0"] < 1e-5
+
+
+def test_torch_compile_runs_and_matches_eager():
+    torch.manual_seed(0)
+    model = na.convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                                     nn.Linear(64, 5)), "aa")
+    x = torch.randn(2, 3, 6, 6)
+    model(x).sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.compile(model, backend="aot_eager")(x).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-6)
+
+
+def test_converted_layers_serialise_whole():
+    model = na.convert(nn.Sequential(nn.Linear(2, 2)), "wm")
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert isinstance(loaded[0], FeedbackLayer) and loaded[0].rule == model[0].rule
