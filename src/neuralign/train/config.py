@@ -101,12 +101,16 @@ class ScheduleConfig:
 class OptimConfig:
     """An optimizer (``sgd``, ``adam``, ``adamw``) and its schedule.
 
+    The defaults (Adam, 3e-3, for both the forward and the feedback weights) are the default
+    MNIST-1D run's; the same optimizer on both sides also keeps Kolen-Pollack's F and W moving
+    alike. ``momentum`` and ``nesterov`` apply to SGD, ``betas`` and ``eps`` to Adam(W).
+
     ``weight_decay`` applies to the parameters this optimizer owns only: the forward optimizer
     owns the forward weights, the feedback optimizer the learned feedback weights.
     """
 
-    name: str = "sgd"
-    lr: float = 0.05
+    name: str = "adam"
+    lr: float = 0.003
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -138,20 +142,16 @@ class TrainConfig:
 
     name: str = ""
     runs_dir: str = "runs"
-    epochs: int = 30
+    epochs: int = 60
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 1
-    angle_every: int = 50
+    angle_every: int = 20
     progress: bool = True
     tensorboard: bool = True
     plots: bool = True
     deterministic: bool = False
     overwrite: bool = False
-
-
-def _feedback_optim() -> OptimConfig:
-    return OptimConfig(name="sgd", lr=0.05, momentum=0.9)
 
 
 @dataclass
@@ -162,7 +162,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rule: RuleConfig = field(default_factory=RuleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    feedback_optim: OptimConfig = field(default_factory=_feedback_optim)
+    feedback_optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -350,6 +351,18 @@ class Trainer:
 
     def fit(self) -> list[dict[str, float]]:
         """Train from the current epoch to ``train.epochs``; returns the metrics history."""
+        if self.epoch == 0 and (self.run_dir / "config.yaml").exists():
+            if not self.cfg.train.overwrite:
+                raise FileExistsError(
+                    f"run folder {str(self.run_dir)!r} already exists; continue it with "
+                    f"--resume {self.run_dir}, pick another name (--name / train.name) or "
+                    f"replace it (train.overwrite=true)")
+            for stale in ("tb", "checkpoints", "plots", "metrics.csv"):
+                path = self.run_dir / stale
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
         self._fire("on_train_start")

@@ -1,0 +1,7 @@
+"""``python -m neuralign``: the ``neuralign`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
