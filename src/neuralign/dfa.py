@@ -1,0 +1,87 @@
+"""Direct feedback alignment (Nøkland 2016): the network's output error, sent to every layer.
+
+A ``dfa`` layer sends down ``D e`` instead of ``apply_T(dy, F)``, where ``e`` is the gradient of
+the loss with respect to the network's output and ``D`` a fixed random matrix (the layer's
+``feedback`` buffer, ``[in_channels, outputs]``). Whatever lies below (a nonlinearity, batch
+norm) applies its own derivative, so the layer underneath receives ``(D e) ⊙ f'(a)`` at its
+output and updates ``outer(x, (D e) ⊙ f'(a))``: Nøkland's rule, in one ordinary backward.
+
+How ``e`` reaches the layers: :func:`mark_output` puts two forward hooks on the root module. The
+pre-hook opens a fresh slot for the pass (each layer's Function keeps a reference to it); the
+post-hook passes the output through :class:`CaptureError`, whose backward, which autograd runs
+before any layer's, writes ``e`` into the slot. Several forward passes before one backward
+each keep their own ``e``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["DFAState", "CaptureError", "mark_output", "unmark_output"]
+
+
+class DFAState:
+    """Shared by a model's dfa layers and its output marker: the slot of the current pass."""
+
+    def __init__(self):
+        self.current: dict | None = None
+
+
+class CaptureError(torch.autograd.Function):
+    """Identity on the network output; its backward stores the output error ``e``."""
+
+    @staticmethod
+    def forward(out, slot):
+        return out.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.slot = inputs[1]
+
+    @staticmethod
+    def backward(ctx, e):
+        ctx.slot["e"] = e
+        return e, None
+
+
+class _OpenSlot:
+    def __init__(self, state: DFAState):
+        self.state = state
+
+    def __call__(self, module, args):
+        self.state.current = {} if torch.is_grad_enabled() else None
+
+
+class _CaptureOutput:
+    def __init__(self, state: DFAState):
+        self.state = state
+
+    def __call__(self, module, args, output):
+        slot = self.state.current
+        if slot is None:
+            return None
+        if not isinstance(output, Tensor):
+            raise TypeError(f"rule dfa needs the model to return one tensor (the output whose "
+                            f"error every layer receives), got {type(output).__name__}")
+        return CaptureError.apply(output, slot)
+
+
+def mark_output(model: nn.Module, state: DFAState) -> None:
+    """Hook ``model`` so that its output error reaches the dfa layers sharing ``state``."""
+    model.register_forward_pre_hook(_OpenSlot(state))
+    model.register_forward_hook(_CaptureOutput(state))
+
+
+def unmark_output(model: nn.Module) -> None:
+    """Remove :func:`mark_output`'s hooks."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, _OpenSlot | _CaptureOutput)]:
+            del hooks[key]
+
+
+def missing_error() -> RuntimeError:
+    return RuntimeError(
+        "a dfa layer found no output error: its model's output was not marked. Convert the "
+        "whole model with neuralign.convert (it marks the root module's output), and run the "
+        "layer inside that model's forward")

@@ -1,0 +1,88 @@
+"""Models: every registered name builds, converts with a rule, and trains its feedback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import neuralign as na
+from neuralign.models import ModelConfig, build_model, list_models
+
+# input shape per model family (the CIFAR ResNets and LeNet take images, cnn1d sequences)
+_SHAPES = {"mlp": (1, 40), "cnn1d": (1, 40), "lenet": (1, 28, 28)}
+_REGISTERED = list_models(include_torchvision=False)
+
+
+def _convertible(model: nn.Module) -> int:
+    return sum(type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", _REGISTERED + ["resnet18"])
+def test_every_model_builds_and_converts(name):
+    shape = _SHAPES.get(name, (3, 32, 32))
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(name=name), shape, 7)
+    x = torch.randn(2, *shape)
+    assert plain(x).shape == (2, 7)
+    n_layers = _convertible(plain)
+    model = na.convert(plain, "ia")
+    layers = list(na.feedback_layers(model))
+    assert len(layers) == n_layers > 0  # every Linear/Conv became a feedback layer
+    torch.testing.assert_close(model(x), plain(x))  # same forward
+    model(x).square().mean().backward()
+    for lname, layer in layers:  # the rule's gradient reached every feedback weight
+        assert layer.feedback.grad is not None, lname
+        assert layer.weight.grad is not None, lname
+
+
+def test_registry_names():
+    names = list_models()
+    for n in ("mlp", "lenet", "cnn1d", "resnet20", "resnet32", "resnet44", "resnet56",
+              "resnet110", "resnet18", "resnet50", "resnet152"):
+        assert n in names
+
+
+def test_unknown_model_lists_valid():
+    with pytest.raises(ValueError, match="valid: .*cnn1d.*torchvision"):
+        build_model(ModelConfig(name="resnet7"), (3, 32, 32), 10)
+
+
+def test_mlp_widths():
+    m = build_model(ModelConfig(name="mlp", widths=[30, 20, 10]), (1, 8, 8), 3)
+    linears = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [
+        (64, 30), (30, 20), (20, 10), (10, 3)]
+
+
+def test_cnn1d_is_the_mnist1d_authors_cnn():
+    m = build_model(ModelConfig(name="cnn1d"), (1, 40), 10)
+    assert m.fc.in_features == 25 * 5  # 40 -> 19 -> 10 -> 5 positions, 25 channels
+
+
+@pytest.mark.parametrize("depth,params", [(20, 0.27e6), (56, 0.85e6), (110, 1.7e6)])
+def test_cifar_resnet_sizes_option_a(depth, params):
+    m = build_model(ModelConfig(name=f"resnet{depth}"), (3, 32, 32), 10)
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - params) / params < 0.03  # He et al. 2016, Table 6
+    # option A: parameter-free shortcuts, so no 1x1 convolutions at all
+    assert all(c.kernel_size != (1, 1) for c in m.modules() if isinstance(c, nn.Conv2d))
+
+
+def test_cifar_resnet_option_b_projects():
+    m = build_model(ModelConfig(name="resnet20", shortcut="B"), (3, 32, 32), 10)
+    assert sum(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) for c in m.modules()) == 2
+    with pytest.raises(ValueError, match="'A' or 'B'"):
+        build_model(ModelConfig(name="resnet20", shortcut="C"), (3, 32, 32), 10)
+
+
+def test_torchvision_model_on_grey_images():
+    m = build_model(ModelConfig(name="resnet18"), (1, 28, 28), 10)
+    assert m(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_shape_mismatch_is_explained():
+    with pytest.raises(ValueError, match="cnn1d needs sequence inputs"):
+        build_model(ModelConfig(name="cnn1d"), (1, 28, 28), 10)
+    with pytest.raises(ValueError, match="lenet needs image inputs"):
+        build_model(ModelConfig(name="lenet"), (1, 40), 10)
