@@ -170,7 +170,8 @@ def test_kp_with_equal_decay_drives_feedback_to_weight():
 
 # -- the catalog and the Rule type ----------------------------------------------------------------
 def test_catalog_entries_are_complete():
-    assert na.list_rules() == ["aa", "bp", "brsf", "fa", "frsf", "ia", "kp", "sa", "usf", "wm"]
+    assert na.list_rules() == ["aa", "bp", "brsf", "dfa", "fa", "frsf", "ia", "kp", "sa", "usf",
+                              "wm"]
     for info in catalog():
         assert info.description and info.source and info.rule.name == info.name
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import terms
+from .dfa import DFAState, missing_error
 from .ops import LayerOps, num_examples
 from .rules import Rule
 
@@ -32,12 +33,15 @@ class Spec:
         derive: for feedback derived from W (sign rules): ``derive(W) -> F``, called in the
             backward (only when a gradient is taken), writing the layer's buffer in place.
         probe: a dict that receives the local gradient angle while recording is on, or None.
+        dfa: for direct feedback alignment, the model's :class:`~neuralign.dfa.DFAState`;
+            ``derive(e)`` then gives the projection D for an output error ``e``.
     """
 
     ops: LayerOps
     rule: Rule
     derive: Callable[[Tensor], Tensor] | None = None
     probe: dict | None = field(default=None)
+    dfa: DFAState | None = None
 
 
 def mirror_noise(x: Tensor, rule: Rule) -> Tensor:
@@ -73,6 +77,7 @@ class FeedbackFunction(torch.autograd.Function):
         # the buffer in place can never invalidate another pending graph.
         ctx.save_for_backward(x, weight, bias, None if spec.derive else feedback,
                               output if keep_out else None)
+        ctx.slot = spec.dfa.current if spec.dfa is not None else None
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device)) \
             if torch.is_autocast_enabled(device) else None
@@ -93,6 +98,8 @@ class FeedbackFunction(torch.autograd.Function):
         need_x, need_w, need_b, need_f, _ = ctx.needs_input_grad
         spec: Spec = ctx.spec
         ops, rule = spec.ops, spec.rule
+        if spec.dfa is not None:
+            return _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b)
         if spec.derive is not None:
             F = spec.derive(W)
         x, W, F = (t.to(dout.dtype) for t in (x, W, F))
@@ -102,7 +109,7 @@ class FeedbackFunction(torch.autograd.Function):
         dx = ops.pad_T(dxp) if dxp is not None else None
         if spec.probe is not None:
             sent = dx if dx is not None else ops.pad_T(ops.core_T(dout, F, xp.shape))
-            spec.probe["gradient_angle"] = _angle(sent, ops.pad_T(ops.core_T(dout, W, xp.shape)))
+            _record_angle(spec, sent, dout, W, xp.shape)
         df = None
         if need_f:
             if rule.noise is not None:
@@ -116,6 +123,37 @@ class FeedbackFunction(torch.autograd.Function):
             if kp:
                 df = df.add_(dw)
         return dx, dw if need_w else None, db, df, None
+
+
+def _record_angle(spec: Spec, sent: Tensor, dout: Tensor, W: Tensor, xp_shape) -> None:
+    """Local gradient angle: what was sent down vs what W would send for the same error."""
+    ops = spec.ops
+    spec.probe["gradient_angle"] = _angle(sent, ops.pad_T(ops.core_T(dout, W.to(dout.dtype),
+                                                                     xp_shape)))
+
+
+def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):
+    """Direct feedback alignment: send ``D e`` down; W and b get their gradients from the error
+    that reached this layer's output (which the layers above sent as their own ``D e``)."""
+    spec: Spec = ctx.spec
+    ops = spec.ops
+    x, W = x.to(dout.dtype), W.to(dout.dtype)
+    xp = ops.pad(x)
+    _, dw, db = ops.backward(dout, xp, W, (False, need_w, need_b))
+    dx = None
+    if need_x or spec.probe is not None:
+        if ctx.slot is None or "e" not in ctx.slot:
+            raise missing_error()
+        e = ctx.slot["e"]
+        n = x.shape[0] if x.dim() > 1 else 1
+        if e.numel() % n:
+            raise RuntimeError(f"dfa: the output error has {e.shape[0]} examples, the layer's "
+                               f"input {n}")
+        D = spec.derive(e.reshape(n, -1)).to(dout.dtype)
+        dx = ops.broadcast_channels(e.reshape(n, -1).to(dout.dtype).mm(D.t()), x.shape)
+        if spec.probe is not None:
+            _record_angle(spec, dx, dout, W, xp.shape)
+    return dx if need_x else None, dw if need_w else None, db, None, None
 
 
 def feedback_forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,

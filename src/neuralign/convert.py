@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from .dfa import DFAState, mark_output, unmark_output
 from .layers import FeedbackConv1d, FeedbackConv2d, FeedbackConv3d, FeedbackLayer, FeedbackLinear
 from .rules import Rule, get_rule
 
@@ -83,7 +84,9 @@ def convert(
         model = copy.deepcopy(model)
     if type(model) in mapping:  # a bare layer
         r = _rule_for("", rule, layer_rules)
-        return model if r.feedback == "bp" else mapping[type(model)].from_module(model, r, generator)
+        if r.feedback != "bp":
+            model = mapping[type(model)].from_module(model, r, generator)
+        return _mark_dfa(model)
     used = set()
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -103,6 +106,18 @@ def convert(
     if unused:
         raise ValueError(f"layer_rules patterns {unused} match no convertible layer; "
                          f"convertible layers: {[n for n, _ in _convertible(model, mapping)]}")
+    return _mark_dfa(model)
+
+
+def _mark_dfa(model: nn.Module) -> nn.Module:
+    """Give the model's dfa layers one shared state and hook the root's output error to it."""
+    layers = [layer for _, layer in feedback_layers(model) if layer.rule.feedback == "dfa"]
+    if layers:
+        unmark_output(model)
+        state = DFAState()
+        for layer in layers:
+            layer._spec.dfa = state
+        mark_output(model, state)
     return model
 
 
@@ -127,6 +142,7 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Back to plain torch layers, forward weights (the same values) kept, feedback dropped."""
     if not inplace:
         model = copy.deepcopy(model)
+    unmark_output(model)
     if isinstance(model, FeedbackLayer):
         return model.to_module()
     for _, parent in list(model.named_modules()):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .autograd import Spec, feedback_forward
+from .dfa import DFAState
 from .ops import ops_for
 from .rules import Rule, get_rule
 
@@ -78,7 +79,8 @@ class FeedbackLayer(nn.Module):
         return plain
 
     _ADDED = ("rule", "_spec", "_exact_backprop")
-    _FEEDBACK_TENSORS = ("feedback", "feedback_scale", "feedback_magnitude", "feedback_norm")
+    _FEEDBACK_TENSORS = ("feedback", "feedback_scale", "feedback_magnitude", "feedback_norm",
+                         "dfa_seed")
 
     def _attach(self, rule: Rule, generator: torch.Generator | None) -> None:
         if rule.feedback == "bp":
@@ -86,6 +88,15 @@ class FeedbackLayer(nn.Module):
         self.rule = rule
         self._exact_backprop = False
         W = self.weight
+        if rule.feedback == "dfa":
+            # D: [in_channels, outputs], made at the first backward, once the output size is
+            # known, from a seed drawn now (so every rank of a distributed run draws the same).
+            channels = W.shape[1] * getattr(self, "groups", 1)
+            self.register_buffer("feedback", W.new_empty(channels, 0))
+            seed = torch.randint(2**62, (), generator=generator)
+            self.register_buffer("dfa_seed", seed.to(W.device))
+            self._spec = Spec(ops_for(self), rule, derive=self._derive_dfa, dfa=DFAState())
+            return
         F0 = init_feedback(torch.empty_like(W, requires_grad=False), W, rule.init, generator)
         derive = None
         if rule.feedback == "usf":
@@ -120,6 +131,21 @@ class FeedbackLayer(nn.Module):
     def _derive_brsf(self, W: Tensor) -> Tensor:
         F = init_feedback(self.feedback, W, self.rule.init)  # fresh magnitudes every batch
         return F.abs_().mul_(torch.sign(W))
+
+    @torch.no_grad()
+    def _derive_dfa(self, e: Tensor) -> Tensor:
+        outputs = e.shape[1]
+        if self.feedback.shape[1] != outputs:
+            g = torch.Generator().manual_seed(int(self.dfa_seed))
+            D = init_feedback(torch.empty(self.feedback.shape[0], outputs), None, self.rule.init, g)
+            self.feedback = D.to(self.feedback)  # replaces the buffer (its shape changes)
+        return self.feedback
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        saved = state_dict.get(prefix + "feedback")
+        if self.rule.feedback == "dfa" and saved is not None and saved.shape != self.feedback.shape:
+            self.feedback = self.feedback.new_empty(saved.shape)  # D not yet made here
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

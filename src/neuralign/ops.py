@@ -53,6 +53,11 @@ class LayerOps:
         """``out - b``: the linear output before bias, from the layer's output."""
         raise NotImplementedError
 
+    def broadcast_channels(self, v: Tensor, shape: torch.Size) -> Tensor:
+        """A per-example channel vector ``v`` (``[N, C]``) spread over every other position of
+        an input of ``shape`` (direct feedback alignment's projected error)."""
+        raise NotImplementedError
+
     def forward(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
         """The torch layer's own forward op (bias included): bit for bit its output."""
         raise NotImplementedError
@@ -100,6 +105,11 @@ class LinearOps(LayerOps):
 
     def remove_bias(self, out, b):
         return out - b
+
+    def broadcast_channels(self, v, shape):
+        if len(shape) == 1:
+            return v.reshape(shape)
+        return v.view(v.shape[0], *[1] * (len(shape) - 2), v.shape[1]).expand(shape)
 
     def forward(self, x, W, b):
         return F.linear(x, W, b)
@@ -212,6 +222,9 @@ class ConvOps(LayerOps):
 
     def remove_bias(self, out, b):
         return out - b.view([-1] + [1] * self.dim)
+
+    def broadcast_channels(self, v, shape):
+        return v.view(*v.shape, *[1] * self.dim).expand(shape)
 
     def forward(self, x, W, b):
         return self._conv(self.pad(x), W, b, self.stride, self.padding, self.dilation, self.groups)

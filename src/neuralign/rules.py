@@ -24,8 +24,9 @@ __all__ = ["MirrorNoise", "Rule", "RuleInfo", "register", "catalog", "get_rule",
 #: learned: a Parameter trained by the rule's terms (and/or Kolen-Pollack's task share);
 #: fixed: a buffer kept at its random init (feedback alignment);
 #: usf / brsf / frsf: a buffer derived from sign(W) every step (sign symmetry);
+#: dfa: the layer sends down D e, the network's output error e through a fixed random D;
 #: bp: no feedback weight at all: the layer is left a plain torch layer.
-FEEDBACK_KINDS = ("learned", "fixed", "usf", "brsf", "frsf", "bp")
+FEEDBACK_KINDS = ("learned", "fixed", "usf", "brsf", "frsf", "dfa", "bp")
 SIGN_KINDS = ("usf", "brsf", "frsf")
 #: Initialisations of F (see neuralign.layers.init_feedback).
 FEEDBACK_INITS = ("default", "kaiming_uniform", "kaiming_normal", "xavier_uniform",
@@ -116,6 +117,9 @@ class Rule:
         elif not (self.terms or self.kp):
             raise ValueError("a learned feedback needs at least one term (valid: "
                              f"{', '.join(TERMS)}) or kp=True; for a fixed one use feedback='fixed'")
+        if self.feedback == "dfa" and self.init == "weight":
+            raise ValueError("dfa's D maps the output error to a layer's input: it has no W to "
+                             "copy; choose another init")
         if self.noise is not None and not any(t in self.terms for t in ACTIVITY_TERMS):
             raise ValueError("mirror noise replaces x in the activity terms "
                              f"({', '.join(ACTIVITY_TERMS)}), and this rule has none")
@@ -259,6 +263,9 @@ register("aa", "Activation alignment: amp + sparse on the data; F -> (amp/sparse
 register("kp", "Kolen-Pollack: F gets W's task gradient plus decay; F - W -> 0 when W has the "
          "same decay.", "Kolen & Pollack 1994, Akrout et al. 2019; reference code decay 1e-3 "
          "without the 1/2 (gradient 2e-3 F)", terms={"decay": 2e-3}, kp=True)
+register("dfa", "Direct feedback alignment: each layer sends down D e, the network's output error "
+         "e through a fixed random D (in_channels x outputs, shared over positions).",
+         "Nøkland 2016", feedback="dfa")
 register("usf", "Uniform sign-concordant feedback: F = s sign(W), s the std of F's init.",
          "Liao, Leibo & Poggio 2016; Xiao et al. 2018", feedback="usf")
 register("brsf", "Batchwise random-magnitude sign-concordant feedback: F = |R| sign(W), R drawn "

@@ -1,0 +1,118 @@
+"""Direct feedback alignment: each layer's update is outer(x_l, (D_l e) ⊙ f'(a_l))."""
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+import neuralign as na
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(),
+                         nn.Linear(6, 3)).double()
+
+
+def test_mlp_updates_equal_the_closed_form():
+    m = na.convert(_mlp(), "dfa")
+    x = torch.randn(4, 5, dtype=torch.float64)
+    t = torch.randint(0, 3, (4,))
+    F.cross_entropy(m(x), t).backward()
+    with torch.no_grad():
+        h0 = torch.tanh(m[0](x))
+        h1 = torch.tanh(m[2](h0))
+        out = m[4](h1)
+        e = (torch.softmax(out, 1) - F.one_hot(t, 3)) / 4  # dL/d(output), independently
+        deltas = [(m[0], (e @ m[2].feedback.T) * (1 - h0**2), x),  # D_l e ⊙ f'(a_l)
+                  (m[2], (e @ m[4].feedback.T) * (1 - h1**2), h0),
+                  (m[4], e, h1)]
+    for layer, delta, inp in deltas:
+        torch.testing.assert_close(layer.weight.grad, delta.T @ inp, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(layer.bias.grad, delta.sum(0), rtol=1e-12, atol=1e-12)
+    assert m[4].feedback.shape == (6, 3) and m[2].feedback.shape == (7, 3)
+    # no layer sends W^T dy: the middle layers' updates differ from backprop's
+    angles = na.metrics.backprop_angles(m, lambda: F.cross_entropy(m(x), t))
+    assert angles["4"] < 1e-6 and angles["0"] > 1 and angles["2"] > 1
+
+
+@pytest.mark.parametrize("conv,shape,flat", [(nn.Conv1d, (2, 3, 9), 20),
+                                             (nn.Conv2d, (2, 3, 7, 6), 30)])
+def test_conv_layers_project_to_channels_shared_over_positions(conv, shape, flat):
+    torch.manual_seed(0)
+    m = na.convert(nn.Sequential(conv(3, 4, 3, padding=1), nn.ReLU(), conv(4, 5, 3, stride=2),
+                                 nn.Flatten(), nn.Linear(flat, 3)).double(), "dfa")
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    e = torch.randn_like(out)
+    out.backward(e)
+    D0, D2 = m[0].feedback, m[2].feedback
+    assert D0.shape == (3, 3) and D2.shape == (4, 3)
+    spread = (e @ D0.T).view(2, 3, *[1] * (len(shape) - 2)).expand(shape)
+    torch.testing.assert_close(x.grad, spread, rtol=1e-12, atol=1e-12)
+
+
+def test_resnet18_trains_and_state_dict_keeps_D(tmp_path):
+    torch.manual_seed(0)
+    m = na.convert(torchvision.models.resnet18(num_classes=10), "dfa")
+    x, t = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(12):
+        opt.zero_grad()
+        loss = F.cross_entropy(m(x), t)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-3:]) < 0.7 * losses[0], losses
+    assert m.layer1[0].conv1.feedback.shape == (64, 10)  # a residual block's conv got D e
+    torch.save(m.state_dict(), tmp_path / "m.pt")
+    fresh = na.convert(torchvision.models.resnet18(num_classes=10), "dfa")
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    for (_, a), (_, b) in zip(na.feedback_layers(m), na.feedback_layers(fresh), strict=True):
+        assert torch.equal(a.feedback, b.feedback)
+    copied = copy.deepcopy(fresh)  # a copy keeps its own marker and state
+    F.cross_entropy(copied(x), t).backward()
+    assert copied.fc.weight.grad is not None and fresh.fc.weight.grad is None
+
+
+def test_mixing_with_other_rules():
+    m = na.convert(_mlp(), "sa", layer_rules={"0": "dfa", "2": "dfa", "4": "bp"})
+    x = torch.randn(4, 5, dtype=torch.float64)
+    m(x).sum().backward()
+    assert type(m[4]) is nn.Linear and m[2].feedback.shape == (7, 3)
+    assert m[0].weight.grad is not None
+
+
+def test_several_forwards_before_one_backward_keep_their_own_error():
+    m = na.convert(_mlp(), "dfa")
+    x1, x2 = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    (m(x1).sum() + 3 * m(x2).square().sum()).backward()
+    g = m[0].weight.grad.clone()
+    m.zero_grad()
+    m(x1).sum().backward()
+    m(x2).square().mul(3).sum().backward()
+    torch.testing.assert_close(m[0].weight.grad, g)
+
+
+def test_clear_errors():
+    layer = na.FeedbackLinear(3, 2, rule="dfa")
+    model = nn.Sequential(nn.Linear(3, 3), layer)  # never converted: the output is not marked
+    with pytest.raises(RuntimeError, match="no output error"):
+        model(torch.randn(2, 3)).sum().backward()
+
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x), x
+
+    with pytest.raises(TypeError, match="return one tensor"):
+        na.convert(TwoOutputs(), "dfa")(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="no W to copy"):
+        na.get_rule("dfa", init="weight")
