@@ -1,0 +1,133 @@
+"""The ``neuralign`` command end to end, on tiny budgets."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import neuralign as na
+from neuralign.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("NEURALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def tiny(tmp_path: Path) -> list[str]:
+    return ["--runs-dir", str(tmp_path / "runs"), "--epochs", "2", "--no-progress",
+            "data.num_samples=300", "data.batch_size=40", "train.angle_every=3"]
+
+
+def test_train_end_to_end(tmp_path, capsys):
+    assert main(["train", "--name", "cli", *tiny(tmp_path), "train.tensorboard=false"]) == 0
+    err = capsys.readouterr().err
+    # the end-of-epoch line: train loss, test top-1, mean weight angle
+    assert "epoch 1/2  train loss" in err and "test top-1" in err and "weight angle" in err
+    run = tmp_path / "runs" / "cli"
+    for f in ("config.yaml", "metrics.csv", "checkpoints/last.pt", "plots/accuracy.png",
+              "plots/angles.png"):
+        assert (run / f).is_file(), f
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+
+    # --resume continues from the checkpoint; overrides may extend the run
+    assert main(["train", "--resume", str(run), "--no-progress", "train.epochs=3"]) == 0
+    assert len(list(csv.DictReader(open(run / "metrics.csv")))) == 3
+    assert torch.load(run / "checkpoints/last.pt", weights_only=True)["epoch"] == 3
+
+    # plot redraws from metrics.csv
+    (run / "plots" / "accuracy.png").unlink()
+    assert main(["plot", "cli", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert (run / "plots" / "accuracy.png").is_file()
+
+
+def test_train_config_file(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: {name: mlp, widths: [16]}\nrule: {name: kp}\n")
+    assert main(["train", "-c", str(cfg), "--name", "mlp", *tiny(tmp_path),
+                 "train.plots=false", "train.tensorboard=false"]) == 0
+    saved = (tmp_path / "runs" / "mlp" / "config.yaml").read_text()
+    assert "name: mlp" in saved and "widths: [16]" in saved and "name: kp" in saved
+
+
+@pytest.mark.parametrize("args,message", [
+    (["optim.lrr=0.1"], "valid keys: optim.name, optim.lr"),
+    (["optim.lr=fast"], "optim.lr: expected float"),
+    (["rule.name=nope"], "valid: aa, bp"),
+    (["model.name=nope"], "valid: cnn1d, lenet, mlp"),
+    (["data.name=nope"], "valid: cifar10, cifar100"),
+    (["--config", "/nonexistent.yaml"], "does not exist"),
+    (["data.name=mnist", "data.data_dir=/nonexistent"], "MNIST/raw/train-images-idx3-ubyte"),
+])
+def test_train_errors_are_clear(tmp_path, capsys, args, message):
+    assert main(["train", "--runs-dir", str(tmp_path), "--no-progress", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_resume_missing_run(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "no run folder" in capsys.readouterr().err
+
+
+def test_divergence_exit_code(tmp_path, capsys):
+    code = main(["train", "--name", "div", *tiny(tmp_path), "rule.name=fa", "optim.name=sgd",
+                 "optim.lr=1e12", "optim.momentum=0", "train.tensorboard=false"])
+    assert code == 3
+    assert "diverged at epoch 1" in capsys.readouterr().err
+
+
+def test_compare_tiny(tmp_path, capsys):
+    args = ["compare", "--rules", "bp,fa,kp,sa", "--name", "cmp", *tiny(tmp_path),
+            "train.plots=false", "train.tensorboard=false"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| rule | final top-1 (%)" in out
+    for rule in ("bp", "fa", "kp", "sa"):
+        assert f"| {rule} |" in out
+    folder = tmp_path / "runs" / "cmp"
+    rows = list(csv.DictReader(open(folder / "compare.csv")))
+    assert [r["rule"] for r in rows] == ["bp", "fa", "kp", "sa"]
+    assert all(r["status"] == "ok" and float(r["final_top1"]) >= 0 for r in rows)
+    assert rows[0]["weight_angle"] == "nan" and 0 < float(rows[1]["weight_angle"]) < 180
+    assert (folder / "compare.png").stat().st_size > 1000
+    # same seed and data per rule: fa's W starts where bp's does
+    fa = torch.load(folder / "fa/checkpoints/last.pt", weights_only=True)
+    assert fa["config"]["train"]["seed"] == 0 and fa["config"]["rule"]["name"] == "fa"
+
+
+def test_compare_unknown_rule(tmp_path, capsys):
+    assert main(["compare", "--rules", "bp,xx", "--runs-dir", str(tmp_path)]) == 2
+    assert "valid: aa, bp" in capsys.readouterr().err
+
+
+def test_rules_lists_the_catalog(capsys):
+    assert main(["rules"]) == 0
+    out = capsys.readouterr().out
+    for e in na.rules.catalog():
+        assert f"\n{e.name}\n" in "\n" + out
+    assert "source:" in out and "terms: amp=1" in out
+    assert main(["rules", "--names"]) == 0
+    assert capsys.readouterr().out.split() == na.list_rules()
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["compare"], ["plot"], ["rules"]])
+def test_help_everywhere(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: neuralign" in capsys.readouterr().out
+
+
+def test_python_dash_m(tmp_path):
+    env = dict(os.environ, NEURALIGN_CACHE=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "neuralign", "rules", "--names"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == na.list_rules()
