@@ -131,3 +131,17 @@ def test_python_dash_m(tmp_path):
     r = subprocess.run([sys.executable, "-m", "neuralign", "rules", "--names"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.split() == na.list_rules()
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    config = Path(__file__).parent.parent / "configs" / "imagenet_resnet50.yaml"
+    assert main(["train", "--print-config", "-c", str(config),
+                 "optim.lr=1e-2", "rule.layers.fc=bp"]) == 0
+    out = capsys.readouterr().out
+    f = tmp_path / "resolved.yaml"
+    f.write_text(out)
+    from neuralign.train import load_config
+
+    cfg = load_config(f)
+    assert cfg.model.name == "resnet50" and cfg.optim.lr == 0.01
+    assert cfg.rule.layers == {"fc": "bp"} and cfg.optim.schedule.milestones == [30, 60, 80]

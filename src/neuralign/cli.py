@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cores. The run folder gets config.yaml, metrics.csv, "
                                    "TensorBoard events (tb/), checkpoints/last.pt and plots/.")
     _add_common(p)
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit")
     p.add_argument("--resume", metavar="RUN",
                    help="continue the run folder RUN (a path, or a name under --runs-dir) from "
                         "its last checkpoint; overrides may change e.g. train.epochs")
@@ -140,6 +142,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("--resume continues a run with its own config.yaml; "
                              "--config cannot be combined with it (use key=value overrides)")
         trainer = Trainer.from_run(args.resume, overrides, runs_dir=args.runs_dir or "runs")
+    elif args.print_config:
+        from .train.config import config_to_yaml
+
+        print(config_to_yaml(load_config(args.config, overrides)), end="")
+        return 0
     else:
         trainer = Trainer(load_config(args.config, overrides))
     log.info("run folder: %s", trainer.run_dir)

@@ -35,6 +35,7 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "save_config",
+    "config_to_yaml",
 ]
 
 
@@ -142,7 +143,7 @@ class TrainConfig:
 
     name: str = ""
     runs_dir: str = "runs"
-    epochs: int = 60
+    epochs: int = 100
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 1
@@ -346,7 +347,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return apply_overrides(cfg, overrides or [])
 
 
+class _Dumper(yaml.SafeDumper):
+    """Sections as blocks, lists inline (``milestones: [30, 60, 80]``)."""
+
+
+_Dumper.add_representer(
+    list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The config as YAML text, in :class:`Config`'s order."""
+    return yaml.dump(config_to_dict(cfg), Dumper=_Dumper, sort_keys=False,
+                     default_flow_style=False)
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML."""
     with open(path, "w") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False, default_flow_style=None)
+        f.write(config_to_yaml(cfg))
