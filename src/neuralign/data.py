@@ -126,6 +126,11 @@ class TensorLoader:
     def dataset_size(self) -> int:
         return len(self.x)
 
+    def to(self, device: torch.device | str) -> TensorLoader:
+        """Keep the tensors on ``device`` (small datasets on a GPU: no copy per batch)."""
+        self.x, self.y = self.x.to(device), self.y.to(device)
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 

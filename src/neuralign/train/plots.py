@@ -106,12 +106,14 @@ def plot_compare(results: dict[str, Sequence[dict]], path: str | Path, title: st
     """Test top-1 and mean weight angle per epoch, one line per rule."""
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for rule, history in results.items():
+    cmap = plt.get_cmap("tab10" if len(results) <= 10 else "tab20")
+    for i, (rule, history) in enumerate(results.items()):
+        color = cmap(i % cmap.N)  # one colour per rule in both panels
         ep = _col(history, "epoch")
-        ax1.plot(ep, _col(history, "test_top1"), marker=".", label=rule)
+        ax1.plot(ep, _col(history, "test_top1"), marker=".", ms=3, color=color, label=rule)
         angle = _col(history, "weight_angle")
         if _finite(angle):
-            ax2.plot(ep, angle, marker=".", label=rule)
+            ax2.plot(ep, angle, marker=".", ms=3, color=color, label=rule)
     ax1.set(xlabel="epoch", ylabel="test top-1 (%)", title="accuracy")
     ax2.set(xlabel="epoch", ylabel="degrees", title="mean weight angle ∠(W, F)")
     for ax in (ax1, ax2):

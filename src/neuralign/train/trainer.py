@@ -163,6 +163,10 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.data = data if data is not None else build_data(
             cfg.data, pin_memory=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            for loader in (self.data.train, self.data.val, self.data.test):
+                if hasattr(loader, "to"):
+                    loader.to(self.device)
         info = self.data.info
         plain = build_model(cfg.model, info.input_shape, info.num_classes)
         self.model = na.convert(plain, self.rule, layer_rules=dict(cfg.rule.layers),
