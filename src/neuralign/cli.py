@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the catalog of learning rules: description, terms "
                                    "and switches, and where the defaults come from.")
     p.add_argument("--names", action="store_true", help="names only, one per line")
+
+    from .experiments import register_commands  # search, transfer, robustness
+
+    register_commands(sub, _COMMANDS)
     return parser
 
 

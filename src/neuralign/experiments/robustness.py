@@ -1,0 +1,114 @@
+"""Robustness to noisy feedback updates: top-1 against the update-noise σ.
+
+After every feedback step ``F ← F + lr_F · ε``, ``ε ~ N(0, σ²)`` (the paper's
+ΔB = ∇R + N(0, σ²); ``rule.update_noise``). Each rule runs with its metaparameters from the base
+config when the base is that rule, else with its catalog defaults (:func:`.common.rule_variant`).
+Rules without learned feedback weights (``bp``, ``fa``, sign rules, ``dfa``) have nothing to
+perturb: they run once, at σ = 0, as reference lines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import neuralign as na
+
+from ..train.config import Config, ConfigError, config_to_dict
+from .common import (
+    format_markdown,
+    plt,
+    rule_variant,
+    run_once,
+    savefig_atomic,
+    write_csv,
+    write_yaml,
+)
+from .transfer import DataCache, _cell, summarise
+
+log = logging.getLogger(__name__)
+
+__all__ = ["robustness", "learns_feedback"]
+
+
+def learns_feedback(rule: str) -> bool:
+    """Whether the named rule has learned feedback weights (that update noise can perturb)."""
+    return na.get_rule(rule).feedback == "learned"
+
+
+def robustness(base: Config, rules: Sequence[str], noise: Sequence[float], out: str | Path,
+               seeds: Sequence[int] | None = None) -> dict:
+    """Train each rule at each update-noise σ (and seed); write tables and the plot.
+
+    Returns:
+        ``{"runs": [...], "summary": [...], "table": str, "out": Path}``.
+    """
+    if not rules:
+        raise ConfigError("robustness: no rules given")
+    if not noise:
+        raise ConfigError("robustness: no noise levels given")
+    if any(s < 0 for s in noise):
+        raise ConfigError(f"robustness: σ is a standard deviation >= 0, got {list(noise)}")
+    configs = {r: rule_variant(base, r) for r in rules}  # unknown rules fail here, early
+    noise = sorted(set(float(s) for s in noise))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_yaml({"base": config_to_dict(base), "rules": list(rules), "noise": noise,
+                "seeds": list(seeds) if seeds else None}, out / "robustness.yaml")
+    data = DataCache()
+    runs = []
+    plan = [(r, s) for r in rules for s in (noise if learns_feedback(r) else [0.0])]
+    for i, (rule, sigma) in enumerate(plan):
+        for seed in (seeds or [base.train.seed]):
+            cfg = rule_variant(configs[rule], rule)
+            cfg.train.seed = seed
+            if learns_feedback(rule):
+                cfg.rule.update_noise = sigma
+            log.info("robustness: %s at σ=%g, seed %d  [%d/%d]", rule, sigma, seed, i + 1,
+                     len(plan))
+            r = run_once(cfg, out, f"{rule}-noise{sigma:g}-s{seed}", data=data.get(cfg))
+            runs.append({"rule": rule, "sigma": sigma, "seed": seed, **r})
+            write_csv(runs, out / "robustness.csv")
+    summary = summarise(runs, ("rule", "sigma"))
+    write_csv(summary, out / "robustness_summary.csv")
+    index = {(r["rule"], r["sigma"]): r for r in summary}
+    header = ["rule"] + [f"σ={s:g}" for s in noise]
+    rows = []
+    for rule in rules:
+        if learns_feedback(rule):
+            rows.append([rule] + [_cell(index.get((rule, s))) for s in noise])
+        else:
+            rows.append([f"{rule} (no learned F)"] + [_cell(index.get((rule, 0.0)))]
+                        + ["″"] * (len(noise) - 1))
+    table = format_markdown(header, rows)
+    plot_robustness(summary, rules, noise, out / "robustness.png")
+    return {"runs": runs, "summary": summary, "table": table, "out": out}
+
+
+def plot_robustness(summary: list[dict], rules: Sequence[str], noise: Sequence[float],
+                    path: Path) -> Path:
+    p = plt()
+    fig, ax = p.subplots(figsize=(7, 4.5))
+    nonzero = [s for s in noise if s > 0]
+    for i, rule in enumerate(rules):
+        rows = sorted((r for r in summary if r["rule"] == rule), key=lambda r: r["sigma"])
+        if not rows:
+            continue
+        if not learns_feedback(rule):
+            ax.axhline(rows[0]["test_top1"], color="k" if rule == "bp" else f"C{i}",
+                       linestyle="--", label=f"{rule} (no learned F)")
+            continue
+        ax.errorbar([r["sigma"] for r in rows], [r["test_top1"] for r in rows],
+                    yerr=[r["test_top1_std"] for r in rows], marker="o", capsize=3,
+                    color=f"C{i}", label=rule)
+    if nonzero:
+        ax.set_xscale("symlog", linthresh=min(nonzero))
+    ax.set(xlabel="update-noise σ (F ← F + lr_F·N(0, σ²) after each step)",
+           ylabel="final test top-1 (%)", title="robustness to noisy feedback updates")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    savefig_atomic(fig, path)
+    p.close(fig)
+    return path

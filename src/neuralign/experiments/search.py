@@ -1,0 +1,484 @@
+"""Metaparameter search with Optuna: seeded TPE, median pruning on validation top-1 per epoch.
+
+``search`` trains the base config once per trial with the trial's values set (a space over any
+config key, see :mod:`.space`), on a validation split of the training set: the objective is the
+validation top-1 at the last epoch, the pruner sees it after every epoch, and the test set is
+never looked at. The study lives in a database (SQLite file by default; any SQLAlchemy URL,
+e.g. PostgreSQL, for many machines), so
+
+- a restart with the same command resumes the study: ``trials`` is the number of finished
+  trials the study should hold, and only the remainder runs;
+- a trial whose process died (killed, or Ctrl-C) is marked failed with ``status=interrupted``,
+  does not count, and its values are tried again;
+- several workers (``jobs`` processes here, or more commands on other machines) share a study.
+
+A trial that diverges or fails is stored as Optuna's FAIL state with user attributes ``status``
+(``diverged`` / ``error``) and ``reason``; the study goes on.
+
+Outputs in ``out``: ``best.yaml`` (the base config with the best trial's values: the input of
+``neuralign transfer``), ``trials.csv``, ``history.png``, ``importances.png``, ``curves.png``
+(validation top-1 per epoch of every trial), ``space.yaml`` and ``base.yaml``; all written
+atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from ..train.config import Config, ConfigError, config_from_dict, config_to_dict
+from ..train.trainer import Callback, DivergenceError, Trainer
+from .common import plt, quiet_trainer_logs, savefig_atomic, write_csv, write_yaml
+from .space import SearchSpace, apply_params, parse_space
+
+log = logging.getLogger(__name__)
+
+__all__ = ["search", "SearchResult", "default_storage", "study_summary"]
+
+#: The validation split a search uses when the base config has none.
+DEFAULT_VAL_SPLIT = 0.1
+#: Consecutive non-divergence errors after which a worker gives up (a broken setup, not a
+#: bad point of the space).
+MAX_CONSECUTIVE_ERRORS = 3
+
+
+class _Pruning(Callback):
+    """Report validation top-1 after every epoch; stop the run when the pruner says so."""
+
+    def __init__(self, trial):
+        self.trial = trial
+        self.pruned_at: int | None = None
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict) -> None:
+        value = metrics.get("val_top1", math.nan)
+        self.trial.set_user_attr("epochs", epoch)
+        if not math.isfinite(value):
+            return
+        self.trial.report(value, epoch)
+        if self.trial.should_prune():
+            self.pruned_at = epoch
+            trainer.should_stop = True
+
+
+def default_storage(out: str | Path) -> str:
+    """``sqlite:///OUT/study.db``."""
+    return f"sqlite:///{Path(out).resolve() / 'study.db'}"
+
+
+def _storage(url: str):
+    import warnings
+
+    import optuna
+
+    if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
+        from optuna.storages import RDBStorage
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # heartbeats are "experimental" in Optuna 5
+            from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+            # heartbeats let any worker fail (and retry once) a trial whose machine went away
+            return RDBStorage(url, heartbeat_interval=60, grace_period=180,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                                  max_retry=1),
+                              engine_kwargs={"connect_args": {"timeout": 60}}
+                              if url.startswith("sqlite") else {})
+    return optuna.storages.get_storage(url)
+
+
+def _make_study(study: str, storage: str, seed: int, pruner, worker: int = 0):
+    import optuna
+
+    st = _storage(storage)
+    probe = optuna.create_study(study_name=study, storage=st, direction="maximize",
+                                load_if_exists=True)
+    # A resumed study (or a second worker) gets a sampler seed of its own: the same seed
+    # would propose the same start-up points again.
+    offset = len(probe.trials) + 7919 * worker
+    sampler = optuna.samplers.TPESampler(seed=seed + offset, constant_liar=True,
+                                         n_startup_trials=_startup(probe))
+    return optuna.load_study(study_name=study, storage=st, sampler=sampler, pruner=pruner)
+
+
+def _startup(study) -> int:
+    return int(study.user_attrs.get("n_startup_trials", 5))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _interrupted(t) -> bool:
+    return t.user_attrs.get("status") == "interrupted"
+
+
+def _recover_stale(study) -> None:
+    """Fail RUNNING trials of dead processes on this host and queue their values again."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = t.user_attrs.get("pid")
+        if t.user_attrs.get("host") != host or pid is None or _alive(int(pid)):
+            continue
+        storage = study._storage
+        storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+        storage.set_trial_user_attr(t._trial_id, "reason", f"process {pid} ended mid-trial")
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        log.warning("trial %d: its process %s is gone; marked failed (interrupted)", t.number,
+                    pid)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if _interrupted(t) and t.number not in retried and t.params:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number},
+                                skip_if_exists=False)
+            log.info("trial %d was interrupted: its values are queued again", t.number)
+
+
+def _counted(study) -> int:
+    """Trials that count towards the target: finished (interrupted ones excepted) or running."""
+    from optuna.trial import TrialState
+
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+            n += 1
+        elif t.state == TrialState.FAIL and not _interrupted(t):
+            n += 1
+    return n
+
+
+def _objective(base: Config, space: SearchSpace, root: Path, data):
+    import optuna
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        params = space.suggest(trial)
+        cfg = apply_params(base, params)
+        tc = cfg.train
+        tc.name = f"trial-{trial.number:04d}"
+        tc.runs_dir = str(root / "trials")
+        tc.overwrite = True
+        shared = data if cfg.data == base.data else None
+        pruning = _Pruning(trial)
+        log.info("trial %d: %s", trial.number,
+                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in params.items()))
+        try:
+            trainer = Trainer(cfg, callbacks=[pruning], data=shared)
+            history = trainer.fit()
+        except DivergenceError as e:
+            trial.set_user_attr("status", "diverged")
+            trial.set_user_attr("reason", str(e))
+            raise
+        except Exception as e:
+            trial.set_user_attr("status", "error")
+            trial.set_user_attr("reason", f"{type(e).__name__}: {e}")
+            raise
+        except BaseException:  # Ctrl-C: not a property of the point; retried on resume
+            trial.set_user_attr("status", "interrupted")
+            raise
+        value = history[-1]["val_top1"] if history else math.nan
+        if pruning.pruned_at is not None:
+            trial.set_user_attr("status", "pruned")
+            raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at}: validation "
+                                     f"top-1 {value:.2f}%")
+        if not math.isfinite(value):
+            trial.set_user_attr("status", "diverged")
+            trial.set_user_attr("reason", "validation top-1 is not finite")
+            raise DivergenceError(len(history), trainer.step, "validation top-1 is not finite",
+                                  None, None)
+        trial.set_user_attr("status", "ok")
+        return float(value)
+
+    return objective
+
+
+def _prepare_base(base: Config) -> Config:
+    base = copy.deepcopy(base)
+    if base.data.val_split <= 0:
+        log.info("search: data.val_split=%g -> %g (the search never looks at the test set)",
+                 base.data.val_split, DEFAULT_VAL_SPLIT)
+        base.data.val_split = DEFAULT_VAL_SPLIT
+    base.train.progress = False
+    base.train.tensorboard = False
+    base.train.plots = False
+    base.train.checkpoint_every = 0
+    return base
+
+
+def _run_worker(study_name: str, storage: str, base_dict: dict, space_dict: dict, root: str,
+                target: int, seed: int, pruner, worker: int, timeout: float | None,
+                log_level: int = logging.INFO, threads: int | None = None) -> None:
+    """One worker: take trials from the study until it holds ``target`` (or ``timeout``)."""
+    import time
+
+    import optuna
+    import torch
+
+    if worker > 0 or threads:  # a spawned process: its own logging and thread share
+        root_log = logging.getLogger("neuralign")
+        if not root_log.handlers:
+            h = logging.StreamHandler()
+            h.setFormatter(logging.Formatter(f"[worker {worker}] %(message)s"))
+            root_log.addHandler(h)
+            root_log.setLevel(log_level)
+            root_log.propagate = False
+        if threads:
+            torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    quiet_trainer_logs()
+    base = config_from_dict(base_dict)
+    space = parse_space(space_dict, base)
+    study = _make_study(study_name, storage, seed, pruner, worker)
+    from ..data import build_data
+
+    data = build_data(base.data)
+    objective = _objective(base, space, Path(root), data)
+    t_end = time.monotonic() + timeout if timeout else None
+    errors = 0
+    while _counted(study) < target:
+        if t_end is not None and time.monotonic() > t_end:
+            log.info("search: timeout reached")
+            break
+        study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
+        last = max(study.get_trials(deepcopy=False), key=lambda t: t.number)
+        status = last.user_attrs.get("status")
+        errors = errors + 1 if status == "error" else 0
+        if status in ("error", "diverged"):
+            log.warning("trial %d failed (%s): %s", last.number, status,
+                        last.user_attrs.get("reason", ""))
+        elif last.value is not None:
+            log.info("trial %d: %s, validation top-1 %.2f%%", last.number, last.state.name,
+                     last.value)
+        elif status == "pruned":
+            log.info("trial %d: pruned after epoch %s", last.number,
+                     last.user_attrs.get("epochs"))
+        if errors >= MAX_CONSECUTIVE_ERRORS:
+            raise RuntimeError(f"{errors} trials in a row failed with errors (not divergence); "
+                               f"last: {last.user_attrs.get('reason')}")
+
+
+class SearchResult(dict):
+    """``best`` (params and value), ``trials`` (CSV rows), ``out`` (folder), ``study``."""
+
+
+def search(base: Config, space: SearchSpace | dict, trials: int, study: str,
+           out: str | Path | None = None, storage: str | None = None, seed: int = 0,
+           jobs: int = 1, pruner=None, prune_startup: int = 3, prune_warmup: int = 1,
+           startup_trials: int = 5, timeout: float | None = None) -> SearchResult:
+    """Run (or resume) a study until it holds ``trials`` finished trials; write the outputs.
+
+    Args:
+        base: the base config; the space's values are set on top of it per trial.
+        space: a checked :class:`SearchSpace`, or plain data checked here (before training).
+        trials: the number of finished trials the study should hold in the end.
+        study: the study's name in the storage.
+        out: the output folder (default ``runs/search/<study>``).
+        storage: an SQLAlchemy URL (default ``sqlite:///OUT/study.db``).
+        seed: seed of the TPE sampler (each worker and each resume offsets it).
+        jobs: worker processes on this machine.
+        pruner: an Optuna pruner (default: median, ``prune_startup`` complete trials first, no
+            pruning before epoch ``prune_warmup + 1``).
+        startup_trials: random trials before TPE takes over (stored with the study).
+        timeout: seconds after which no new trial starts.
+    """
+    import optuna
+
+    base = _prepare_base(base)
+    if not isinstance(space, SearchSpace):
+        space = parse_space(space, base)  # raises SpaceError before anything runs
+    if trials < 1:
+        raise ConfigError(f"--trials must be >= 1, got {trials}")
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    out = Path(out) if out is not None else Path(base.train.runs_dir) / "search" / study
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or default_storage(out)
+    if pruner is None:
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=prune_startup,
+                                             n_warmup_steps=prune_warmup)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    st = optuna.create_study(study_name=study, storage=_storage(storage), direction="maximize",
+                             load_if_exists=True)
+    saved = st.user_attrs.get("space")
+    if saved is not None and saved != space.to_dict():
+        raise ConfigError(f"study {study!r} in {storage} was created with another space "
+                          f"({sorted(saved)}); use a new --study name")
+    if saved is None:
+        st.set_user_attr("space", space.to_dict())
+        st.set_user_attr("base", config_to_dict(base))
+        st.set_user_attr("n_startup_trials", int(startup_trials))
+    write_yaml(space.to_dict(), out / "space.yaml")
+    write_yaml(config_to_dict(base), out / "base.yaml")
+    _recover_stale(st)
+    done = _counted(st)
+    log.info("search %s: %d of %d trials done, storage %s, %d worker(s)", study, done, trials,
+             storage, jobs)
+    args = (study, storage, config_to_dict(base), space.to_dict(), str(out), trials, seed,
+            pruner)
+    if done < trials:
+        if jobs == 1:
+            _run_worker(*args, 0, timeout)
+        else:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("spawn")
+            import torch
+
+            threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // jobs))
+            procs = [ctx.Process(target=_run_worker,
+                                 args=(*args, w, timeout, log.getEffectiveLevel(), threads))
+                     for w in range(jobs)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            bad = [p.exitcode for p in procs if p.exitcode]
+            if bad:
+                log.warning("search: %d worker(s) exited with status %s", len(bad), bad)
+    st = optuna.load_study(study_name=study, storage=_storage(storage))
+    return write_outputs(st, base, out)
+
+
+def study_summary(study) -> list[dict[str, Any]]:
+    """One row per trial: number, state, status, value, epochs, duration, reason, params."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        dur = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else math.nan
+        inter = t.intermediate_values
+        row = {"number": t.number, "state": t.state.name,
+               "status": t.user_attrs.get("status", ""),
+               "value": t.value if t.value is not None else math.nan,
+               "last_val_top1": inter[max(inter)] if inter else math.nan,
+               "epochs": t.user_attrs.get("epochs", len(inter)),
+               "duration_s": dur}
+        row.update({k: v for k, v in t.params.items()})
+        row["retry_of"] = t.user_attrs.get("retry_of", "")
+        row["reason"] = t.user_attrs.get("reason", "")
+        rows.append(row)
+    return rows
+
+
+def write_outputs(study, base: Config, out: str | Path) -> SearchResult:
+    """``trials.csv``, ``best.yaml`` and the plots of a study (atomically)."""
+    from optuna.trial import TrialState
+
+    out = Path(out)
+    rows = study_summary(study)
+    if rows:
+        write_csv(rows, out / "trials.csv")
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    best = None
+    if complete:
+        bt = study.best_trial
+        best_cfg = apply_params(base, bt.params)
+        best_cfg.train.name = ""
+        best_cfg.train.progress = True
+        best_cfg.train.tensorboard = True
+        best_cfg.train.plots = True
+        best_cfg.train.checkpoint_every = 1
+        d = config_to_dict(best_cfg)
+        header = {"search": {"study": study.study_name, "trial": bt.number,
+                             "val_top1": bt.value, "params": dict(bt.params)}}
+        write_yaml(d, out / "best.yaml")
+        write_yaml(header, out / "best_trial.yaml")
+        best = {"number": bt.number, "value": bt.value, "params": dict(bt.params)}
+    else:
+        log.warning("search: no trial completed, so there is no best.yaml")
+    _plot_history(study, out / "history.png")
+    _plot_curves(study, out / "curves.png")
+    _plot_importances(study, out / "importances.png")
+    return SearchResult(best=best, trials=rows, out=out, study=study)
+
+
+def _plot_history(study, path: Path) -> None:
+    from optuna.trial import TrialState
+
+    p = plt()
+    fig, ax = p.subplots(figsize=(7, 4))
+    trials = study.get_trials(deepcopy=False)
+    comp = [(t.number, t.value) for t in trials if t.state == TrialState.COMPLETE]
+    pruned = [(t.number, t.intermediate_values[max(t.intermediate_values)])
+              for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    failed = [t.number for t in trials if t.state == TrialState.FAIL and not _interrupted(t)]
+    if comp:
+        ax.plot(*zip(*comp, strict=True), "o", label="complete (final val top-1)")
+        best, xs, ys = -math.inf, [], []
+        for n, v in sorted(comp):
+            best = max(best, v)
+            xs.append(n)
+            ys.append(best)
+        ax.step(xs, ys, where="post", color="C3", label="best so far")
+    if pruned:
+        ax.plot(*zip(*pruned, strict=True), "x", color="C7", label="pruned (last reported)")
+    if failed:
+        lo = min([v for _, v in comp + pruned] or [0.0])
+        ax.plot(failed, [lo] * len(failed), "v", color="k", label="diverged / failed")
+    ax.set(xlabel="trial", ylabel="validation top-1 (%)",
+           title=f"study {study.study_name}: optimisation history")
+    ax.grid(alpha=0.3)
+    if comp or pruned or failed:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    savefig_atomic(fig, path)
+    p.close(fig)
+
+
+def _plot_curves(study, path: Path) -> None:
+    from optuna.trial import TrialState
+
+    p = plt()
+    fig, ax = p.subplots(figsize=(7, 4))
+    for t in study.get_trials(deepcopy=False):
+        if not t.intermediate_values:
+            continue
+        steps = sorted(t.intermediate_values)
+        style = {TrialState.COMPLETE: dict(color="C0", alpha=0.8),
+                 TrialState.PRUNED: dict(color="C7", alpha=0.6, linestyle="--")}.get(
+            t.state, dict(color="k", alpha=0.4, linestyle=":"))
+        ax.plot(steps, [t.intermediate_values[s] for s in steps], **style)
+    ax.set(xlabel="epoch", ylabel="validation top-1 (%)",
+           title="per-epoch validation top-1 (solid: complete, dashed: pruned)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    savefig_atomic(fig, path)
+    p.close(fig)
+
+
+def _plot_importances(study, path: Path) -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    p = plt()
+    fig, ax = p.subplots(figsize=(7, 3.5))
+    n = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    try:
+        if n < 3:
+            raise ValueError(f"{n} complete trial(s); importances need at least 3")
+        imp = optuna.importance.get_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        names = list(imp)[::-1]
+        ax.barh(names, [imp[k] for k in names])
+        ax.set(xlabel="importance (fANOVA, share of variance)",
+               title=f"parameter importances ({n} complete trials)")
+    except Exception as e:  # too few or too uniform trials: say so in the picture
+        log.info("search: no parameter importances: %s", e)
+        ax.text(0.5, 0.5, f"no importances: {e}", ha="center", va="center", wrap=True)
+        ax.set_axis_off()
+    fig.tight_layout()
+    savefig_atomic(fig, path)
+    p.close(fig)
