@@ -387,10 +387,6 @@ def write_outputs(study, base: Config, out: str | Path) -> SearchResult:
         bt = study.best_trial
         best_cfg = apply_params(base, bt.params)
         best_cfg.train.name = ""
-        best_cfg.train.progress = True
-        best_cfg.train.tensorboard = True
-        best_cfg.train.plots = True
-        best_cfg.train.checkpoint_every = 1
         d = config_to_dict(best_cfg)
         header = {"search": {"study": study.study_name, "trial": bt.number,
                              "val_top1": bt.value, "params": dict(bt.params)}}
@@ -460,6 +456,8 @@ def _plot_curves(study, path: Path) -> None:
 
 
 def _plot_importances(study, path: Path) -> None:
+    import warnings
+
     import optuna
     from optuna.trial import TrialState
 
@@ -469,11 +467,18 @@ def _plot_importances(study, path: Path) -> None:
     try:
         if n < 3:
             raise ValueError(f"{n} complete trial(s); importances need at least 3")
-        imp = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        try:  # Optuna's default (fANOVA) needs scikit-learn; PED-ANOVA needs nothing extra
+            import sklearn  # noqa: F401
+
+            evaluator, what = optuna.importance.FanovaImportanceEvaluator(seed=0), "fANOVA"
+        except ImportError:
+            evaluator, what = optuna.importance.PedAnovaImportanceEvaluator(), "PED-ANOVA"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            imp = optuna.importance.get_param_importances(study, evaluator=evaluator)
         names = list(imp)[::-1]
         ax.barh(names, [imp[k] for k in names])
-        ax.set(xlabel="importance (fANOVA, share of variance)",
+        ax.set(xlabel=f"importance ({what}, normalised)",
                title=f"parameter importances ({n} complete trials)")
     except Exception as e:  # too few or too uniform trials: say so in the picture
         log.info("search: no parameter importances: %s", e)
