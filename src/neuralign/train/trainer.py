@@ -371,20 +371,29 @@ class Trainer:
         save_config(self.cfg, self.run_dir / "config.yaml")
         self._fire("on_train_start")
         epochs = self.cfg.train.epochs
-        while self.epoch < epochs and not self.should_stop:
-            epoch = self.epoch + 1
-            self._fire("on_epoch_start", epoch)
-            t0 = time.perf_counter()
-            tr = self.train_epoch(epoch)
-            train_time = time.perf_counter() - t0
-            self.epoch = epoch
-            metrics = self._epoch_metrics(epoch, tr, train_time)
-            if not math.isfinite(metrics["test_loss"]):
-                raise DivergenceError(epoch, self.step,
-                                      f"the test loss is {metrics['test_loss']}",
-                                      self.last_checkpoint, self.last_checkpoint_epoch)
-            self.history.append(metrics)
-            self._fire("on_epoch_end", epoch, metrics)
+        try:
+            while self.epoch < epochs and not self.should_stop:
+                epoch = self.epoch + 1
+                self._fire("on_epoch_start", epoch)
+                t0 = time.perf_counter()
+                tr = self.train_epoch(epoch)
+                train_time = time.perf_counter() - t0
+                self.epoch = epoch
+                metrics = self._epoch_metrics(epoch, tr, train_time)
+                if not math.isfinite(metrics["test_loss"]):
+                    raise DivergenceError(epoch, self.step,
+                                          f"the test loss is {metrics['test_loss']}",
+                                          self.last_checkpoint, self.last_checkpoint_epoch)
+                self.history.append(metrics)
+                self._fire("on_epoch_end", epoch, metrics)
+        except BaseException:
+            # stopped (divergence, Ctrl-C): close bars and writers, plot what there is, and let
+            # the original exception through even if a callback fails now
+            try:
+                self._fire("on_train_end", self.history)
+            except Exception as e:
+                log.warning("while stopping: %s", e)
+            raise
         self._fire("on_train_end", self.history)
         return self.history
 
