@@ -219,3 +219,15 @@ def test_user_rule_from_a_plain_dict_round_trips():
     assert pickle.loads(pickle.dumps(rule)) == rule
     with pytest.raises(ValueError, match="valid: terms, feedback"):
         Rule.from_dict({"terms": {"amp": 1.0}, "mirror": True})
+
+
+@pytest.mark.parametrize("name", ["usf", "frsf"])
+def test_weight_angle_of_sign_rules_follows_the_current_weight(name):
+    # The first layer sends no error, so its backward skips deriving F; the metric derives it.
+    model = na.convert(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)), name)
+    model(torch.randn(3, 6)).sum().backward()
+    with torch.no_grad():
+        model[0].weight.neg_()
+    angles = na.metrics.weight_angles(model)
+    assert angles["0"] < 60 and torch.equal(torch.sign(model[0].feedback),
+                                             torch.sign(model[0].weight))

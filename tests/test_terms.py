@@ -71,3 +71,17 @@ def test_unknown_term_is_rejected():
     ops, x, W, F = _setup(LAYER_CASES[0])
     with pytest.raises(ValueError, match="valid terms: decay, amp, null, sparse, self"):
         terms.loss("mirror", ops, x, W, F)
+
+
+@pytest.mark.parametrize("subset", [("decay",), ("self",), ("decay", "self"), ("amp", "decay")],
+                         ids="+".join)
+def test_rule_grad_adds_base_and_leaves_it_unchanged(subset):
+    ops, x, W, F = _setup(LAYER_CASES[0])
+    coeffs = {t: c for t, c in zip(subset, (0.3, 1.7), strict=False)}
+    base = torch.randn_like(W)
+    kept = base.clone()
+    y = ops.apply(x, W)
+    got = terms.rule_grad(coeffs, ops, x, W, F, y, x.shape[0], base=base)
+    want = kept + terms.rule_grad(coeffs, ops, x, W, F, y, x.shape[0])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.equal(base, kept)

@@ -100,12 +100,13 @@ class FeedbackFunction(torch.autograd.Function):
         ops, rule = spec.ops, spec.rule
         if spec.dfa is not None:
             return _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b)
-        if spec.derive is not None:
-            F = spec.derive(W)
-        x, W, F = (t.to(dout.dtype) for t in (x, W, F))
+        if spec.derive is not None and (need_x or spec.probe is not None):
+            F = spec.derive(W)  # derived only where it is used: a first layer sends nothing
+        x, W, F = _cast(dout.dtype, x, W, F)
         kp = need_f and rule.kp
         xp = ops.pad(x)
-        dxp, dw, db = ops.backward(dout, xp, F, (need_x, need_w or kp, need_b))
+        # (a derived F that is not used is None; the weight gradient only needs W's shape)
+        dxp, dw, db = ops.backward(dout, xp, W if F is None else F, (need_x, need_w or kp, need_b))
         dx = ops.pad_T(dxp) if dxp is not None else None
         if spec.probe is not None:
             sent = dx if dx is not None else ops.pad_T(ops.core_T(dout, F, xp.shape))
@@ -119,10 +120,16 @@ class FeedbackFunction(torch.autograd.Function):
                 src = xp
                 y = None if out is None else (out if b is None else ops.remove_bias(out, b))
                 y = y if y is None else y.to(dout.dtype)
-            df = terms.rule_grad(rule.terms, ops, src, W, F, y, num_examples(x, ops))
-            if kp:
-                df = df.add_(dw)
+            df = terms.rule_grad(rule.terms, ops, src, W, F, y, num_examples(x, ops),
+                                 base=dw if kp else None)
         return dx, dw if need_w else None, db, df, None
+
+
+def _cast(dtype, *tensors):
+    """The tensors in ``dtype`` (under autocast the output's dtype differs from the saved ones)."""
+    if all(t is None or t.dtype == dtype for t in tensors):
+        return tensors
+    return tuple(None if t is None else t.to(dtype) for t in tensors)
 
 
 def _record_angle(spec: Spec, sent: Tensor, dout: Tensor, W: Tensor, xp_shape) -> None:
@@ -137,7 +144,7 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):
     that reached this layer's output (which the layers above sent as their own ``D e``)."""
     spec: Spec = ctx.spec
     ops = spec.ops
-    x, W = x.to(dout.dtype), W.to(dout.dtype)
+    x, W = _cast(dout.dtype, x, W)
     xp = ops.pad(x)
     _, dw, db = ops.backward(dout, xp, W, (False, need_w, need_b))
     dx = None

@@ -120,17 +120,27 @@ class FeedbackLayer(nn.Module):
 
     # -- sign-symmetric feedback, derived in place from the W of the step -------------------------
     @torch.no_grad()
+    # One pass each, no temporary: copysign(m, W) = |m| sign(W), except that an exactly zero
+    # weight gives +|m| (as +0.0) or -|m| (as -0.0) where sign(0) would give 0.
     def _derive_usf(self, W: Tensor) -> Tensor:
-        return torch.sign(W, out=self.feedback).mul_(self.feedback_scale)
+        return torch.copysign(self.feedback_scale.expand_as(W), W, out=self.feedback)
 
     @torch.no_grad()
     def _derive_frsf(self, W: Tensor) -> Tensor:
-        return torch.sign(W, out=self.feedback).mul_(self.feedback_magnitude)
+        return torch.copysign(self.feedback_magnitude, W, out=self.feedback)
 
     @torch.no_grad()
     def _derive_brsf(self, W: Tensor) -> Tensor:
         F = init_feedback(self.feedback, W, self.rule.init)  # fresh magnitudes every batch
-        return F.abs_().mul_(torch.sign(W))
+        return torch.copysign(F, W, out=F)
+
+    @torch.no_grad()
+    def current_feedback(self) -> Tensor:
+        """F as the next backward would use it: usf and frsf are derived from the current W
+        (the buffer only follows W where the layer sends an error); brsf's last draw."""
+        if self.rule.feedback in ("usf", "frsf"):
+            self._spec.derive(self.weight)
+        return self.feedback
 
     @torch.no_grad()
     def _derive_dfa(self, e: Tensor) -> Tensor:

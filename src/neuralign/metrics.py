@@ -26,8 +26,8 @@ def angle(a: Tensor, b: Tensor) -> float:
 def weight_angles(model: nn.Module) -> dict[str, float]:
     """``{layer: ∠(W, F)}``; 0 means the layer sends errors exactly as backprop (up to scale).
     Layers whose feedback is not in W's layout (dfa) have no weight angle and are left out."""
-    return {name: angle(layer.weight, layer.feedback) for name, layer in feedback_layers(model)
-            if layer.feedback.shape == layer.weight.shape}
+    return {name: angle(layer.weight, layer.current_feedback())
+            for name, layer in feedback_layers(model) if layer.feedback.shape == layer.weight.shape}
 
 
 def record_gradient_angles(model: nn.Module, enabled: bool = True) -> None:

@@ -70,7 +70,8 @@ def grad(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
 
 
 def rule_grad(
-    coeffs: Mapping[str, float], ops: LayerOps, xp: Tensor, W: Tensor, F: Tensor, y: Tensor, n: int
+    coeffs: Mapping[str, float], ops: LayerOps, xp: Tensor, W: Tensor, F: Tensor, y: Tensor, n: int,
+    base: Tensor | None = None,
 ) -> Tensor:
     """``Σ_t c_t ∇_F R_t``, merged: the fewest kernel-sized products.
 
@@ -81,6 +82,8 @@ def rule_grad(
         W, F: forward and feedback kernels (same layout).
         y: ``apply(x, W)`` for that input, before bias.
         n: number of examples the activity terms average over.
+        base: a kernel-shaped tensor added to the result, left unchanged (Kolen-Pollack's task
+            share), or None.
 
     amp shares ``x`` with sparse and ``y`` with null: with null present, amp joins null as
     ``outer(null·apply_T(y, F) − amp·x, y)``; otherwise it joins sparse as
@@ -91,7 +94,8 @@ def rule_grad(
     if null:
         u = ops.pad(ops.pad_T(ops.core_T(y, F, xp.shape)))
         u = u.mul_(null) if not amp else torch.add(u.mul_(null), xp, alpha=-amp)
-        g = ops.core_outer(u, y)
+        h = ops.core_outer(u, y)
+        g = h if g is None else g.add_(h)
         amp = 0.0
     if sparse or amp:
         v = ops.core(xp, F).mul_(sparse) if sparse else None
@@ -101,7 +105,21 @@ def rule_grad(
         g = h if g is None else g.add_(h)
     if g is not None and g.dtype != F.dtype:  # under autocast: accumulate in F's own dtype
         g = g.to(F.dtype)
+    # The elementwise terms: each a single pass over the kernel, with no extra temporary
+    # (on weight-bound models every pass over F costs a few percent of a step).
     decay, self_ = coeffs.get("decay", 0.0), coeffs.get("self", 0.0)
+    if base is not None:  # the first elementwise op writes a fresh tensor; base stays as it is
+        if g is not None:
+            g.add_(base)
+        elif decay:
+            g, decay = torch.add(base, F, alpha=decay), 0.0
+        elif self_:
+            g, self_ = torch.sub(base, W, alpha=self_), 0.0
+        else:
+            g = base.clone()
+    if g is None and decay and self_:  # decay·F − self·W = decay·(F − (self/decay)·W)
+        g = torch.sub(F, W, alpha=self_ / decay)
+        return g if decay == 1 else g.mul_(decay)
     if decay:
         g = F * decay if g is None else g.add_(F, alpha=decay)
     if self_:
