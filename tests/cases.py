@@ -68,6 +68,8 @@ LAYER_CASES = [
        padding_mode="circular", bias=False),
     _c("conv2d-replicate-same", nn.Conv2d, (3, 4, 2), (2, 3, 6, 7), padding="same",
        padding_mode="replicate"),
+    _c("conv2d-few-positions", nn.Conv2d, (3, 4, 3), (2, 3, 4, 3), stride=2, padding=1),
+    _c("conv2d-one-position-cl", nn.Conv2d, (3, 4, 3), (2, 3, 3, 3), channels_last=True),
     _c("conv2d-channels-last", nn.Conv2d, (3, 4, 3), (2, 3, 7, 6), channels_last=True,
        padding=1),
     _c("conv3d", nn.Conv3d, (2, 3, 3), (2, 2, 5, 4, 5), stride=(1, 2, 1), padding=1),
