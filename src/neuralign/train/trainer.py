@@ -300,7 +300,8 @@ class Trainer:
         finally:
             with torch.no_grad():
                 for k, b in self.model.named_buffers():
-                    b.copy_(buffers[k])
+                    if b.shape == buffers[k].shape:  # (dfa's D is made at its first backward)
+                        b.copy_(buffers[k])
         for k, v in angles.items():
             stats.bp_angles.setdefault(k, []).append(v)
 
