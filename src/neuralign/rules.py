@@ -148,11 +148,6 @@ class Rule:
         """The backward needs the layer's real output ``y`` (activity terms on real data)."""
         return self.noise is None and any(t in self.terms for t in ("amp", "null"))
 
-    @property
-    def uses_input(self) -> bool:
-        """The backward needs the layer's real input beyond backprop's own use."""
-        return self.noise is None and any(t in self.terms for t in ACTIVITY_TERMS)
-
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -29,7 +29,6 @@ from .ops import LayerOps, num_examples
 
 TERMS = ("decay", "amp", "null", "sparse", "self")
 ACTIVITY_TERMS = ("amp", "null", "sparse")
-NONLOCAL_TERMS = ("sparse", "self")
 
 
 def _check(term: str) -> None:
