@@ -85,16 +85,16 @@ def test_divergence_exit_code(tmp_path, capsys):
 
 
 def test_compare_tiny(tmp_path, capsys):
-    args = ["compare", "--rules", "bp,fa,kp,sa", "--name", "cmp", *tiny(tmp_path),
+    args = ["compare", "--rules", "bp,fa,kp", "--name", "cmp", *tiny(tmp_path),
             "train.plots=false", "train.tensorboard=false"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| rule | final top-1 (%)" in out
-    for rule in ("bp", "fa", "kp", "sa"):
+    for rule in ("bp", "fa", "kp"):
         assert f"| {rule} |" in out
     folder = tmp_path / "runs" / "cmp"
     rows = list(csv.DictReader(open(folder / "compare.csv")))
-    assert [r["rule"] for r in rows] == ["bp", "fa", "kp", "sa"]
+    assert [r["rule"] for r in rows] == ["bp", "fa", "kp"]
     assert all(r["status"] == "ok" and float(r["final_top1"]) >= 0 for r in rows)
     assert rows[0]["weight_angle"] == "nan" and 0 < float(rows[1]["weight_angle"]) < 180
     assert (folder / "compare.png").stat().st_size > 1000

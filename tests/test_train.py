@@ -203,7 +203,7 @@ class _Interrupt(Callback):
             "optim.lr=0.05", "feedback_optim.lr=0.01"]),
 ])
 def test_resume_equals_uninterrupted(tmp_path, rule, extra):
-    over = tiny(tmp_path, f"rule.name={rule}", "train.epochs=3", *extra)
+    over = tiny(tmp_path, f"rule.name={rule}", *extra)  # 2 epochs: cut after the first
     full = Trainer(load_config(None, over + ["train.name=full"]))
     full_hist = full.fit()
 
@@ -317,8 +317,8 @@ def test_existing_run_folder_is_not_overwritten(tmp_path):
 
 def test_learning_happens_and_feedback_is_trained(tmp_path):
     """sa pulls F towards W: the weight angle must fall during a short run."""
-    t = Trainer(load_config(None, tiny(tmp_path, "rule.name=sa", "train.epochs=4",
-                                       "data.num_samples=1000")))
+    t = Trainer(load_config(None, tiny(tmp_path, "rule.name=sa", "train.epochs=3",
+                                       "data.num_samples=600", "train.angle_every=0")))
     before = sum(na.metrics.weight_angles(t.model).values())
     hist = t.fit()
     assert hist[-1]["weight_angle"] * len(t.layer_names) < before - 20
