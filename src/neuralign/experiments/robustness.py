@@ -58,18 +58,18 @@ def robustness(base: Config, rules: Sequence[str], noise: Sequence[float], out: 
                 "seeds": list(seeds) if seeds else None}, out / "robustness.yaml")
     data = DataCache()
     runs = []
-    plan = [(r, s) for r in rules for s in (noise if learns_feedback(r) else [0.0])]
-    for i, (rule, sigma) in enumerate(plan):
-        for seed in (seeds or [base.train.seed]):
-            cfg = rule_variant(configs[rule], rule)
-            cfg.train.seed = seed
-            if learns_feedback(rule):
-                cfg.rule.update_noise = sigma
-            log.info("robustness: %s at σ=%g, seed %d  [%d/%d]", rule, sigma, seed, i + 1,
-                     len(plan))
-            r = run_once(cfg, out, f"{rule}-noise{sigma:g}-s{seed}", data=data.get(cfg))
-            runs.append({"rule": rule, "sigma": sigma, "seed": seed, **r})
-            write_csv(runs, out / "robustness.csv")
+    plan = [(r, s, seed) for r in rules for s in (noise if learns_feedback(r) else [0.0])
+            for seed in (seeds or [base.train.seed])]
+    for i, (rule, sigma, seed) in enumerate(plan):
+        cfg = rule_variant(configs[rule], rule)
+        cfg.train.seed = seed
+        if learns_feedback(rule):
+            cfg.rule.update_noise = sigma
+        log.info("robustness: %s at σ=%g, seed %d  [%d/%d]", rule, sigma, seed, i + 1,
+                 len(plan))
+        r = run_once(cfg, out, f"{rule}-noise{sigma:g}-s{seed}", data=data.get(cfg))
+        runs.append({"rule": rule, "sigma": sigma, "seed": seed, **r})
+        write_csv(runs, out / "robustness.csv")
     summary = summarise(runs, ("rule", "sigma"))
     write_csv(summary, out / "robustness_summary.csv")
     index = {(r["rule"], r["sigma"]): r for r in summary}

@@ -238,7 +238,8 @@ def _run_worker(study_name: str, storage: str, base_dict: dict, space_dict: dict
             root_log.propagate = False
         if threads:
             torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # failed trials are logged here, in one line; Optuna would add a traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     quiet_trainer_logs()
     base = config_from_dict(base_dict)
     space = parse_space(space_dict, base)
