@@ -10,6 +10,7 @@ perturb: they run once, at σ = 0, as reference lines.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .common import (
     write_csv,
     write_yaml,
 )
-from .transfer import DataCache, _cell, summarise
+from .transfer import DataCache, _cell, mark_diverged, summarise
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,14 @@ def plot_robustness(summary: list[dict], rules: Sequence[str], noise: Sequence[f
         ax.errorbar([r["sigma"] for r in rows], [r["test_top1"] for r in rows],
                     yerr=[r["test_top1_std"] for r in rows], marker="o", capsize=3,
                     color=f"C{i}", label=rule)
+        mark_diverged(ax, [r["sigma"] for r in rows if not math.isfinite(r["test_top1"])],
+                      f"C{i}")
     if nonzero:
         ax.set_xscale("symlog", linthresh=min(nonzero))
+        ax.set_xlim(left=-0.3 * min(nonzero), right=max(noise) * 2)
     ax.set(xlabel="update-noise σ (F ← F + lr_F·N(0, σ²) after each step)",
-           ylabel="final test top-1 (%)", title="robustness to noisy feedback updates")
+           ylabel="final test top-1 (%)",
+           title="robustness to noisy feedback updates (x: all seeds diverged)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()

@@ -182,9 +182,11 @@ def summarise(runs: list[dict], keys: Sequence[str]) -> list[dict]:
         groups.setdefault(tuple(r[k] for k in keys), []).append(r)
     out = []
     for g, rs in groups.items():
-        m, s = mean_std([r["test_top1"] for r in rs])
-        vm, _ = mean_std([r["val_top1"] for r in rs])
-        wa, _ = mean_std([r["weight_angle"] for r in rs])
+        # a diverged run's numbers are those of its last good epoch: not a result, left out
+        ok = [r for r in rs if r["status"] == "ok"]
+        m, s = mean_std([r["test_top1"] for r in ok])
+        vm, _ = mean_std([r["val_top1"] for r in ok])
+        wa, _ = mean_std([r["weight_angle"] for r in ok])
         bad = [r["status"] for r in rs if r["status"] != "ok"]
         out.append({**dict(zip(keys, g, strict=True)), "test_top1": m, "test_top1_std": s,
                     "val_top1": vm, "weight_angle": wa, "seeds": len(rs),
@@ -195,12 +197,12 @@ def summarise(runs: list[dict], keys: Sequence[str]) -> list[dict]:
 def _cell(row: dict | None) -> str:
     if row is None:
         return "–"
-    m, s, n = row["test_top1"], row["test_top1_std"], row["seeds"]
+    m, s, n, bad = row["test_top1"], row["test_top1_std"], row["seeds"], row["diverged"]
     if not math.isfinite(m):
-        return "diverged"
-    txt = f"{m:.1f}" + (f" ± {s:.1f}" if n > 1 else "")
-    if row["diverged"]:
-        txt += f" ({row['diverged']}/{n} diverged)"
+        return "diverged" + (f" ({bad}/{n})" if n > 1 else "")
+    txt = f"{m:.1f}" + (f" ± {s:.1f}" if n - bad > 1 else "")
+    if bad:
+        txt += f" ({bad}/{n} diverged)"
     return txt
 
 
@@ -211,6 +213,13 @@ def pivot_table(summary: list[dict], rules: Sequence[str], models: Sequence[str]
     header = ["rule"] + [f"{m} ({depths[m]} layers)" for m in models]
     rows = [[rule] + [_cell(index.get((rule, m))) for m in models] for rule in rules]
     return format_markdown(header, rows)
+
+
+def mark_diverged(ax, xs: list[float], color: str) -> None:
+    """Crosses at the bottom of the axes where every seed of a point diverged."""
+    if xs:
+        ax.plot(xs, [0.02] * len(xs), "x", color=color, markersize=9, mew=2,
+                transform=ax.get_xaxis_transform(), clip_on=False)
 
 
 def plot_transfer(summary: list[dict], rules: Sequence[str], path: Path) -> Path:
@@ -224,8 +233,10 @@ def plot_transfer(summary: list[dict], rules: Sequence[str], path: Path) -> Path
         ax.errorbar([r["depth"] for r in rows], [r["test_top1"] for r in rows],
                     yerr=[r["test_top1_std"] for r in rows], marker="o", capsize=3,
                     label=rule, **style)
+        mark_diverged(ax, [r["depth"] for r in rows if not math.isfinite(r["test_top1"])],
+                      style["color"])
     ax.set(xlabel="depth (weight layers)", ylabel="final test top-1 (%)",
-           title="fixed metaparameters across depth")
+           title="fixed metaparameters across depth (x: all seeds diverged)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
