@@ -39,7 +39,15 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="also log every layer swap")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    add_nproc(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
+
+
+def add_nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="run as N processes on this machine (DistributedDataParallel; the "
+                        "same as `torchrun --standalone --nproc_per_node=N -m neuralign ...`; "
+                        "data.batch_size is the global batch); see docs/distributed.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,11 +113,17 @@ def _version() -> str:
 
 
 def _setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    from .train import distributed
+
     root = logging.getLogger("neuralign")
     root.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
+    rank = int(os.environ.get("RANK", "0"))
+    handler.setFormatter(logging.Formatter(
+        f"[rank {rank}] %(message)s" if distributed.requested() else "%(message)s"))
     root.addHandler(handler)
+    # under torchrun only rank 0 logs progress; the others warnings and errors
+    quiet = quiet or rank > 0
     root.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
     if not verbose:
@@ -174,6 +188,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     name = cfg.train.name or None
     cfg.train.name = ""
     rows, out = compare(cfg, rules, name=name)
+    from .train import distributed
+
+    if not distributed.is_main():
+        return 0
     print(format_table(rows))
     print(f"\nwritten: {out / 'compare.csv'}, {out / 'compare.png'}")
     return 0
@@ -230,22 +248,33 @@ _COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "plot": _cmd_plot,
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``neuralign`` console script; returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     _setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
 
+    from .train import distributed
     from .train.config import ConfigError
     from .train.trainer import DivergenceError
 
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        print(f"neuralign {args.command}: error: --nproc must be >= 1, got {nproc}",
+              file=sys.stderr)
+        return 2
+    if nproc and nproc > 1 and not distributed.requested():
+        return distributed.launch(distributed.strip_option(argv, "--nproc"), nproc)
+    # under torchrun, say which rank failed (torchrun prints every rank's output)
+    who = f" (rank {os.environ.get('RANK', '0')})" if distributed.requested() else ""
     try:
         return _COMMANDS[args.command](args)
     except DivergenceError as e:
-        print(f"neuralign: {e}", file=sys.stderr)
+        print(f"neuralign{who}: {e}", file=sys.stderr)
         return 3
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"neuralign {args.command}: error: {e}", file=sys.stderr)
+        print(f"neuralign {args.command}{who}: error: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `neuralign rules | head`
         sys.stdout = open(os.devnull, "w")
@@ -253,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("neuralign: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,52 @@ class DataBundle:
     test: TensorLoader | EpochLoader
     info: DataInfo
 
+    def shard(self, rank: int, num_replicas: int) -> DataBundle:
+        """Serve process ``rank``'s share of every loader (see :meth:`TensorLoader.shard`)."""
+        for loader in (self.train, self.val, self.test):
+            if loader is not None:
+                loader.shard(rank, num_replicas)
+        return self
+
 
 # ---------------------------------------------------------------------------------------------
 # loaders
+
+
+class EpochSampler(DistributedSampler):
+    """``DistributedSampler`` whose order for epoch ``e`` is the single-process order.
+
+    The permutation is ``randperm(n)`` from a generator seeded by ``(seed, e)``, as a single
+    process draws it; rank ``r`` of ``R`` takes positions ``r, r+R, r+2R, …`` (padded by
+    wrapping around to a multiple of ``R``). So with a per-process batch of ``B/R``, the ``R``
+    batches of a step are together exactly the single-process batch of size ``B``.
+    """
+
+    def __init__(self, n: int, num_replicas: int, rank: int, seed: int = 0):
+        super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=0,
+                         drop_last=False)
+        self.base_seed = seed
+
+    def set_epoch(self, epoch: int) -> None:
+        # DistributedSampler seeds its generator with ``seed + epoch``; seed is 0 here.
+        super().set_epoch(_epoch_seed(self.base_seed, epoch))
+
+
+class ShardSampler(Sampler[int]):
+    """Positions ``rank, rank+R, …`` of ``range(n)``, unpadded (evaluation: each example once)."""
+
+    def __init__(self, n: int, num_replicas: int, rank: int):
+        self.n, self.num_replicas, self.rank = n, num_replicas, rank
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+
+def _local_batch(batch_size: int, num_replicas: int) -> int:
+    return max(1, -(-batch_size // num_replicas))
 
 
 class TensorLoader:
@@ -121,10 +164,19 @@ class TensorLoader:
         self.shuffle = shuffle
         self.seed = seed
         self.epoch = 0
+        self.rank, self.num_replicas = 0, 1
 
     @property
     def dataset_size(self) -> int:
         return len(self.x)
+
+    def shard(self, rank: int, num_replicas: int) -> TensorLoader:
+        """Serve only process ``rank``'s share: ``batch_size`` stays the global batch, each of
+        the ``num_replicas`` processes gets ``batch_size / num_replicas`` examples of it (a
+        shuffled loader through :class:`EpochSampler`; an evaluation loader every
+        ``num_replicas``-th example, unpadded)."""
+        self.rank, self.num_replicas = rank, num_replicas
+        return self
 
     def to(self, device: torch.device | str) -> TensorLoader:
         """Keep the tensors on ``device`` (small datasets on a GPU: no copy per batch)."""
@@ -134,10 +186,29 @@ class TensorLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _sharded(self) -> torch.Tensor:
+        n = len(self.x)
+        if not self.shuffle:
+            return torch.arange(self.rank, n, self.num_replicas)
+        sampler = EpochSampler(n, self.num_replicas, self.rank, self.seed)
+        sampler.set_epoch(self.epoch)
+        return torch.tensor(list(sampler), dtype=torch.long)
+
     def __len__(self) -> int:
+        if self.num_replicas > 1:
+            n = (-(-len(self.x) // self.num_replicas) if self.shuffle
+                 else len(range(self.rank, len(self.x), self.num_replicas)))
+            return -(-n // _local_batch(self.batch_size, self.num_replicas))
         return (len(self.x) + self.batch_size - 1) // self.batch_size
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.num_replicas > 1:
+            idx = self._sharded()
+            bs = _local_batch(self.batch_size, self.num_replicas)
+            for start in range(0, len(idx), bs):
+                i = idx[start:start + bs]
+                yield self.x[i], self.y[i]
+            return
         n = len(self.x)
         if self.shuffle:
             g = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
@@ -160,6 +231,10 @@ class EpochLoader:
         self.seed = seed
         self.epoch = 0
         self.generator = torch.Generator()
+        self.batch_size, self.shuffle, self.workers = batch_size, shuffle, workers
+        self.pin_memory = pin_memory
+        self.rank, self.num_replicas = 0, 1
+        self.sampler: EpochSampler | ShardSampler | None = None
         self.loader = DataLoader(
             dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
             generator=self.generator, pin_memory=pin_memory,
@@ -170,14 +245,34 @@ class EpochLoader:
     def dataset_size(self) -> int:
         return len(self.loader.dataset)
 
+    def shard(self, rank: int, num_replicas: int) -> EpochLoader:
+        """Serve only process ``rank``'s share (as :meth:`TensorLoader.shard`), through a
+        ``DistributedSampler`` (:class:`EpochSampler`) when shuffled."""
+        if (rank, num_replicas) == (self.rank, self.num_replicas):
+            return self
+        self.rank, self.num_replicas = rank, num_replicas
+        ds = self.loader.dataset
+        n = len(ds)
+        self.sampler = (EpochSampler(n, num_replicas, rank, self.seed) if self.shuffle
+                        else ShardSampler(n, num_replicas, rank))
+        self.loader = DataLoader(
+            ds, batch_size=_local_batch(self.batch_size, num_replicas), sampler=self.sampler,
+            num_workers=self.workers, generator=self.generator, pin_memory=self.pin_memory,
+            persistent_workers=False, drop_last=False,
+        )
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if isinstance(self.sampler, EpochSampler):
+            self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        self.generator.manual_seed(_epoch_seed(self.seed, self.epoch))
+        # the generator also seeds the workers (augmentation): a different stream per rank
+        self.generator.manual_seed(_epoch_seed(self.seed, self.epoch) + 7919 * self.rank)
         return iter(self.loader)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import neuralign as na
 
 from ..data import build_data
+from . import distributed
 from .callbacks import write_csv
 from .config import Config, ConfigError, save_config
 from .plots import plot_compare
@@ -43,11 +44,14 @@ def compare(cfg: Config, rules: list[str] | tuple[str, ...] = DEFAULT_RULES,
     unknown = [r for r in rules if r not in valid]
     if unknown or not rules:
         raise ConfigError(f"unknown rule(s) {unknown or rules}; valid: {', '.join(valid)}")
+    distributed.init()  # under torchrun every rank runs every rule; rank 0 writes
     name = name or cfg.train.name or f"compare-{cfg.data.name}-{cfg.model.name}-" \
-        f"{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        f"{distributed.broadcast_object(datetime.now().strftime('%Y%m%d-%H%M%S'))}"
     out = Path(cfg.train.runs_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    main = distributed.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     data = build_data(cfg.data)
     rows, histories = [], {}
     for rule in rules:
@@ -67,6 +71,8 @@ def compare(cfg: Config, rules: list[str] | tuple[str, ...] = DEFAULT_RULES,
         wall = time.perf_counter() - t0
         histories[rule] = history
         rows.append(_summary(rule, history, status, wall))
+    if not main:
+        return rows, out
     write_csv(rows, out / "compare.csv")
     if any(histories.values()):
         plot_compare({r: h for r, h in histories.items() if h}, out / "compare.png",

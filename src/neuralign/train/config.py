@@ -139,6 +139,8 @@ class TrainConfig:
         plots: write PNG plots at the end.
         deterministic: ask torch for deterministic algorithms (slower on GPU).
         overwrite: reuse an existing run folder of the same name (its files are replaced).
+        sync_batchnorm: under torchrun on GPUs, BatchNorm statistics over the global batch
+            (``torch.nn.SyncBatchNorm``) instead of each process's share.
     """
 
     name: str = ""
@@ -153,6 +155,7 @@ class TrainConfig:
     plots: bool = True
     deterministic: bool = False
     overwrite: bool = False
+    sync_batchnorm: bool = False
 
 
 @dataclass

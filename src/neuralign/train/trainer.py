@@ -32,6 +32,7 @@ import neuralign as na
 
 from ..data import DataBundle, build_data
 from ..models import build_model
+from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, config_from_dict, config_to_dict, save_config
 from .optim import Schedule, build_optimizer
@@ -150,11 +151,21 @@ class Trainer:
         tc = cfg.train
         if tc.epochs < 1:
             raise ConfigError(f"train.epochs must be >= 1, got {tc.epochs}")
-        if not tc.name:
-            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        distributed.init()  # under torchrun: one process of several (DDP)
+        if not tc.name:  # (rank 0's clock names the run on every rank)
+            stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
             tc.name = f"{cfg.data.name}-{cfg.model.name}-{cfg.rule.name}-{stamp}"
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tc.runs_dir) / tc.name
-        self.device = _device(tc.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        self.device = distributed.local_device(_device(tc.device))
+        if self.world_size > 1 and cfg.data.batch_size % self.world_size:
+            raise ConfigError(f"data.batch_size is the global batch, split over the "
+                              f"{self.world_size} processes: it must be a multiple of "
+                              f"{self.world_size}, got {cfg.data.batch_size}")
+        if tc.sync_batchnorm and self.world_size > 1 and self.device.type != "cuda":
+            raise ConfigError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm "
+                              "has no CPU kernels); on CPU leave it false")
         if tc.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -163,6 +174,8 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.data = data if data is not None else build_data(
             cfg.data, pin_memory=self.device.type == "cuda")
+        if self.world_size > 1:
+            self.data.shard(self.rank, self.world_size)
         if self.device.type == "cuda":
             for loader in (self.data.train, self.data.val, self.data.test):
                 if hasattr(loader, "to"):
@@ -171,6 +184,25 @@ class Trainer:
         plain = build_model(cfg.model, info.input_shape, info.num_classes)
         self.model = na.convert(plain, self.rule, layer_rules=dict(cfg.rule.layers),
                                 on_unsupported=cfg.rule.on_unsupported).to(self.device)
+        # the module that trains: DDP around the model when distributed (the model itself,
+        # with its plain state-dict keys, is what metrics, evaluation and checkpoints use)
+        self.net: torch.nn.Module = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if tc.sync_batchnorm:
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            # parameters and buffers are identical already (same seed); DDP broadcasts rank
+            # 0's anyway. Every learned F gets a gradient from each backward, and fixed or
+            # derived feedback are buffers: no find_unused_parameters.
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            # mirror noise (and brSF's magnitudes, CPU augmentation) independent per rank
+            if self.rank > 0:
+                torch.manual_seed(distributed.rank_seed(tc.seed, self.rank))
+        # update noise: one stream, the same on every rank, so F stays identical everywhere
+        self.update_generator = torch.Generator(device=self.device).manual_seed(
+            tc.seed + 20_011)
         self.layer_names = [n for n, _ in na.feedback_layers(self.model)]
         groups = na.param_groups(self.model)
         self.optimizer = build_optimizer(groups["forward"], cfg.optim, "optim")
@@ -198,9 +230,12 @@ class Trainer:
 
         self.callbacks: list[Callback] = []
         if default_callbacks:
+            from .callbacks import Checkpointer
             from .callbacks import default_callbacks as _defaults
 
-            self.callbacks += _defaults(tc)
+            # only rank 0 writes; the others take part in the checkpoint (RNG states)
+            self.callbacks += (_defaults(tc) if self.is_main
+                               else [Checkpointer(tc.checkpoint_every)])
         self.callbacks += list(callbacks or [])
 
     # -- events ----------------------------------------------------------------------------------
@@ -223,6 +258,9 @@ class Trainer:
             "feedback_schedule": (self.feedback_schedule.state_dict()
                                   if self.feedback_schedule is not None else None),
             "rng": rng_state(),
+            "update_rng": self.update_generator.get_state(),
+            **({"rng_ranks": distributed.all_gather_object(rng_state())}
+               if self.world_size > 1 else {}),
             "history": list(self.history),
             "config": config_to_dict(self.cfg),
         }
@@ -239,14 +277,32 @@ class Trainer:
         self.step = int(state["step"])
         self.history = [dict(m) for m in state["history"]]
         set_rng_state(state["rng"])
+        if "update_rng" in state:
+            self.update_generator.set_state(state["update_rng"])
+        if self.world_size > 1:
+            ranks = state.get("rng_ranks")
+            if ranks is not None and len(ranks) == self.world_size:
+                set_rng_state(ranks[self.rank])
+            elif self.rank > 0:  # another world size: fresh, still independent, streams
+                log.warning("checkpoint has RNG states for %s process(es), this run has %d: "
+                            "ranks > 0 draw fresh noise streams", len(ranks or [0]),
+                            self.world_size)
+                torch.manual_seed(distributed.rank_seed(self.cfg.train.seed + self.step,
+                                                        self.rank))
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/last.pt`` atomically (only when every weight is finite)."""
+        """Write ``checkpoints/last.pt`` atomically (only when every weight is finite).
+
+        Distributed, every rank must call it (the checkpoint holds every rank's RNG state);
+        rank 0 writes."""
         for name, p in self.model.named_parameters():
             if not torch.isfinite(p).all():
                 raise DivergenceError(self.epoch, self.step, f"parameter {name} is not finite",
                                       self.last_checkpoint, self.last_checkpoint_epoch)
-        path = save_checkpoint(self.state_dict(), self.run_dir / CHECKPOINT)
+        state = self.state_dict()
+        path = self.run_dir / CHECKPOINT
+        if self.is_main:
+            path = save_checkpoint(state, path)
         self.last_checkpoint, self.last_checkpoint_epoch = path, self.epoch
         return path
 
@@ -259,9 +315,15 @@ class Trainer:
         ``overrides`` may change the config (e.g. ``train.epochs=60`` to train longer)."""
         from .config import apply_overrides
 
-        run_dir = resolve_run_dir(run, runs_dir)
+        distributed.init()
+
+        def read():
+            found = resolve_run_dir(run, runs_dir)
+            return found, load_checkpoint(found / CHECKPOINT)
+
+        # rank 0 reads (the run folder may exist on its machine only) and hands it round
+        run_dir, state = distributed.on_main(read)
         ckpt_path = run_dir / CHECKPOINT
-        state = load_checkpoint(ckpt_path)
         cfg = apply_overrides(config_from_dict(state["config"]), overrides or [])
         trainer = cls(cfg, callbacks=callbacks, run_dir=run_dir, **kwargs)
         trainer.load_state_dict(state)
@@ -288,6 +350,9 @@ class Trainer:
             top5 += int(hit.any(dim=1).sum())
             n += len(y)
         self.model.train(was_training)
+        if self.world_size > 1:  # each rank saw its share of the examples
+            loss_sum, top1, top5, n = distributed.all_reduce_sum(
+                [loss_sum, top1, top5, n], self.device).tolist()
         n = max(n, 1)
         return {"loss": loss_sum / n, "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n}
 
@@ -320,9 +385,14 @@ class Trainer:
             if probe:
                 self._measure_angles(x, y, stats)
                 na.metrics.record_gradient_angles(self.model, True)
-            out = self.model(x)
+            out = self.net(x)
             loss = F.cross_entropy(out, y)
-            value = float(loss.detach())
+            value = local = float(loss.detach())
+            if self.world_size > 1:
+                # the mean over ranks: non-finite on every rank when it is on one, so all
+                # stop together (and the progress bar shows the global loss)
+                value = float(distributed.all_reduce_sum([value], self.device)[0]
+                              ) / self.world_size
             if not math.isfinite(value):
                 if probe:
                     na.metrics.record_gradient_angles(self.model, False)
@@ -339,37 +409,45 @@ class Trainer:
             self.optimizer.step()
             if self.feedback_optimizer is not None:
                 self.feedback_optimizer.step()
-                na.after_step(self.model, self.feedback_optimizer)
+                na.after_step(self.model, self.feedback_optimizer, self.update_generator)
             self.schedule.step()
             if self.feedback_schedule is not None:
                 self.feedback_schedule.step()
             self.step += 1
-            stats.loss_sum += value * len(y)
+            stats.loss_sum += local * len(y)
             stats.correct += int((out.detach().argmax(1) == y).sum())
             stats.seen += len(y)
             self._fire("on_step_end", self.step, value)
+        if self.world_size > 1:
+            self._reduce_stats(stats)
         n = max(stats.seen, 1)
         metrics = {"train_loss": stats.loss_sum / n, "train_top1": 100.0 * stats.correct / n}
         metrics["_grad"] = {k: sum(v) / len(v) for k, v in stats.grad_angles.items()}
         metrics["_bp"] = {k: sum(v) / len(v) for k, v in stats.bp_angles.items()}
         return metrics
 
+    def _reduce_stats(self, stats: _EpochStats) -> None:
+        """Sums and counts over ranks: the epoch's statistics of the global batches."""
+        vals = [stats.loss_sum, stats.correct, stats.seen]
+        for d in (stats.grad_angles, stats.bp_angles):
+            for name in self.layer_names:
+                v = d.get(name, [])
+                vals += [sum(v), len(v)]
+        t = distributed.all_reduce_sum(vals, self.device).tolist()
+        stats.loss_sum, stats.correct, stats.seen = t[0], int(t[1]), int(t[2])
+        i = 3
+        for d in (stats.grad_angles, stats.bp_angles):
+            d.clear()
+            for name in self.layer_names:
+                total, count = t[i], int(t[i + 1])
+                i += 2
+                if count:  # a mean of `count` measurements, as one list entry per measurement
+                    d[name] = [total / count] * count
+
     def fit(self) -> list[dict[str, float]]:
         """Train from the current epoch to ``train.epochs``; returns the metrics history."""
-        if self.epoch == 0 and (self.run_dir / "config.yaml").exists():
-            if not self.cfg.train.overwrite:
-                raise FileExistsError(
-                    f"run folder {str(self.run_dir)!r} already exists; continue it with "
-                    f"--resume {self.run_dir}, pick another name (--name / train.name) or "
-                    f"replace it (train.overwrite=true)")
-            for stale in ("tb", "checkpoints", "plots", "metrics.csv"):
-                path = self.run_dir / stale
-                if path.is_dir():
-                    shutil.rmtree(path)
-                elif path.exists():
-                    path.unlink()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        # rank 0 alone prepares the run folder; its errors end every rank
+        distributed.on_main(self._prepare_run_dir)
         self._fire("on_train_start")
         epochs = self.cfg.train.epochs
         try:
@@ -387,6 +465,8 @@ class Trainer:
                                           self.last_checkpoint, self.last_checkpoint_epoch)
                 self.history.append(metrics)
                 self._fire("on_epoch_end", epoch, metrics)
+                if self.world_size > 1:  # a callback on one rank (pruning) stops them all
+                    self.should_stop = distributed.any_true(self.should_stop, self.device)
         except BaseException:
             # stopped (divergence, Ctrl-C): close bars and writers, plot what there is, and let
             # the original exception through even if a callback fails now
@@ -398,8 +478,26 @@ class Trainer:
         self._fire("on_train_end", self.history)
         return self.history
 
+    def _prepare_run_dir(self) -> None:
+        if self.epoch == 0 and (self.run_dir / "config.yaml").exists():
+            if not self.cfg.train.overwrite:
+                raise FileExistsError(
+                    f"run folder {str(self.run_dir)!r} already exists; continue it with "
+                    f"--resume {self.run_dir}, pick another name (--name / train.name) or "
+                    f"replace it (train.overwrite=true)")
+            for stale in ("tb", "checkpoints", "plots", "metrics.csv"):
+                path = self.run_dir / stale
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+
     def _epoch_metrics(self, epoch: int, tr: dict[str, Any], train_time: float
                        ) -> dict[str, float]:
+        if self.world_size > 1:  # BatchNorm statistics were updated from each rank's batches
+            distributed.broadcast_buffers(self.model)
         nan = math.nan
         m: dict[str, float] = {"epoch": epoch, "step": self.step, "lr": self.schedule.lr,
                                "feedback_lr": (self.feedback_schedule.lr

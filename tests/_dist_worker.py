@@ -1,0 +1,60 @@
+"""One process of the distributed tests (started by tests/test_distributed.py, not by pytest).
+
+``python tests/_dist_worker.py MODE ROOT [RULE ...]`` with torchrun's environment (RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Modes:
+
+- ``train``: for each rule, a short run (``RULE``); each rank saves its model's state to
+  ``ROOT/RULE-rankR.pt``. For ``ia`` also the same run cut after its first epoch
+  (``ia-cut``), for the resume test.
+- ``fail``: rank 1 raises during the second step; the others must not hang.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dist_cases import tiny  # noqa: E402
+from neuralign.train import (  # noqa: E402
+    Callback,
+    Trainer,
+    distributed,  # noqa: E402
+    load_config,
+)
+
+
+class _Boom(Callback):
+    def on_step_end(self, trainer, step, loss):
+        if step == 2 and trainer.rank == 1:
+            raise RuntimeError("boom on rank 1")
+
+
+def main() -> int:
+    mode, root, rules = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+    distributed.init()
+    r = distributed.rank()
+    try:
+        if mode == "fail":
+            Trainer(load_config(None, tiny(root, "rule.name=kp", "train.name=fail")),
+                    callbacks=[_Boom()]).fit()
+            return 0
+        for rule in rules:
+            if mode == "train":
+                t = Trainer(load_config(None, tiny(root, f"rule.name={rule}",
+                                                   f"train.name={rule}")))
+                t.fit()
+                torch.save(t.model.state_dict(), root / f"{rule}-rank{r}.pt")
+                if rule == "ia":
+                    Trainer(load_config(None, tiny(root, f"rule.name={rule}", "train.epochs=1",
+                                                   f"train.name={rule}-cut"))).fit()
+        return 0
+    finally:
+        distributed.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
