@@ -26,7 +26,17 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "for small models on a busy machine")
     p.add_argument("-v", "--verbose", action="store_true", help="also log every layer swap")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    from ..cli import add_nproc
+
+    add_nproc(p)
     p.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES)
+
+
+def _main_rank() -> bool:
+    """Under torchrun every rank runs the command; rank 0 prints."""
+    from ..train import distributed
+
+    return distributed.is_main()
 
 
 def _overrides(args) -> list[str]:
@@ -163,6 +173,8 @@ def _cmd_search(args) -> int:
                  seed=args.seed, jobs=args.jobs, pruner=pruner,
                  prune_startup=args.prune_startup, prune_warmup=args.prune_warmup,
                  startup_trials=args.startup_trials, timeout=args.timeout)
+    if not _main_rank():
+        return 0
     rows = res["trials"]
     counts: dict[str, int] = {}
     for r in rows:
@@ -212,6 +224,8 @@ def _cmd_transfer(args) -> int:
     name = args.name or "-".join(lab for lab, _ in entries)
     out = Path(args.out) if args.out else Path(entries[0][1].train.runs_dir) / "transfer" / name
     res = transfer(entries, models, out, _seeds(args.seeds))
+    if not _main_rank():
+        return 0
     print(res["table"])
     print(f"\n(final-epoch test top-1, %; written: {out}/transfer.csv, transfer_summary.csv, "
           f"transfer.png)")
@@ -229,6 +243,8 @@ def _cmd_robustness(args) -> int:
     name = args.name or f"{base.data.name}-{base.model.name}"
     out = Path(args.out) if args.out else Path(base.train.runs_dir) / "robustness" / name
     res = robustness(base, rules, noise, out, _seeds(args.seeds))
+    if not _main_rank():
+        return 0
     print(res["table"])
     bad = sum(1 for r in res["runs"] if not math.isfinite(r["test_top1"]))
     print(f"\n(final-epoch test top-1, %; written: {out}/robustness.csv, "

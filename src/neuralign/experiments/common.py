@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..train import distributed
 from ..train.callbacks import read_csv, write_csv
 from ..train.config import Config, ConfigError, RuleConfig, apply_overrides, config_to_dict
 from ..train.trainer import CHECKPOINT, DivergenceError, Trainer
@@ -113,20 +114,26 @@ def run_once(cfg: Config, root: str | Path, label: str, data=None,
     name = f"{label}-{key}"
     run_dir = Path(root) / "runs" / name
     result_path = run_dir / RESULT_FILE
-    if result_path.is_file():
-        with open(result_path) as f:
-            result = yaml.safe_load(f)
-        if result and result.get("key") == key:
-            log.info("%s: finished earlier (%s), skipped", name, result.get("status"))
-            return {**result, "skipped": True}
+
+    def earlier() -> tuple[dict | None, bool]:
+        result = None
+        if result_path.is_file():
+            with open(result_path) as f:
+                result = yaml.safe_load(f)
+        return result, (run_dir / CHECKPOINT).is_file()
+
+    # under torchrun rank 0 decides (skip, continue or start) for every rank
+    result, has_checkpoint = distributed.on_main(earlier)
+    if result and result.get("key") == key:
+        log.info("%s: finished earlier (%s), skipped", name, result.get("status"))
+        return {**result, "skipped": True}
     cfg = copy.deepcopy(cfg)
     tc = cfg.train
     tc.name, tc.runs_dir, tc.overwrite = name, str(Path(root) / "runs"), True
     if quiet_trainer:
         tc.progress = False
     t0 = time.perf_counter()
-    ckpt = run_dir / CHECKPOINT
-    if ckpt.is_file():
+    if has_checkpoint:
         trainer = Trainer.from_run(run_dir, [f"train.progress={str(tc.progress).lower()}"],
                                    data=data)
         log.info("%s: continuing from its checkpoint (epoch %d)", name, trainer.epoch)
@@ -140,7 +147,8 @@ def run_once(cfg: Config, root: str | Path, label: str, data=None,
         history, status = trainer.history, f"diverged at epoch {e.epoch}"
     result = {"label": label, "key": key, **_summary(history, status,
                                                       time.perf_counter() - t0)}
-    write_yaml(result, result_path)
+    if distributed.is_main():
+        write_yaml(result, result_path)
     return {**result, "skipped": False}
 
 

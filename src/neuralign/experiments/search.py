@@ -31,6 +31,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from ..train import distributed
 from ..train.config import Config, ConfigError, config_from_dict, config_to_dict
 from ..train.trainer import Callback, DivergenceError, Trainer
 from .common import plt, quiet_trainer_logs, savefig_atomic, write_csv, write_yaml
@@ -176,6 +177,8 @@ def _objective(base: Config, space: SearchSpace, root: Path, data):
         log.info("trial %d: %s", trial.number,
                  ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in params.items()))
+        # under torchrun the other ranks train the same trial (see _follow)
+        distributed.broadcast_object(config_to_dict(cfg))
         try:
             trainer = Trainer(cfg, callbacks=[pruning], data=shared)
             history = trainer.fit()
@@ -296,7 +299,6 @@ def search(base: Config, space: SearchSpace | dict, trials: int, study: str,
         startup_trials: random trials before TPE takes over (stored with the study).
         timeout: seconds after which no new trial starts.
     """
-    import optuna
 
     base = _prepare_base(base)
     if not isinstance(space, SearchSpace):
@@ -305,6 +307,43 @@ def search(base: Config, space: SearchSpace | dict, trials: int, study: str,
         raise ConfigError(f"--trials must be >= 1, got {trials}")
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    if distributed.init():
+        if jobs > 1:
+            raise ConfigError("--jobs > 1 cannot be combined with a distributed search "
+                              "(torchrun / --nproc): start one command per worker instead")
+        if not distributed.is_main():
+            _follow(base)
+            return SearchResult(best=None, trials=[], out=None, study=None)
+        try:
+            return _search(base, space, trials, study, out, storage, seed, pruner,
+                           prune_startup, prune_warmup, startup_trials, timeout, jobs)
+        finally:
+            distributed.broadcast_object(None)  # the other ranks' _follow ends
+    return _search(base, space, trials, study, out, storage, seed, pruner, prune_startup,
+                   prune_warmup, startup_trials, timeout, jobs)
+
+
+def _follow(base: Config) -> None:
+    """Ranks > 0 of a distributed search: train each trial rank 0 sends, until it sends None.
+
+    Rank 0 alone talks to the study; a pruned trial stops on every rank (the trainer shares
+    ``should_stop``), a diverged one raises on every rank."""
+    from ..data import build_data
+
+    quiet_trainer_logs()
+    data = build_data(base.data)
+    while (msg := distributed.broadcast_object(None)) is not None:
+        cfg = config_from_dict(msg)
+        try:
+            Trainer(cfg, data=data if cfg.data == base.data else None).fit()
+        except (DivergenceError, ConfigError):  # raised on every rank: rank 0 records it
+            pass
+
+
+def _search(base, space, trials, study, out, storage, seed, pruner, prune_startup,
+            prune_warmup, startup_trials, timeout, jobs) -> SearchResult:
+    import optuna
+
     out = Path(out) if out is not None else Path(base.train.runs_dir) / "search" / study
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or default_storage(out)
