@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"neuralign {args.command}: error: --nproc must be >= 1, got {nproc}",
               file=sys.stderr)
         return 2
-    if nproc and nproc > 1 and not distributed.requested():
+    if nproc and nproc > 1 and not distributed.requested() and not getattr(
+            args, "print_config", False):
         return distributed.launch(distributed.strip_option(argv, "--nproc"), nproc)
     # under torchrun, say which rank failed (torchrun prints every rank's output)
     who = f" (rank {os.environ.get('RANK', '0')})" if distributed.requested() else ""

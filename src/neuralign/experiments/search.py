@@ -298,8 +298,10 @@ def search(base: Config, space: SearchSpace | dict, trials: int, study: str,
             pruning before epoch ``prune_warmup + 1``).
         startup_trials: random trials before TPE takes over (stored with the study).
         timeout: seconds after which no new trial starts.
-    """
 
+    Under ``torchrun`` (or ``--nproc``) rank 0 drives the study and every rank trains each
+    trial together (DistributedDataParallel); ranks > 0 return an empty result.
+    """
     base = _prepare_base(base)
     if not isinstance(space, SearchSpace):
         space = parse_space(space, base)  # raises SpaceError before anything runs

@@ -98,9 +98,9 @@ def is_main() -> bool:
 
 def local_device(device: torch.device) -> torch.device:
     """A CUDA device without an index becomes this process's GPU (``cuda:LOCAL_RANK``)."""
-    if device.type == "cuda" and device.index is None and active():
-        device = torch.device("cuda", local_rank())
-    if device.type == "cuda":
+    if device.type == "cuda" and active():
+        if device.index is None:
+            device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
     return device
 
