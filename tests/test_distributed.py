@@ -20,12 +20,22 @@ import torch
 
 from dist_cases import tiny
 from neuralign.train import Trainer, load_checkpoint, load_config
+from neuralign.train.distributed import strip_option
 
 RULES = ("fa", "kp", "sa", "aa", "ia")
 NO_MIRROR_NOISE = ("fa", "kp", "sa", "aa")
 WORKER = Path(__file__).parent / "_dist_worker.py"
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="torch.distributed is not available")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The single-process references: one torch thread is fastest on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _free_port() -> int:
@@ -149,3 +159,8 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert time.monotonic() - t0 < 90
     assert res[1].returncode != 0 and "boom on rank 1" in res[1].stdout
     assert res[0].returncode != 0  # rank 0 did not wait forever for rank 1
+
+
+def test_nproc_is_stripped_before_relaunch():
+    argv = ["train", "--nproc", "2", "optim.lr=0.1", "--nproc=4", "--name", "x"]
+    assert strip_option(argv, "--nproc") == ["train", "optim.lr=0.1", "--name", "x"]
