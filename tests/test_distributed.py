@@ -164,3 +164,20 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
 def test_nproc_is_stripped_before_relaunch():
     argv = ["train", "--nproc", "2", "optim.lr=0.1", "--nproc=4", "--name", "x"]
     assert strip_option(argv, "--nproc") == ["train", "optim.lr=0.1", "--name", "x"]
+
+
+def test_search_runs_each_trial_on_every_rank(tmp_path):
+    """``search --nproc 2``: rank 0 drives the study, both ranks train every trial."""
+    base = tmp_path / "base.yaml"
+    base.write_text("data: {num_samples: 200, batch_size: 40, val_split: 0.2}\n"
+                    "model: {name: mlp, widths: [8]}\nrule: {name: aa}\n"
+                    "train: {epochs: 1, angle_every: 0}\n")
+    space = tmp_path / "space.yaml"
+    space.write_text("rule.terms.amp: {type: log_float, low: 0.1, high: 10.0}\n")
+    cmd = [sys.executable, "-m", "neuralign", "search", "--nproc", "2", "-c", str(base), "-s",
+           str(space), "--trials", "2", "--out", str(tmp_path / "out")]
+    res = subprocess.run(cmd, env=_env(tmp_path), capture_output=True, text=True, timeout=180,
+                         cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("study space: 2 trials (2 ok)") == 1  # printed by rank 0 only
+    assert (tmp_path / "out" / "best.yaml").is_file()
