@@ -181,3 +181,30 @@ def test_search_runs_each_trial_on_every_rank(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("study space: 2 trials (2 ok)") == 1  # printed by rank 0 only
     assert (tmp_path / "out" / "best.yaml").is_file()
+
+
+@pytest.mark.parametrize("kind", ["tensor", "dataloader"])
+def test_sharded_batches_make_up_the_single_process_batch(kind):
+    """Rank r's k-th batch (of B/R examples) and the other ranks' are together the single
+    process's k-th batch (of B) — for in-memory tensors and for DataLoader datasets."""
+    from torch.utils.data import TensorDataset
+
+    from neuralign.data import EpochLoader, TensorLoader
+
+    x, y = torch.arange(96.0)[:, None], torch.arange(96)
+
+    def make():
+        if kind == "tensor":
+            return TensorLoader(x, y, 16, shuffle=True, seed=3)
+        return EpochLoader(TensorDataset(x, y), 16, shuffle=True, workers=0, seed=3)
+
+    single, shards = make(), [make().shard(r, 2) for r in range(2)]
+    for epoch in (1, 2):
+        for loader in (single, *shards):
+            loader.set_epoch(epoch)
+        assert len(single) == len(shards[0]) == len(shards[1]) == 6
+        for full, a, b in zip(single, *shards, strict=True):
+            assert len(a[1]) == len(b[1]) == 8
+            assert sorted(torch.cat([a[1], b[1]]).tolist()) == sorted(full[1].tolist())
+    test = TensorLoader(x[:9], y[:9], 4, shuffle=False).shard(1, 2)  # evaluation: unpadded
+    assert torch.cat([b[1] for b in test]).tolist() == [1, 3, 5, 7]

@@ -121,6 +121,7 @@ class EpochSampler(DistributedSampler):
         super().__init__(range(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=0,
                          drop_last=False)
         self.base_seed = seed
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         # DistributedSampler seeds its generator with ``seed + epoch``; seed is 0 here.
@@ -233,33 +234,33 @@ class EpochLoader:
         self.generator = torch.Generator()
         self.batch_size, self.shuffle, self.workers = batch_size, shuffle, workers
         self.pin_memory = pin_memory
-        self.rank, self.num_replicas = 0, 1
-        self.sampler: EpochSampler | ShardSampler | None = None
+        self.dataset = dataset
+        self._build(0, 1)
+
+    def _build(self, rank: int, num_replicas: int) -> None:
+        # The shuffle order comes from an EpochSampler (a DistributedSampler), with one
+        # process as with several, so the shares of R processes make up one process's batches;
+        # the generator only seeds the workers.
+        self.rank, self.num_replicas = rank, num_replicas
+        n = len(self.dataset)
+        self.sampler: EpochSampler | ShardSampler | None = (
+            EpochSampler(n, num_replicas, rank, self.seed) if self.shuffle
+            else ShardSampler(n, num_replicas, rank) if num_replicas > 1 else None)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-            generator=self.generator, pin_memory=pin_memory,
-            persistent_workers=False, drop_last=False,
+            self.dataset, batch_size=_local_batch(self.batch_size, num_replicas),
+            sampler=self.sampler, num_workers=self.workers, generator=self.generator,
+            pin_memory=self.pin_memory, persistent_workers=False, drop_last=False,
         )
 
     @property
     def dataset_size(self) -> int:
-        return len(self.loader.dataset)
+        return len(self.dataset)
 
     def shard(self, rank: int, num_replicas: int) -> EpochLoader:
         """Serve only process ``rank``'s share (as :meth:`TensorLoader.shard`), through a
         ``DistributedSampler`` (:class:`EpochSampler`) when shuffled."""
-        if (rank, num_replicas) == (self.rank, self.num_replicas):
-            return self
-        self.rank, self.num_replicas = rank, num_replicas
-        ds = self.loader.dataset
-        n = len(ds)
-        self.sampler = (EpochSampler(n, num_replicas, rank, self.seed) if self.shuffle
-                        else ShardSampler(n, num_replicas, rank))
-        self.loader = DataLoader(
-            ds, batch_size=_local_batch(self.batch_size, num_replicas), sampler=self.sampler,
-            num_workers=self.workers, generator=self.generator, pin_memory=self.pin_memory,
-            persistent_workers=False, drop_last=False,
-        )
+        if (rank, num_replicas) != (self.rank, self.num_replicas):
+            self._build(rank, num_replicas)
         return self
 
     def set_epoch(self, epoch: int) -> None:
