@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dist_cases import tiny  # noqa: E402
+from dist_cases import EXTRA, tiny  # noqa: E402
 from neuralign.train import (  # noqa: E402
     Callback,
     Trainer,
@@ -45,7 +45,7 @@ def main() -> int:
         for rule in rules:
             if mode == "train":
                 t = Trainer(load_config(None, tiny(root, f"rule.name={rule}",
-                                                   f"train.name={rule}")))
+                                                   f"train.name={rule}", *EXTRA.get(rule, []))))
                 t.fit()
                 torch.save(t.model.state_dict(), root / f"{rule}-rank{r}.pt")
                 if rule == "ia":

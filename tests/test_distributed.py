@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_cases import tiny
+from dist_cases import EXTRA, tiny
 from neuralign.train import Trainer, load_checkpoint, load_config
 from neuralign.train.distributed import strip_option
 
@@ -103,7 +103,8 @@ def test_ranks_hold_identical_weights_and_feedback(dist_root, rule):
 def test_two_processes_equal_one_with_the_same_global_batch(dist_root, tmp_path, rule,
                                                             monkeypatch):
     monkeypatch.setenv("NEURALIGN_CACHE", str(dist_root / "cache"))
-    single = Trainer(load_config(None, tiny(tmp_path, f"rule.name={rule}", "train.name=one")))
+    single = Trainer(load_config(None, tiny(tmp_path, f"rule.name={rule}", "train.name=one",
+                                            *EXTRA.get(rule, []))))
     hist = single.fit()
     dist = _state(dist_root / f"{rule}-rank0.pt")
     ref = single.model.state_dict()
