@@ -41,6 +41,7 @@ def main() -> int:
         if mode == "fail":
             Trainer(load_config(None, tiny(root, "rule.name=kp", "train.name=fail")),
                     callbacks=[_Boom()]).fit()
+            distributed.cleanup(wait=True)
             return 0
         for rule in rules:
             if mode == "train":
@@ -51,6 +52,7 @@ def main() -> int:
                 if rule == "ia":
                     Trainer(load_config(None, tiny(root, f"rule.name={rule}", "train.epochs=1",
                                                    f"train.name={rule}-cut"))).fit()
+        distributed.cleanup(wait=True)
         return 0
     finally:
         distributed.cleanup()

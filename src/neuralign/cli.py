@@ -270,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     # under torchrun, say which rank failed (torchrun prints every rank's output)
     who = f" (rank {os.environ.get('RANK', '0')})" if distributed.requested() else ""
     try:
-        return _COMMANDS[args.command](args)
+        status = _COMMANDS[args.command](args)
+        distributed.cleanup(wait=True)
+        return status
     except DivergenceError as e:
         print(f"neuralign{who}: {e}", file=sys.stderr)
         return 3

@@ -73,9 +73,16 @@ def init() -> bool:
     return dist.get_world_size() > 1
 
 
-def cleanup() -> None:
-    """Leave the process group (if any); call once at the end of the process."""
+def cleanup(wait: bool = False) -> None:
+    """Leave the process group (if any); call once at the end of the process.
+
+    ``wait``: first wait until every rank gets here (at the end of a successful command, so
+    that no rank tears the group down while rank 0 still writes its files: a rank leaving
+    early can abort the others' gloo threads). Not after an error: the others may never come.
+    """
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
