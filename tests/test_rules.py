@@ -231,3 +231,7 @@ def test_weight_angle_of_sign_rules_follows_the_current_weight(name):
     angles = na.metrics.weight_angles(model)
     assert angles["0"] < 60 and torch.equal(torch.sign(model[0].feedback),
                                              torch.sign(model[0].weight))
+
+
+def test_the_self_term_can_be_overridden():
+    assert dict(na.get_rule("sa", self=2.0).terms) == {"self": 2.0, "decay": 1.0}

@@ -163,7 +163,7 @@ class Rule:
             raise ValueError(f"unknown rule keys {sorted(unknown)}; valid: {', '.join(valid)}")
         return cls(**d)
 
-    def replace(self, **overrides) -> Rule:
+    def replace(self, /, **overrides) -> Rule:
         """A copy with overrides: term names set coefficients, plus ``noise_std``,
         ``noise_dist``, and any field of :class:`Rule` (``noise=None`` removes mirror noise)."""
         fields = [f.name for f in dataclasses.fields(self)]
