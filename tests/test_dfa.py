@@ -1,6 +1,7 @@
 """Direct feedback alignment: each layer's update is outer(x_l, (D_l e) ⊙ f'(a_l))."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -27,13 +28,13 @@ def test_mlp_updates_equal_the_closed_form():
         h1 = torch.tanh(m[2](h0))
         out = m[4](h1)
         e = (torch.softmax(out, 1) - F.one_hot(t, 3)) / 4  # dL/d(output), independently
-        deltas = [(m[0], (e @ m[2].feedback.T) * (1 - h0**2), x),  # D_l e ⊙ f'(a_l)
-                  (m[2], (e @ m[4].feedback.T) * (1 - h1**2), h0),
+        deltas = [(m[0], (e @ m[2].feedback) * (1 - h0**2), x),  # D_l e ⊙ f'(a_l)
+                  (m[2], (e @ m[4].feedback) * (1 - h1**2), h0),
                   (m[4], e, h1)]
     for layer, delta, inp in deltas:
         torch.testing.assert_close(layer.weight.grad, delta.T @ inp, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(layer.bias.grad, delta.sum(0), rtol=1e-12, atol=1e-12)
-    assert m[4].feedback.shape == (6, 3) and m[2].feedback.shape == (7, 3)
+    assert m[4].feedback.shape == (3, 6) and m[2].feedback.shape == (3, 7)  # [outputs, in]
     # no layer sends W^T dy: the middle layers' updates differ from backprop's
     angles = na.metrics.backprop_angles(m, lambda: F.cross_entropy(m(x), t))
     assert angles["4"] < 1e-6 and angles["0"] > 1 and angles["2"] > 1
@@ -50,8 +51,9 @@ def test_conv_layers_project_to_channels_shared_over_positions(conv, shape, flat
     e = torch.randn_like(out)
     out.backward(e)
     D0, D2 = m[0].feedback, m[2].feedback
-    assert D0.shape == (3, 3) and D2.shape == (4, 3)
-    spread = (e @ D0.T).view(2, 3, *[1] * (len(shape) - 2)).expand(shape)
+    assert D0.shape == (3, 3) and D2.shape == (3, 4)
+    positions = math.prod(shape[2:])  # each position gets D e / P
+    spread = (e @ D0 / positions).view(2, 3, *[1] * (len(shape) - 2)).expand(shape)
     torch.testing.assert_close(x.grad, spread, rtol=1e-12, atol=1e-12)
 
 
@@ -68,7 +70,7 @@ def test_resnet18_trains_and_state_dict_keeps_D(tmp_path):
         opt.step()
         losses.append(loss.item())
     assert min(losses[-3:]) < 0.7 * losses[0], losses
-    assert m.layer1[0].conv1.feedback.shape == (64, 10)  # a residual block's conv got D e
+    assert m.layer1[0].conv1.feedback.shape == (10, 64)  # a residual block's conv got D e
     torch.save(m.state_dict(), tmp_path / "m.pt")
     fresh = na.convert(torchvision.models.resnet18(num_classes=10), "dfa")
     fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
@@ -83,8 +85,25 @@ def test_mixing_with_other_rules():
     m = na.convert(_mlp(), "sa", layer_rules={"0": "dfa", "2": "dfa", "4": "bp"})
     x = torch.randn(4, 5, dtype=torch.float64)
     m(x).sum().backward()
-    assert type(m[4]) is nn.Linear and m[2].feedback.shape == (7, 3)
+    assert type(m[4]) is nn.Linear and m[2].feedback.shape == (3, 7)
     assert m[0].weight.grad is not None
+
+
+def test_projected_error_has_the_scale_of_a_linear_layer_whatever_the_positions():
+    """A conv's weight gradient sums over positions; with D e / P per position it is the same
+    whatever the input's spatial size (constant inputs: every position alike)."""
+    torch.manual_seed(0)
+    norms = []
+    for size in (4, 16):
+        m = na.convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 5, 1),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)),
+                       "dfa", generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            m[0].weight.copy_(torch.ones_like(m[0].weight))  # a positive drive: ReLU passes
+        x = torch.ones(2, 3, size, size)
+        m(x).sum().backward()
+        norms.append(m[0].weight.grad.norm())
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-5, atol=0)
 
 
 def test_several_forwards_before_one_backward_keep_their_own_error():

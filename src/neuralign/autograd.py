@@ -9,7 +9,7 @@ generic over :class:`~neuralign.ops.LayerOps`: a new layer family only needs new
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import terms
 from .dfa import DFAState, missing_error
-from .ops import LayerOps, num_examples
+from .ops import LayerOps, num_samples
 from .rules import Rule
 
 __all__ = ["Spec", "FeedbackFunction", "feedback_forward"]
@@ -35,6 +35,14 @@ class Spec:
         probe: a dict that receives the local gradient angle while recording is on, or None.
         dfa: for direct feedback alignment, the model's :class:`~neuralign.dfa.DFAState`;
             ``derive(e)`` then gives the projection D for an output error ``e``.
+        terms: the term coefficients whose gradient the backward puts in ``F.grad`` (default:
+            all of the rule's); the feedback recipe keeps only the activity terms here and
+            applies the others itself.
+        kp: whether ``F.grad`` also receives W's task gradient (default: the rule's switch).
+        observe: ``observe(ops, src, y, n)``, called by each backward that computes F's
+            gradient (the recipe's curvature estimate), or None.
+        loaded: called after the layer's state dict was loaded (the recipe's Kolen-Pollack
+            state follows the loaded F and W), or None.
     """
 
     ops: LayerOps
@@ -42,6 +50,18 @@ class Spec:
     derive: Callable[[Tensor], Tensor] | None = None
     probe: dict | None = field(default=None)
     dfa: DFAState | None = None
+    terms: Mapping[str, float] | None = None
+    kp: bool | None = None
+    observe: Callable | None = None
+    loaded: Callable[[], None] | None = None
+
+    def __post_init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the rule's own backward: every term in ``F.grad``, no observer."""
+        self.terms, self.kp = dict(self.rule.terms), self.rule.kp
+        self.observe = self.loaded = None
 
 
 def mirror_noise(x: Tensor, rule: Rule) -> Tensor:
@@ -103,7 +123,7 @@ class FeedbackFunction(torch.autograd.Function):
         if spec.derive is not None and (need_x or spec.probe is not None):
             F = spec.derive(W)  # derived only where it is used: a first layer sends nothing
         x, W, F = _cast(dout.dtype, x, W, F)
-        kp = need_f and rule.kp
+        kp = need_f and spec.kp
         xp = ops.pad(x)
         # (a derived F that is not used is None; the weight gradient only needs W's shape)
         dxp, dw, db = ops.backward(dout, xp, W if F is None else F, (need_x, need_w or kp, need_b))
@@ -120,8 +140,10 @@ class FeedbackFunction(torch.autograd.Function):
                 src = xp
                 y = None if out is None else (out if b is None else ops.remove_bias(out, b))
                 y = y if y is None else y.to(dout.dtype)
-            df = terms.rule_grad(rule.terms, ops, src, W, F, y, num_examples(x, ops),
-                                 base=dw if kp else None)
+            n = num_samples(dout, W)
+            df = terms.rule_grad(spec.terms, ops, src, W, F, y, n, base=dw if kp else None)
+            if spec.observe is not None:
+                spec.observe(ops, src, y, n)
         return dx, dw if need_w else None, db, df, None
 
 
@@ -157,7 +179,12 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):
             raise RuntimeError(f"dfa: the output error has {e.shape[0]} examples, the layer's "
                                f"input {n}")
         D = spec.derive(e.reshape(n, -1)).to(dout.dtype)
-        dx = ops.broadcast_channels(e.reshape(n, -1).to(dout.dtype).mm(D.t()), x.shape)
+        # Each of the P positions of an example's input gets (D e) / P: what backprop would
+        # send through a global average pooling followed by D. So a convolution's weight
+        # gradient, a sum over positions, has the scale a Linear layer's would.
+        positions = x.numel() // (n * D.shape[1])
+        dx = ops.broadcast_channels(e.reshape(n, -1).to(dout.dtype).mm(D).div_(positions),
+                                    x.shape)
         if spec.probe is not None:
             _record_angle(spec, dx, dout, W, xp.shape)
     return dx if need_x else None, dw if need_w else None, db, None, None

@@ -2,9 +2,15 @@
 
 A ``dfa`` layer sends down ``D e`` instead of ``apply_T(dy, F)``, where ``e`` is the gradient of
 the loss with respect to the network's output and ``D`` a fixed random matrix (the layer's
-``feedback`` buffer, ``[in_channels, outputs]``). Whatever lies below (a nonlinearity, batch
-norm) applies its own derivative, so the layer underneath receives ``(D e) ⊙ f'(a)`` at its
-output and updates ``outer(x, (D e) ⊙ f'(a))``: Nøkland's rule, in one ordinary backward.
+``feedback`` buffer, ``[outputs, in_channels]``: the layout of a Linear map from the layer's
+input channels to the outputs, initialised as such a layer's weight). An input with P positions
+per example (a convolution's spatial positions, a Linear layer's leading dimensions beyond the
+batch) receives ``D e / P`` at each: what backprop would send through a global average pooling
+followed by D. Without the 1/P, a convolution's weight gradient, a sum over positions, would be
+P times a Linear layer's (a LeNet-5 under SGD diverged in its first steps). Whatever lies
+below (a nonlinearity, batch norm) applies its own derivative, so the layer underneath receives
+``(D e / P) ⊙ f'(a)`` at its output and updates ``outer(x, (D e / P) ⊙ f'(a))``: Nøkland's
+rule, in one ordinary backward.
 
 How ``e`` reaches the layers: :func:`mark_output` puts two forward hooks on the root module. The
 pre-hook opens a fresh slot for the pass (each layer's Function keeps a reference to it); the

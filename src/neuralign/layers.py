@@ -89,10 +89,12 @@ class FeedbackLayer(nn.Module):
         self._exact_backprop = False
         W = self.weight
         if rule.feedback == "dfa":
-            # D: [in_channels, outputs], made at the first backward, once the output size is
-            # known, from a seed drawn now (so every rank of a distributed run draws the same).
+            # D: [outputs, in_channels], in the layout of a Linear map from the layer's input
+            # channels to the network's outputs; made at the first backward, once the output
+            # size is known, from a seed drawn now (so every rank of a distributed run draws
+            # the same).
             channels = W.shape[1] * getattr(self, "groups", 1)
-            self.register_buffer("feedback", W.new_empty(channels, 0))
+            self.register_buffer("feedback", W.new_empty(0, channels))
             seed = torch.randint(2**62, (), generator=generator)
             self.register_buffer("dfa_seed", seed.to(W.device))
             self._spec = Spec(ops_for(self), rule, derive=self._derive_dfa, dfa=DFAState())
@@ -145,9 +147,9 @@ class FeedbackLayer(nn.Module):
     @torch.no_grad()
     def _derive_dfa(self, e: Tensor) -> Tensor:
         outputs = e.shape[1]
-        if self.feedback.shape[1] != outputs:
+        if self.feedback.shape[0] != outputs:
             g = torch.Generator().manual_seed(int(self.dfa_seed))
-            D = init_feedback(torch.empty(self.feedback.shape[0], outputs), None, self.rule.init, g)
+            D = init_feedback(torch.empty(outputs, self.feedback.shape[1]), None, self.rule.init, g)
             self.feedback = D.to(self.feedback)  # replaces the buffer (its shape changes)
         return self.feedback
 
@@ -156,6 +158,8 @@ class FeedbackLayer(nn.Module):
         if self.rule.feedback == "dfa" and saved is not None and saved.shape != self.feedback.shape:
             self.feedback = self.feedback.new_empty(saved.shape)  # D not yet made here
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._spec.loaded is not None:
+            self._spec.loaded()
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

@@ -9,9 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from .convert import exact_backprop, feedback_layers
+from .layers import FeedbackLayer
 
 __all__ = ["angle", "weight_angles", "record_gradient_angles", "gradient_angles",
-           "backprop_angles", "norms"]
+           "backprop_angles", "fixed_point", "feedback_lags", "norms"]
 
 
 def angle(a: Tensor, b: Tensor) -> float:
@@ -64,6 +65,107 @@ def backprop_angles(model: nn.Module, closure: Callable[[], Tensor]) -> dict[str
     for (name, _), g, h in zip(layers, rule_grads, bp_grads, strict=True):
         if g is not None and h is not None:
             out[name] = angle(g, h)
+    return out
+
+
+def fixed_point(layer: FeedbackLayer) -> Tensor | None:
+    """Where the layer's rule settles F for the current W, when it has a closed form in weight
+    space (else None):
+
+    - Kolen-Pollack: W;
+    - self + decay (sa): (self/decay)·W;
+    - amp + decay on mirror noise (wm): (amp·σ²/decay)·W (exact for Linear layers and for a
+      convolution's interior positions; zero padding lowers the border taps' share);
+    - amp + null + decay on mirror noise of a Linear layer (ia): the ridge reconstruction
+      amp·σ²·(null·σ²·W Wᵀ + decay·I)⁻¹ W.
+
+    Activation alignment's fixed point, (amp/sparse)·W, holds on the data's span only: see
+    :func:`feedback_lags`, which measures it there.
+    """
+    rule = layer.rule
+    if not rule.learns:
+        return None
+    W = layer.weight.detach()
+    c = dict(rule.terms)
+    if rule.kp:
+        return W.clone() if set(c) <= {"decay"} else None
+    decay = c.pop("decay", 0.0)
+    if not decay:
+        return None
+    sigma2 = rule.noise.std ** 2 if rule.noise is not None else None
+    if set(c) == {"self"}:
+        return W * (c["self"] / decay)
+    if set(c) == {"amp"} and sigma2 is not None:
+        return W * (c["amp"] * sigma2 / decay)
+    if set(c) == {"amp", "null"} and sigma2 is not None and W.dim() == 2:
+        Wd = W.double()
+        A = c["null"] * sigma2 * Wd @ Wd.T + decay * torch.eye(W.shape[0], dtype=torch.float64,
+                                                               device=W.device)
+        return (c["amp"] * sigma2 * torch.linalg.solve(A, Wd)).to(W.dtype)
+    return None
+
+
+def _data_fixed_point(layer: FeedbackLayer) -> float | None:
+    """amp/sparse for activation-alignment-like rules (amp + sparse on the data), else None."""
+    rule = layer.rule
+    c = rule.terms
+    if rule.learns and not rule.kp and rule.noise is None and set(c) == {"amp", "sparse"}:
+        return c["amp"] / c["sparse"]
+    return None
+
+
+@torch.no_grad()
+def feedback_lags(model: nn.Module, forward: Callable[[], object] | None = None
+                  ) -> dict[str, float]:
+    """``{layer: ‖F − F*‖ / ‖F*‖}``: how far F lags its rule's fixed point F* for the current W.
+
+    F* is :func:`fixed_point`'s closed form. For activation alignment (amp + sparse on the
+    data), F* = (amp/sparse)·W holds on the data's span only, so its lag is measured there:
+    ``‖apply(x, F − F*)‖ / ‖apply(x, F*)‖`` on the inputs each layer sees while ``forward()``
+    runs (a callable that runs the model on a batch; without it those layers are left out).
+    Layers whose rule has no closed-form fixed point are left out.
+    """
+    out: dict[str, float] = {}
+    data_layers = {}
+    layers = list(feedback_layers(model))
+    for name, layer in layers:
+        target = fixed_point(layer)
+        if target is not None:
+            F = layer.feedback.detach()
+            out[name] = float((F - target).norm() / target.norm().clamp_min(1e-30))
+        elif _data_fixed_point(layer) is not None:
+            data_layers[name] = layer
+    if forward is not None and data_layers:
+        out.update(_data_lags(data_layers, forward))
+    return {name: out[name] for name, _ in layers if name in out}
+
+
+def _data_lags(data_layers: dict[str, FeedbackLayer], forward: Callable[[], object]
+               ) -> dict[str, float]:
+    out = {}
+    inputs: dict[str, Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            inputs.setdefault(name, args[0].detach())  # (a hook that returns None)
+        return hook
+
+    hooks = [layer.register_forward_hook(keep(name)) for name, layer in data_layers.items()]
+    try:
+        forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    for name, layer in data_layers.items():
+        if name not in inputs:
+            continue
+        x = inputs[name]
+        if x.dim() == layer.weight.dim() - 1 and layer.weight.dim() > 2:
+            x = x.unsqueeze(0)
+        ops = layer._spec.ops
+        target = ops.apply(x, layer.weight.detach()) * _data_fixed_point(layer)
+        diff = ops.apply(x, layer.feedback.detach()) - target
+        out[name] = float(diff.norm() / target.norm().clamp_min(1e-30))
     return out
 
 

@@ -16,11 +16,13 @@ before its convolution (non-zero padding modes, or asymmetric ``'same'`` padding
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerOps", "LinearOps", "ConvOps", "ops_for"]
+__all__ = ["LayerOps", "LinearOps", "ConvOps", "ops_for", "num_samples"]
 
 
 class LayerOps:
@@ -56,6 +58,19 @@ class LayerOps:
     def broadcast_channels(self, v: Tensor, shape: torch.Size) -> Tensor:
         """A per-example channel vector ``v`` (``[N, C]``) spread over every other position of
         an input of ``shape`` (direct feedback alignment's projected error)."""
+        raise NotImplementedError
+
+    #: At most how many output positions read one input position (1 for Linear): the factor
+    #: by which the null term's curvature can exceed that of the outputs' own Gram matrix.
+    overlap: int = 1
+
+    def patch_gram(self, xp: Tensor, u: Tensor) -> Tensor:
+        """``Σ_p patch_p patch_pᵀ u`` (summed over examples and positions), per group: the
+        sparse term's curvature applied to ``u`` (``[groups, *weight.shape[1:]]``)."""
+        raise NotImplementedError
+
+    def output_gram(self, y: Tensor, u: Tensor) -> Tensor:
+        """``Σ_p y_p y_pᵀ u`` (summed over examples and positions) for ``u`` of ``[out]``."""
         raise NotImplementedError
 
     def forward(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
@@ -103,6 +118,14 @@ class LinearOps(LayerOps):
     def bias_grad(self, dy):
         return dy.reshape(-1, dy.shape[-1]).sum(0)
 
+    def patch_gram(self, xp, u):
+        x2 = xp.reshape(-1, xp.shape[-1])
+        return x2.t().mv(x2.mv(u[0]))[None]
+
+    def output_gram(self, y, u):
+        y2 = y.reshape(-1, y.shape[-1])
+        return y2.t().mv(y2.mv(u))
+
     def remove_bias(self, out, b):
         return out - b
 
@@ -143,6 +166,11 @@ class ConvOps(LayerOps):
         self.pre_pad = tuple(pre_pad) if pre_pad is not None and any(pre_pad) else None
         self.pad_mode = pad_mode
         self._conv = _CONV[dim]
+        # along each dimension, taps j*dilation land on one input position from at most
+        # ceil(k / (stride / gcd(stride, dilation))) output positions
+        self.overlap = math.prod(
+            -(-k // (s // math.gcd(s, d)))
+            for k, s, d in zip(self.weight_shape[2:], self.stride, self.dilation, strict=True))
 
     @classmethod
     def from_module(cls, m: nn.modules.conv._ConvNd) -> ConvOps:
@@ -220,6 +248,15 @@ class ConvOps(LayerOps):
     def bias_grad(self, dy):
         return dy.sum([0] + list(range(2, dy.dim())))
 
+    def patch_gram(self, xp, u):
+        # one output channel per group: conv with u, then the weight gradient in u's shape
+        v = self._conv(xp, u, None, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv_backward(v, xp, u, (False, True, False))[1]
+
+    def output_gram(self, y, u):
+        v = torch.einsum("no...,o->n...", y, u)
+        return torch.einsum("no...,n...->o", y, v)
+
     def backward(self, dy, xp, K, mask):
         # One call gives the input gradient through K, the weight gradient and the bias gradient
         # (the weight gradient does not depend on the kernel passed in).
@@ -269,7 +306,9 @@ def ops_for(module: nn.Module) -> LayerOps:
     raise TypeError(f"no ops for {type(module).__name__}; supported: Linear, Conv1d, Conv2d, Conv3d")
 
 
-def num_examples(x: Tensor, ops: LayerOps) -> int:
-    """Examples in a batch: the first dimension, unless the input is a single unbatched example."""
-    unbatched_rank = 1 if isinstance(ops, LinearOps) else ops.dim + 1
-    return 1 if x.dim() <= unbatched_rank else x.shape[0]
+def num_samples(y: Tensor | torch.Size, W: Tensor) -> int:
+    """Samples the activity terms average over: examples times positions (a convolution's
+    output positions, a Linear layer's leading dimensions), from the linear output ``y`` (or
+    its shape)."""
+    shape = y.shape if isinstance(y, Tensor) else y
+    return max(1, math.prod(shape) // W.shape[0])

@@ -70,6 +70,10 @@ class Rule:
         normalize: after each step rescale F to a fixed Frobenius norm: ``True`` for its norm
             at initialisation, a number for that norm, ``False`` for none.
         init: how F is initialised, one of ``FEEDBACK_INITS``.
+        rate: how fast the feedback recipe (:func:`neuralign.feedback_optimizer`) moves F: the
+            fraction of the way to the rule's fixed point covered per step along its stiffest
+            direction, in (0, 1]. Only the recipe reads it; an optimizer of your own over
+            ``param_groups(model)["feedback"]`` has its own learning rate.
         name: a label (the catalog name for named rules).
     """
 
@@ -80,6 +84,7 @@ class Rule:
     update_noise: float = 0.0
     normalize: bool | float = False
     init: str = "default"
+    rate: float = 0.1
     name: str = "custom"
 
     def __post_init__(self):
@@ -104,6 +109,10 @@ class Rule:
         _valid("feedback init", self.init, FEEDBACK_INITS)
         if not (isinstance(self.update_noise, int | float) and self.update_noise >= 0):
             raise ValueError(f"update_noise is a standard deviation >= 0, got {self.update_noise!r}")
+        if isinstance(self.rate, bool) or not (isinstance(self.rate, int | float)
+                                                and 0 < self.rate <= 1):
+            raise ValueError(f"rate is the fraction of the way to the fixed point per step, in "
+                             f"(0, 1], got {self.rate!r}")
         norm = self.normalize
         if not (isinstance(norm, bool) or (isinstance(norm, int | float) and norm > 0)):
             raise ValueError(f"normalize must be True, False or a positive norm, got {norm!r}")
@@ -126,7 +135,7 @@ class Rule:
 
     def __hash__(self):
         return hash((tuple(sorted(self.terms.items())), self.feedback, self.kp, self.noise,
-                     self.update_noise, self.normalize, self.init, self.name))
+                     self.update_noise, self.normalize, self.init, self.rate, self.name))
 
     def __reduce__(self):  # the terms mapping is read-only, and pickles as a dict
         return (Rule.from_dict, (self.to_dict(),))
@@ -232,34 +241,41 @@ def get_rule(name: str | Rule, **overrides) -> Rule:
 
 
 # -- the catalog ----------------------------------------------------------------------------
-# Coefficients are ratios: with its own optimizer, the feedback weight's speed is the feedback
-# learning rate's business, so the named defaults fix where F settles. The reference code's
-# coefficients (paper/reference-code-notes.md) write decay, null and sparse without the 1/2,
-# so ours for those are twice theirs; both sets below are theirs times 500.
+# Coefficients are ratios: they fix where F settles; how fast F gets there is the recipe's
+# `rate` (neuralign.feedback_optimizer), or the learning rate of an optimizer of your own. The
+# reference code's coefficients (paper/reference-code-notes.md) write decay, null and sparse
+# without the 1/2, so ours for those are twice theirs; both sets below are theirs times 500.
 _REF = "reference code (neuroailab/neural-alignment) defaults, decay/null/sparse doubled for the 1/2, x500"
+# The rates were chosen by measurement (docs/fidelity.md, "Choosing the rates"): the fastest
+# that keeps training stable and, for mirror noise, averages the noise over enough steps.
+_RATE = "rate measured in docs/fidelity.md"
 
 register("bp", "Backpropagation: errors go down through W (the layer stays a plain torch layer).",
          "Rumelhart, Hinton & Williams 1986", feedback="bp")
 register("fa", "Feedback alignment: F fixed at an independent random init.",
          "Lillicrap et al. 2016", feedback="fixed")
 register("wm", "Weight mirror: amp + decay on mirror noise; F -> (amp*std^2/decay) W = W.",
-         f"Akrout et al. 2019; {_REF} (amp 1e-3, decay 1e-3 -> 1:2), rescaled to F = W",
-         terms={"amp": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0))
+         f"Akrout et al. 2019; {_REF} (amp 1e-3, decay 1e-3 -> 1:2), rescaled to F = W; {_RATE}",
+         terms={"amp": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0), rate=0.1)
 register("ia", "Information alignment: amp + null + decay on mirror noise; F learns a ridge "
          "reconstruction of x from y.",
-         f"Kunin et al. 2020; {_REF} (amp 2e-3, null 1e-3, decay 1e-3)",
-         terms={"amp": 1.0, "null": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0))
-register("sa", "Symmetric alignment: self + decay; F -> (self/decay) W = W.",
-         f"Kunin et al. 2020; {_REF} (self 2e-3, decay 1e-3)",
-         terms={"self": 1.0, "decay": 1.0})
+         f"Kunin et al. 2020; {_REF} (amp 2e-3, null 1e-3, decay 1e-3); {_RATE}",
+         terms={"amp": 1.0, "null": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0), rate=0.1)
+register("sa", "Symmetric alignment: self + decay; F -> (self/decay) W = W. The recipe moves F "
+         "half way there each step (rate 0.5).",
+         f"Kunin et al. 2020; {_REF} (self 2e-3, decay 1e-3); {_RATE}",
+         terms={"self": 1.0, "decay": 1.0}, rate=0.5)
 register("aa", "Activation alignment: amp + sparse on the data; F -> (amp/sparse) W = W on the "
-         "data's span.", f"Kunin et al. 2020; {_REF} (amp 2e-3, sparse 1e-3)",
-         terms={"amp": 1.0, "sparse": 1.0})
+         "data's span. The recipe reaches it along the data's top direction in one step "
+         "(rate 1).", f"Kunin et al. 2020; {_REF} (amp 2e-3, sparse 1e-3); {_RATE}",
+         terms={"amp": 1.0, "sparse": 1.0}, rate=1.0)
 register("kp", "Kolen-Pollack: F gets W's task gradient plus decay; F - W -> 0 when W has the "
-         "same decay.", "Kolen & Pollack 1994, Akrout et al. 2019; reference code decay 1e-3 "
-         "without the 1/2 (gradient 2e-3 F)", terms={"decay": 2e-3}, kp=True)
+         "same decay. The recipe gives F exactly W's update and shrinks F - W by 10% per step.",
+         "Kolen & Pollack 1994, Akrout et al. 2019; reference code decay 1e-3 without the 1/2 "
+         f"(gradient 2e-3 F); {_RATE}", terms={"decay": 2e-3}, kp=True, rate=0.1)
 register("dfa", "Direct feedback alignment: each layer sends down D e, the network's output error "
-         "e through a fixed random D (in_channels x outputs, shared over positions).",
+         "e through a fixed random D (outputs x in_channels, shared over positions: each of an "
+         "input's P positions receives D e / P).",
          "Nøkland 2016", feedback="dfa")
 register("usf", "Uniform sign-concordant feedback: F = s sign(W), s the std of F's init.",
          "Liao, Leibo & Poggio 2016; Xiao et al. 2018", feedback="usf")

@@ -1,7 +1,11 @@
 """The five terms of Kunin et al. (2020): loss forms and closed-form gradients, generic over ops.
 
 ``x`` is the layer's input, ``y = apply(x, W)`` its linear output before bias. Activity terms
-(amp, null, sparse) average over the batch's examples and sum over everything else.
+(amp, null, sparse) average over samples, that is examples times positions (a convolution's
+output positions, a Linear layer's leading dimensions), and sum over units. Averaging over
+positions, not summing, keeps each rule's fixed point independent of a layer's spatial size:
+weight mirror's F = (amp·σ²/decay)·W holds for a convolution as for a Linear layer, where a sum
+would settle F at (number of positions)·W.
 
 ========  ==========================  ===========================================
 term      R(F)                        gradient with respect to F
@@ -25,7 +29,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .ops import LayerOps, num_examples
+from .ops import LayerOps, num_samples
 
 TERMS = ("decay", "amp", "null", "sparse", "self")
 ACTIVITY_TERMS = ("amp", "null", "sparse")
@@ -43,8 +47,8 @@ def loss(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
         return 0.5 * F.pow(2).sum()
     if term == "self":
         return -(F * W).sum()
-    n = num_examples(x, ops)
     y = ops.apply(x, W)
+    n = num_samples(y, W)
     if term == "amp":
         return -(y * ops.apply(x, F)).sum() / n
     if term == "null":
@@ -59,8 +63,8 @@ def grad(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
         return F.clone()
     if term == "self":
         return -W.clone()
-    n = num_examples(x, ops)
     y = ops.apply(x, W)
+    n = num_samples(y, W)
     if term == "amp":
         return -ops.outer(x, y) / n
     if term == "null":
@@ -80,7 +84,7 @@ def rule_grad(
         xp: the (possibly noise) input, already padded by ``ops.pad``.
         W, F: forward and feedback kernels (same layout).
         y: ``apply(x, W)`` for that input, before bias.
-        n: number of examples the activity terms average over.
+        n: number of samples the activity terms average over (:func:`~neuralign.ops.num_samples`).
         base: a kernel-shaped tensor added to the result, left unchanged (Kolen-Pollack's task
             share), or None.
 

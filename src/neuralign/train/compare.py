@@ -23,10 +23,10 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_RULES", "compare", "format_table"]
 
 #: The rules ``neuralign compare`` runs by default: the whole catalog, backprop first.
-DEFAULT_RULES = ("bp", "fa", "wm", "ia", "sa", "aa", "kp", "usf", "frsf", "brsf")
+DEFAULT_RULES = ("bp", "fa", "wm", "ia", "sa", "aa", "kp", "usf", "frsf", "brsf", "dfa")
 
 COLUMNS = ("rule", "final_top1", "best_top1", "best_epoch", "weight_angle", "backprop_angle",
-           "epoch_time_s", "epochs", "status")
+           "feedback_lag", "epoch_time_s", "epochs", "status")
 
 
 def compare(cfg: Config, rules: list[str] | tuple[str, ...] = DEFAULT_RULES,
@@ -85,8 +85,8 @@ def _summary(rule: str, history: list[dict], status: str, wall: float) -> dict:
     nan = math.nan
     if not history:
         return {"rule": rule, "final_top1": nan, "best_top1": nan, "best_epoch": nan,
-                "weight_angle": nan, "backprop_angle": nan, "epoch_time_s": nan, "epochs": 0,
-                "status": status}
+                "weight_angle": nan, "backprop_angle": nan, "feedback_lag": nan,
+                "epoch_time_s": nan, "epochs": 0, "status": status}
     best = max(history, key=lambda h: h["test_top1"])
     last = history[-1]
     return {
@@ -96,6 +96,7 @@ def _summary(rule: str, history: list[dict], status: str, wall: float) -> dict:
         "best_epoch": int(best["epoch"]),
         "weight_angle": last["weight_angle"],
         "backprop_angle": last["backprop_angle"],
+        "feedback_lag": last.get("feedback_lag", nan),
         "epoch_time_s": sum(h["epoch_time_s"] for h in history) / len(history),
         "epochs": len(history),
         "status": status,
@@ -109,11 +110,12 @@ def format_table(rows: list[dict]) -> str:
         return "–" if not isinstance(v, (int, float)) or not math.isfinite(v) else fmt.format(v)
 
     head = ("| rule | final top-1 (%) | best top-1 (%) | mean weight angle (°) | "
-            "end-to-end angle vs BP (°) | time/epoch (s) | status |")
-    lines = [head, "|" + "---|" * 7]
+            "end-to-end angle vs BP (°) | lag ‖F − F*‖/‖F*‖ | time/epoch (s) | status |")
+    lines = [head, "|" + "---|" * 8]
     for r in rows:
         lines.append(f"| {r['rule']} | {num(r['final_top1'], '{:.1f}')} | "
                      f"{num(r['best_top1'], '{:.1f}')} | {num(r['weight_angle'], '{:.1f}')} | "
                      f"{num(r['backprop_angle'], '{:.1f}')} | "
+                     f"{num(r.get('feedback_lag'), '{:.3f}')} | "
                      f"{num(r['epoch_time_s'], '{:.2f}')} | {r['status']} |")
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from ..models import ModelConfig
 __all__ = [
     "Config",
     "ConfigError",
+    "FeedbackOptimConfig",
     "OptimConfig",
     "RuleConfig",
     "ScheduleConfig",
@@ -102,12 +103,9 @@ class ScheduleConfig:
 class OptimConfig:
     """An optimizer (``sgd``, ``adam``, ``adamw``) and its schedule.
 
-    The defaults (Adam, 3e-3, for both the forward and the feedback weights) are the default
-    MNIST-1D run's; the same optimizer on both sides also keeps Kolen-Pollack's F and W moving
-    alike. ``momentum`` and ``nesterov`` apply to SGD, ``betas`` and ``eps`` to Adam(W).
-
-    ``weight_decay`` applies to the parameters this optimizer owns only: the forward optimizer
-    owns the forward weights, the feedback optimizer the learned feedback weights.
+    The defaults (Adam, 3e-3) are the default MNIST-1D run's forward optimizer. ``momentum``
+    and ``nesterov`` apply to SGD, ``betas`` and ``eps`` to Adam(W). ``weight_decay`` applies to
+    the parameters this optimizer owns only.
     """
 
     name: str = "adam"
@@ -118,6 +116,22 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+
+@dataclass
+class FeedbackOptimConfig(OptimConfig):
+    """How the learned feedback weights move.
+
+    ``recipe`` (the default) is the rules' own update recipe, ``neuralign.feedback_optimizer``:
+    a normalised step that moves each F a fraction ``rate`` of the way to its rule's fixed point
+    per step (default: each rule's own ``rate``), with update noise and normalisation included,
+    whatever optimizer trains W; ``lr``, ``momentum``, ``betas`` and ``weight_decay`` do not
+    apply to it, ``schedule`` scales the rate. ``sgd``, ``adam`` or ``adamw`` train F with that
+    torch optimizer on the rule's gradient instead (the forward optimizer's fields).
+    """
+
+    name: str = "recipe"
+    rate: float | None = None
 
 
 @dataclass
@@ -166,7 +180,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     rule: RuleConfig = field(default_factory=RuleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    feedback_optim: OptimConfig = field(default_factory=OptimConfig)
+    feedback_optim: FeedbackOptimConfig = field(default_factory=FeedbackOptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 

@@ -14,9 +14,12 @@ import torch
 
 from .config import OptimConfig, ScheduleConfig
 
-__all__ = ["build_optimizer", "Schedule", "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["build_optimizer", "build_feedback_optimizer", "Schedule", "OPTIMIZERS",
+           "FEEDBACK_OPTIMIZERS", "SCHEDULES"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+#: The feedback weights' choices: the rules' own recipe, or a torch optimizer.
+FEEDBACK_OPTIMIZERS = ("recipe", *OPTIMIZERS)
 SCHEDULES = ("constant", "step", "cosine")
 
 
@@ -37,6 +40,31 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig,
         return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                    weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {which}.name={cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def build_feedback_optimizer(model: torch.nn.Module, cfg, generator: torch.Generator | None = None
+                             ) -> torch.optim.Optimizer | None:
+    """The optimizer of ``model``'s learned feedback weights from a ``FeedbackOptimConfig``:
+    the rules' recipe (``neuralign.feedback_optimizer``) or a torch optimizer; None when the
+    model has no learned feedback weight."""
+    import neuralign as na
+
+    feedback = na.param_groups(model)["feedback"]
+    if not feedback:
+        return None
+    name = cfg.name.lower()
+    if name == "recipe":
+        try:
+            return na.feedback_optimizer(model, rate=cfg.rate, generator=generator)
+        except ValueError as e:
+            raise ValueError(f"feedback_optim.rate: {e}") from None
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer feedback_optim.name={cfg.name!r}; valid: "
+                         f"{', '.join(FEEDBACK_OPTIMIZERS)}")
+    if cfg.rate is not None:
+        raise ValueError(f"feedback_optim.rate is the recipe's; with feedback_optim.name={name} "
+                         "set feedback_optim.lr instead")
+    return build_optimizer(feedback, cfg, "feedback_optim")
 
 
 class Schedule:

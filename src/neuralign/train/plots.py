@@ -28,7 +28,8 @@ def _finite(values: list[float]) -> bool:
 
 def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") -> list[Path]:
     """``accuracy.png`` (top-1 and loss per epoch) and ``angles.png`` (per-layer weight,
-    local gradient and end-to-end angles per epoch) in ``out_dir``; returns the paths."""
+    local gradient and end-to-end angles, and the lag of F behind its rule's fixed point, per
+    epoch) in ``out_dir``; returns the paths."""
     plt = _plt()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,20 +60,23 @@ def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") 
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 
-    kinds = [("weight_angle", "weight angle ∠(W, F)"),
-             ("gradient_angle", "local gradient angle"),
-             ("backprop_angle", "end-to-end angle vs backprop")]
+    kinds = [("weight_angle", "weight angle ∠(W, F)", "degrees"),
+             ("gradient_angle", "local gradient angle", "degrees"),
+             ("backprop_angle", "end-to-end angle vs backprop", "degrees"),
+             ("feedback_lag", "lag ‖F − F*‖ / ‖F*‖", "relative distance (log)")]
     keys = sorted({k for h in history for k in h})
-    present = [(k, t) for k, t in kinds
+    present = [(k, t, u) for k, t, u in kinds
                if any(_finite(_col(history, c)) for c in keys if c.startswith(k + "/"))]
     fig, axes = plt.subplots(1, max(1, len(present)), figsize=(5 * max(1, len(present)), 4),
                              squeeze=False)
-    for ax, (kind, label) in zip(axes[0], present, strict=False):
+    for ax, (kind, label, unit) in zip(axes[0], present, strict=False):
         for c in [c for c in keys if c.startswith(kind + "/")]:
             ys = _col(history, c)
             if _finite(ys):
                 ax.plot(epochs, ys, label=c.split("/", 1)[1])
-        ax.set(xlabel="epoch", ylabel="degrees", title=label)
+        if kind == "feedback_lag":
+            ax.set_yscale("log")
+        ax.set(xlabel="epoch", ylabel=unit, title=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
     if not present:

@@ -35,7 +35,7 @@ from ..models import build_model
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, ConfigError, config_from_dict, config_to_dict, save_config
-from .optim import Schedule, build_optimizer
+from .optim import Schedule, build_feedback_optimizer, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,19 @@ class Trainer:
         plain = build_model(cfg.model, info.input_shape, info.num_classes)
         self.model = na.convert(plain, self.rule, layer_rules=dict(cfg.rule.layers),
                                 on_unsupported=cfg.rule.on_unsupported).to(self.device)
+        # update noise: one stream, the same on every rank, so F stays identical everywhere
+        self.update_generator = torch.Generator(device=self.device).manual_seed(
+            tc.seed + 20_011)
+        self.layer_names = [n for n, _ in na.feedback_layers(self.model)]
+        groups = na.param_groups(self.model)
+        self.optimizer = build_optimizer(groups["forward"], cfg.optim, "optim")
+        # (before DDP: the recipe decides which feedback weights need a gradient at all)
+        try:
+            self.feedback_optimizer = build_feedback_optimizer(self.model, cfg.feedback_optim,
+                                                               self.update_generator)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.recipe = isinstance(self.feedback_optimizer, na.FeedbackOptimizer)
         # the module that trains: DDP around the model when distributed (the model itself,
         # with its plain state-dict keys, is what metrics, evaluation and checkpoints use)
         self.net: torch.nn.Module = self.model
@@ -193,22 +206,14 @@ class Trainer:
             if tc.sync_batchnorm:
                 self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             # parameters and buffers are identical already (same seed); DDP broadcasts rank
-            # 0's anyway. Every learned F gets a gradient from each backward, and fixed or
-            # derived feedback are buffers: no find_unused_parameters.
+            # 0's anyway. Every learned F that needs a gradient gets one from each backward;
+            # the others (the recipe's sa, kp) do not require grad, and fixed or derived
+            # feedback are buffers: no find_unused_parameters.
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
             # mirror noise (and brSF's magnitudes, CPU augmentation) independent per rank
             if self.rank > 0:
                 torch.manual_seed(distributed.rank_seed(tc.seed, self.rank))
-        # update noise: one stream, the same on every rank, so F stays identical everywhere
-        self.update_generator = torch.Generator(device=self.device).manual_seed(
-            tc.seed + 20_011)
-        self.layer_names = [n for n, _ in na.feedback_layers(self.model)]
-        groups = na.param_groups(self.model)
-        self.optimizer = build_optimizer(groups["forward"], cfg.optim, "optim")
-        self.feedback_optimizer = (build_optimizer(groups["feedback"], cfg.feedback_optim,
-                                                   "feedback_optim")
-                                   if groups["feedback"] else None)
         steps = len(self.data.train)
         self.schedule = Schedule(self.optimizer, cfg.optim.schedule, steps, tc.epochs,
                                  "optim.schedule")
@@ -381,6 +386,7 @@ class Trainer:
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
+            self._last_input = x
             probe = bool(every) and bool(self.layer_names) and self.step % every == 0
             if probe:
                 self._measure_angles(x, y, stats)
@@ -408,8 +414,9 @@ class Trainer:
                 na.metrics.record_gradient_angles(self.model, False)
             self.optimizer.step()
             if self.feedback_optimizer is not None:
-                self.feedback_optimizer.step()
-                na.after_step(self.model, self.feedback_optimizer, self.update_generator)
+                self.feedback_optimizer.step()  # the recipe includes noise and normalisation
+                if not self.recipe:
+                    na.after_step(self.model, self.feedback_optimizer, self.update_generator)
             self.schedule.step()
             if self.feedback_schedule is not None:
                 self.feedback_schedule.step()
@@ -509,6 +516,7 @@ class Trainer:
         for k, v in self.evaluate(self.data.test).items():
             m[f"test_{k}"] = v
         weight = na.metrics.weight_angles(self.model)
+        lags = self._feedback_lags()
 
         def mean(d: dict[str, float]) -> float:
             return sum(d.values()) / len(d) if d else nan
@@ -516,6 +524,7 @@ class Trainer:
         m["weight_angle"] = mean(weight)
         m["gradient_angle"] = mean(tr["_grad"])
         m["backprop_angle"] = mean(tr["_bp"])
+        m["feedback_lag"] = mean(lags)
         m["epoch_time_s"] = train_time
         for name in self.layer_names:
             m[f"weight_angle/{name}"] = weight.get(name, nan)
@@ -523,7 +532,21 @@ class Trainer:
             m[f"gradient_angle/{name}"] = tr["_grad"].get(name, nan)
         for name in self.layer_names:
             m[f"backprop_angle/{name}"] = tr["_bp"].get(name, nan)
+        for name in self.layer_names:
+            m[f"feedback_lag/{name}"] = lags.get(name, nan)
         return m
+
+    def _feedback_lags(self) -> dict[str, float]:
+        """Lag of each F behind its rule's fixed point, at the end of the epoch (activation
+        alignment's on the epoch's last training batch, in eval mode)."""
+        x = getattr(self, "_last_input", None)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return na.metrics.feedback_lags(self.model, None if x is None else
+                                            lambda: self.model(x))
+        finally:
+            self.model.train(was_training)
 
 
 def train(cfg: Config, callbacks: list[Callback] | None = None, **kwargs

@@ -1,0 +1,299 @@
+"""Feedback dynamics: each rule's own update recipe for its learned feedback weights.
+
+A rule fixes *where* F settles (its terms are quadratic in F, so it has a fixed point); this
+module fixes *how fast and how stably* F gets there, whatever optimizer trains W and whatever
+the layer's scale. :func:`feedback_optimizer` returns a :class:`FeedbackOptimizer`, stepped like
+a torch optimizer after the forward optimizer's step::
+
+    opt_f = na.feedback_optimizer(model)
+    loss.backward(); opt_w.step(); opt_f.step()
+
+**Normalised steps.** Each layer's step is ``F ← F − (rate / κ) ∇R(F)``, where κ is the
+curvature of the rule's R in F along its stiffest direction:
+
+=========  ====================================================================
+term       curvature
+=========  ====================================================================
+decay      1
+self, amp  0 (linear in F)
+sparse     top eigenvalue of the per-sample input-patch Gram matrix, E[x xᵀ]
+null       top eigenvalue of the per-sample output Gram matrix, E[y yᵀ] (times the
+           number of output positions that read one input position, for a conv)
+=========  ====================================================================
+
+(with mirror noise, ``x`` is the noise). So ``rate`` is the fraction of the way to the fixed
+point covered per step along the stiffest direction, at any layer size, depth or activity
+scale, and any rate in (0, 1] is stable. The data curvatures are estimated by power iteration,
+one step per backward, from the tensors the backward already holds; under
+DistributedDataParallel each product is averaged over processes, like F's gradient, so every
+replica takes the single process's step.
+
+**Where each part is computed.** The backward puts only the activity terms' gradient (amp,
+null, sparse: what needs the batch) in ``F.grad``; the step adds decay and self from the current
+F and W. A rule with no activity term (sa, kp) needs no backward work at all: its F stops
+requiring grad, so memory is backprop's plus F, and symmetric alignment's step is one pass,
+``F ← F + rate·((self/decay)·W − F)``.
+
+**Kolen-Pollack.** F receives exactly W's update, whatever optimizer, momentum, schedule or
+weight decay produced it, and the difference decays: the recipe keeps ``D = F − W`` and sets
+``F = W + (1 − rate)·D`` after each step, so ``F − W`` contracts by ``1 − rate`` per step. This
+is Kolen-Pollack's own dynamics (Akrout et al. 2019: W and B get the same update and the same
+decay, so their difference shrinks by the decay alone), exact for any forward optimizer.
+
+Update noise (``F += lr_F·N(0, σ²)`` with ``lr_F = rate/κ``, the step's own learning rate) and
+normalisation (rescaling F to a fixed norm) are part of the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .convert import feedback_layers
+from .layers import FeedbackLayer
+from .terms import ACTIVITY_TERMS
+
+__all__ = ["FeedbackOptimizer", "feedback_optimizer", "curvature"]
+
+log = logging.getLogger(__name__)
+
+#: Power iterations at a layer's first backward (afterwards one per backward).
+WARMUP_ITERATIONS = 8
+
+
+def feedback_optimizer(model: nn.Module, rate: float | None = None,
+                       generator: torch.Generator | None = None) -> FeedbackOptimizer:
+    """The rules' own update recipe for every learned feedback weight of ``model``.
+
+    Args:
+        model: a converted model (the recipe takes over its learned feedback layers: see
+            :class:`FeedbackOptimizer`).
+        rate: one rate for every layer, in (0, 1]; default: each layer's ``rule.rate``.
+        generator: draws the update noise; under DistributedDataParallel give every process the
+            same seed, so that F stays identical everywhere.
+
+    Returns:
+        A :class:`FeedbackOptimizer` (a ``torch.optim.Optimizer``; with no learned feedback
+        weight it holds one empty group and its step does nothing).
+
+    Example::
+
+        opt_w = torch.optim.SGD(na.param_groups(model)["forward"], lr=0.01, momentum=0.9)
+        opt_f = na.feedback_optimizer(model)
+        for x, y in data:
+            opt_w.zero_grad(); opt_f.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt_w.step(); opt_f.step()
+    """
+    return FeedbackOptimizer(model, rate=rate, generator=generator)
+
+
+def _check_rate(rate) -> float:
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 < rate <= 1:
+        raise ValueError(f"rate is the fraction of the way to the fixed point per step, in "
+                         f"(0, 1], got {rate!r}")
+    return float(rate)
+
+
+def _mean_over_processes(t: Tensor) -> Tensor:
+    """``t`` averaged over the processes of a distributed run (in place; ``t`` alone otherwise).
+    Each process holds an equal share of the global batch, so the mean of the per-process
+    per-sample averages is the global batch's."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
+
+
+class _Observer:
+    """Called by the backward: one power-iteration step for each data curvature the rule needs
+    (the input-patch Gram for sparse, the output Gram for null), written into ``state``.
+
+    Under DistributedDataParallel each product ``H u`` is averaged over the processes (a small
+    all-reduce per layer), so the iteration is the single process's on the global batch and
+    every process holds the same ``u`` and the same curvature."""
+
+    def __init__(self, state: dict, sparse: bool, null: bool):
+        self.state, self.sparse, self.null = state, sparse, null
+
+    @torch.no_grad()
+    def __call__(self, ops, src: Tensor, y: Tensor | None, n: int) -> None:
+        state = self.state
+        iters = WARMUP_ITERATIONS if state["observed"] == 0 else 1
+        if self.sparse:
+            u = state["u_in"].to(src.dtype)
+            for _ in range(iters):
+                h = _mean_over_processes(ops.patch_gram(src, u).div_(n))  # one block per group
+                lam = h.flatten(1).norm(dim=1)
+                scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).view(-1, *[1] * (h.dim() - 1))
+                u = torch.where(lam.view_as(scale) > 0, h / scale, u)
+            state["u_in"].copy_(u)
+            state["curv_in"].copy_(lam.max())
+        if self.null and y is not None:
+            u = state["u_out"].to(y.dtype)
+            for _ in range(iters):
+                h = _mean_over_processes(ops.output_gram(y, u).div_(n))
+                lam = h.norm()
+                u = torch.where(lam > 0, h / lam.clamp_min(torch.finfo(lam.dtype).tiny), u)
+            state["u_out"].copy_(u)
+            state["curv_out"].copy_(lam * ops.overlap)
+        state["observed"] += 1
+
+
+def curvature(layer: FeedbackLayer, state: dict | None = None) -> float | Tensor:
+    """κ of the layer's rule: ``decay + sparse·λ_in + null·λ_out`` (see the module docstring);
+    ``λ_in`` and ``λ_out`` are the recipe's estimates in ``state`` (zero before any backward)."""
+    c = layer.rule.terms
+    kappa: float | Tensor = c.get("decay", 0.0)
+    if state is not None:
+        if c.get("sparse"):
+            kappa = kappa + c["sparse"] * state["curv_in"]
+        if c.get("null"):
+            kappa = kappa + c["null"] * state["curv_out"]
+    return kappa
+
+
+class FeedbackOptimizer(torch.optim.Optimizer):
+    """The update recipe of every learned feedback weight of a model (see the module docstring).
+
+    One parameter group per layer (``lr`` is the layer's rate, so learning-rate schedulers
+    scale it; ``layer`` is its name). Building it takes the layers over: their backward then
+    computes only what the recipe needs (F's ``requires_grad`` is switched off where that is
+    nothing, as for sa and kp), so build it before wrapping the model in
+    DistributedDataParallel, and use one recipe per model. :meth:`release` gives the layers
+    back to their rules' plain backward.
+
+    Args:
+        model: a converted model.
+        rate: one rate for every layer, in (0, 1]; default each layer's ``rule.rate``.
+        generator: draws the update noise.
+    """
+
+    def __init__(self, model: nn.Module, rate: float | None = None,
+                 generator: torch.Generator | None = None):
+        if rate is not None:
+            rate = _check_rate(rate)
+        self._layer_of: dict[nn.Parameter, FeedbackLayer] = {}
+        groups = []
+        for name, layer in feedback_layers(model):
+            if layer.rule.learns:
+                self._layer_of[layer.feedback] = layer
+                groups.append({"params": [layer.feedback], "layer": name,
+                               "lr": layer.rule.rate if rate is None else rate})
+        super().__init__(groups or [{"params": [], "layer": "", "lr": 0.0}], {})
+        self.generator = generator
+        for F, layer in self._layer_of.items():
+            self._take_over(F, layer)
+
+    # -- ownership -----------------------------------------------------------------------------
+    def _take_over(self, F: nn.Parameter, layer: FeedbackLayer, fresh: bool = True) -> None:
+        """Point the layer's backward at the recipe; initialise its state when ``fresh``."""
+        rule, spec, state = layer.rule, layer._spec, self.state[F]
+        activity = {t: c for t, c in rule.terms.items() if t in ACTIVITY_TERMS}
+        spec.terms, spec.kp = activity, False
+        spec.observe = spec.loaded = None
+        if not activity:
+            F.requires_grad_(False)
+            F.grad = None
+        sparse, null = "sparse" in activity, "null" in activity
+        if sparse or null:
+            if fresh:
+                W = layer.weight
+                u_in = torch.ones(getattr(layer, "groups", 1), *W.shape[1:], device=W.device,
+                                  dtype=W.dtype)
+                state["u_in"] = u_in.div_(u_in[0].norm())
+                state["u_out"] = torch.ones(W.shape[0], device=W.device,
+                                            dtype=W.dtype).div_(math.sqrt(W.shape[0]))
+                state["curv_in"] = W.new_zeros(())
+                state["curv_out"] = W.new_zeros(())
+                state["observed"] = 0  # backward calls seen
+            spec.observe = _Observer(state, sparse, null)
+        if rule.kp:
+            def sync(F=F, W=layer.weight):
+                self.state[F]["delta"] = (F - W).detach()
+
+            if fresh:
+                sync()
+            spec.loaded = sync  # a model state loaded later brings its own F − W
+
+    def release(self) -> None:
+        """Give every layer back to its rule's plain backward (every term in ``F.grad``)."""
+        for F, layer in self._layer_of.items():
+            layer._spec.reset()
+            F.requires_grad_(True)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for F, layer in self._layer_of.items():  # the hooks follow the loaded state
+            self._take_over(F, layer, fresh=False)
+
+
+    # -- the step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        """One recipe step for every layer (after the forward optimizer's step)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for F in group["params"]:
+                layer = self._layer_of[F]
+                if layer._spec.terms and F.grad is None:
+                    continue  # an activity rule with no backward since the last zero_grad
+                self._step_layer(F, layer, float(group["lr"]), self.state[F])
+        return loss
+
+    def _step_layer(self, F: Tensor, layer: FeedbackLayer, rate: float, state: dict) -> None:
+        rule = layer.rule
+        W = layer.weight.detach()
+        c = rule.terms
+        decay, self_ = c.get("decay", 0.0), c.get("self", 0.0)
+        g_act = F.grad if layer._spec.terms else None
+        if rule.kp:
+            X = state["delta"]  # the decay acts on F − W: "the same decay on both"
+        else:
+            X = F
+        kappa = curvature(layer, state)
+        if isinstance(kappa, float) and kappa == 0.0:
+            # no curvature (e.g. amp or self alone): a step of `rate` times F's norm
+            g = torch.zeros_like(F) if g_act is None else g_act.clone()
+            if self_:
+                g.sub_(W, alpha=self_)
+            s = rate * F.norm() / g.norm().clamp_min(torch.finfo(F.dtype).tiny)
+            X.sub_(g * s)
+        elif isinstance(kappa, float):
+            s = rate / kappa
+            if g_act is None and not rule.kp and self_ and self_ == decay:
+                X.lerp_(W, rate)  # sa: F ← F + rate·(W − F), one pass
+            else:
+                if decay:
+                    X.mul_(1.0 - s * decay)
+                if g_act is not None:
+                    X.add_(g_act, alpha=-s)
+                if self_:
+                    X.add_(W, alpha=s * self_)
+        else:  # a data curvature (a 0-d tensor): no host synchronisation
+            s = rate / kappa.clamp_min(torch.finfo(kappa.dtype).tiny)
+            s = s.to(F.dtype)
+            if decay:
+                X.mul_(1.0 - s * decay)
+            if g_act is not None:
+                X.addcmul_(g_act, s, value=-1.0)
+            if self_:
+                X.addcmul_(W, s * self_)
+        sigma = rule.update_noise
+        if sigma:
+            eps = torch.randn(F.shape, generator=self.generator, device=F.device, dtype=F.dtype)
+            X.add_(eps.mul_(s * sigma))
+        if rule.kp:
+            torch.add(W, X, out=F)
+        if rule.normalize:
+            layer.normalize_feedback()
+            if rule.kp:
+                torch.sub(F, W, out=X)
