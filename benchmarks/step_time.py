@@ -1,8 +1,10 @@
 """Training-step time and peak memory of every learning rule, as ratios to plain backprop.
 
 A benchmark, not a test: it measures one training step (forward + loss + backward + SGD step
-on ``param_groups(model)['forward']``, a second SGD step on ``['feedback']`` when the rule has
-learned feedback weights, and ``na.after_step``) for each rule of ``na.list_rules()`` on
+on ``param_groups(model)['forward']``, then the feedback step when the rule has learned
+feedback weights: by default the rules' own recipe, ``na.feedback_optimizer``, whose step
+includes update noise and normalisation; with ``--feedback sgd`` an SGD step on
+``['feedback']`` and ``na.after_step``) for each rule of ``na.list_rules()`` on
 
 * ``mlp``: an MLP 784-1000-1000-10 (ReLU), batch 128, and
 * ``resnet18``: ``torchvision.models.resnet18(num_classes=10)`` on 32x32 inputs, batch 64,
@@ -192,19 +194,22 @@ class Runner:
         self.opt_w.step()
         if self.opt_f is not None:
             self.opt_f.step()
-        na.after_step(self.model, self.lr_f)
+        if not isinstance(self.opt_f, na.FeedbackOptimizer):
+            na.after_step(self.model, self.lr_f)
         self.opt_w.zero_grad(set_to_none=True)
         if self.opt_f is not None:
             self.opt_f.zero_grad(set_to_none=True)
         return loss
 
 
-def make_runner(name, base, device, lr, lr_f, momentum) -> Runner:
+def make_runner(name, base, device, lr, lr_f, momentum, feedback="recipe") -> Runner:
     model = na.convert(copy.deepcopy(base), name).to(device).train()
     groups = na.param_groups(model)
     opt_w = torch.optim.SGD(groups["forward"], lr=lr, momentum=momentum)
-    opt_f = torch.optim.SGD(groups["feedback"], lr=lr_f, momentum=momentum) \
-        if groups["feedback"] else None
+    opt_f = None
+    if groups["feedback"]:
+        opt_f = na.feedback_optimizer(model) if feedback == "recipe" else torch.optim.SGD(
+            groups["feedback"], lr=lr_f, momentum=momentum)
     return Runner(name, model, opt_w, opt_f, lr_f)
 
 
@@ -316,7 +321,8 @@ def bench_model(mname: str, rules: list[str], args, device) -> str:
     t = torch.randint(0, 10, (spec.batch,), generator=gen).to(device)
     layers = layer_flops(base.to(device), x)
     names = ["bp"] + [r for r in rules if r != "bp"]
-    runners = [make_runner(n, base, device, args.lr, args.lr_f, args.momentum) for n in names]
+    runners = [make_runner(n, base, device, args.lr, args.lr_f, args.momentum, args.feedback)
+               for n in names]
     load0 = os.getloadavg()[0]
     t_start = time.perf_counter()
     n = len(runners)
@@ -421,9 +427,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--lr", type=float, default=1e-3, help="forward SGD learning rate")
+    p.add_argument("--feedback", choices=("recipe", "sgd"), default="recipe",
+                   help="how learned feedback weights move: the rules' recipe "
+                        "(na.feedback_optimizer), or SGD on their gradient (--lr-f)")
     p.add_argument("--lr-f", type=float, default=1e-5,
-                   help="feedback SGD learning rate (small: aa's sparse term diverges on resnet18 "
-                        "at 1e-3, and NaNs would make the timing meaningless)")
+                   help="with --feedback sgd: the feedback SGD learning rate (small: aa's sparse "
+                        "term diverges on resnet18 at 1e-3, and NaNs would make the timing "
+                        "meaningless)")
     p.add_argument("--momentum", type=float, default=0.0,
                    help="SGD momentum (both optimizers; 0 is plain SGD)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
@@ -464,7 +474,8 @@ def main(argv=None):
         f"{cpu}, {os.cpu_count()} logical cores"
     print(f"## Step time per rule, ratio to backprop\n\n"
           f"torch {torch.__version__}, {dev}, {torch.get_num_threads()} torch threads, "
-          f"device {device}; SGD lr {args.lr} / feedback lr {args.lr_f}, momentum {args.momentum}; "
+          f"device {device}; SGD lr {args.lr}, momentum {args.momentum}; feedback: "
+          f"{'the recipe' if args.feedback == 'recipe' else f'SGD lr {args.lr_f}'}; "
           f"glibc heap {'kept (--keep-heap)' if args.keep_heap else 'default'}.\n"
           f"Command: `python {' '.join(sys.argv)}`\n", flush=True)
     for m in models:

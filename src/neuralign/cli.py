@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "time per epoch) and write compare.csv and compare.png to "
                                    "RUNS_DIR/NAME/.")
     p.add_argument("--rules", default=None,
-                   help="comma-separated rules (default: bp,fa,wm,ia,sa,aa,kp,usf,frsf,brsf)")
+                   help="comma-separated rules (default: bp,fa,wm,ia,sa,aa,kp,usf,frsf,brsf,dfa)")
     _add_common(p)
 
     p = sub.add_parser("plot", help="redraw a run's plots",
