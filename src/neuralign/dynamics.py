@@ -215,7 +215,9 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             spec.observe = _Observer(state, sparse, null)
         if rule.kp:
             def sync(F=F, W=layer.weight):
+                # F − W = scale · delta: the plain decay only shrinks the scale (one pass a step)
                 self.state[F]["delta"] = (F - W).detach()
+                self.state[F]["delta_scale"] = 1.0
 
             if fresh:
                 sync()
@@ -257,6 +259,15 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         g_act = F.grad if layer._spec.terms else None
         if rule.kp:
             X = state["delta"]  # the decay acts on F − W: "the same decay on both"
+            if set(c) == {"decay"} and not (rule.update_noise or rule.normalize):
+                # Kolen-Pollack proper: F = W + (1 − rate)^t (F0 − W0), one pass a step
+                scale = state["delta_scale"] * (1.0 - rate)
+                state["delta_scale"] = scale if scale > 1e-30 else 0.0
+                torch.add(W, X, alpha=state["delta_scale"], out=F)
+                return
+            if state["delta_scale"] != 1.0:
+                X.mul_(state["delta_scale"])
+                state["delta_scale"] = 1.0
         else:
             X = F
         kappa = curvature(layer, state)
