@@ -229,6 +229,8 @@ def _cmd_rules(args: argparse.Namespace) -> int:
             parts.append(f"normalize: {r.normalize}")
         if r.init != "default":
             parts.append(f"init: {r.init}")
+        if r.learns:
+            parts.append(f"recipe rate {r.rate:g}")
         print(f"{e.name}")
         print(textwrap.fill(e.description, 96, initial_indent="    ",
                             subsequent_indent="    "))

@@ -84,7 +84,7 @@ def register_commands(subparsers, commands: dict | None = None) -> None:
                "  rule.terms.amp:  {type: float, low: 1.0e-3, high: 10.0, log: true}\n"
                "  rule.noise_std:  {type: log_float, low: 0.1, high: 3.0}\n"
                "  data.batch_size: {type: int, low: 32, high: 256, log: true}\n"
-               "  feedback_optim.name: {type: categorical, choices: [sgd, adam]}\n"
+               "  feedback_optim.rate: {type: log_float, low: 0.01, high: 1.0}\n"
                "storage: sqlite:///OUT/study.db by default; for many machines a PostgreSQL URL,\n"
                "  postgresql://USER:PASSWORD@HOST:5432/DB (pip install psycopg2-binary), and\n"
                "  the same command (--study, --storage) started on each machine with its own\n"

@@ -5,7 +5,7 @@ A space file maps dotted config keys to distributions::
     rule.terms.amp:   {type: float, low: 1.0e-3, high: 10.0, log: true}
     rule.noise_std:   {type: log_float, low: 0.1, high: 3.0}
     data.batch_size:  {type: int, low: 32, high: 256, log: true}
-    feedback_optim.name: {type: categorical, choices: [sgd, adam]}
+    feedback_optim.rate: {type: log_float, low: 0.01, high: 1.0}
     rule.noise_dist:  [normal, uniform]          # a list is short for categorical
 
 Types: ``float`` (``log: true`` for a log scale, or ``step``), ``log_float`` (the same as
@@ -228,7 +228,7 @@ def _check_config(base: Config, p: Param, errors: list[str]) -> None:
 
     from ..data import list_datasets
     from ..models import list_models
-    from ..train.optim import OPTIMIZERS
+    from ..train.optim import FEEDBACK_OPTIMIZERS, OPTIMIZERS
     from ..train.trainer import build_rule
 
     head = p.key.split(".")
@@ -254,10 +254,16 @@ def _check_config(base: Config, p: Param, errors: list[str]) -> None:
         except (ConfigError, ValueError, TypeError) as e:
             errors.append(f"{p.key}={v!r}: the rule cannot be built: {e}")
             return
+        rate = cfg.feedback_optim.rate
+        if rate is not None and not 0 < rate <= 1:
+            errors.append(f"{p.key}={v!r}: feedback_optim.rate is the fraction of the way to "
+                          f"the fixed point per step, in (0, 1]")
+            return
         checks = (("data.name", cfg.data.name, list_datasets()),
                   ("model.name", cfg.model.name, list_models()),
                   ("optim.name", cfg.optim.name.lower(), OPTIMIZERS),
-                  ("feedback_optim.name", cfg.feedback_optim.name.lower(), OPTIMIZERS),
+                  ("feedback_optim.name", cfg.feedback_optim.name.lower(),
+                   FEEDBACK_OPTIMIZERS),
                   ("rule.name", cfg.rule.name, [*na.list_rules(), "custom"]))
         for key, value, valid in checks:
             if p.key == key and value not in valid:
