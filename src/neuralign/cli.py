@@ -18,7 +18,7 @@ import os
 import sys
 import textwrap
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "parse_args"]
 
 log = logging.getLogger("neuralign.cli")
 
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN",
                    help="continue the run folder RUN (a path, or a name under --runs-dir) from "
                         "its last checkpoint; overrides may change e.g. train.epochs")
+    p.add_argument("--allow-change", action="store_true",
+                   help="with --resume: let overrides change keys that alter what the run "
+                        "trains (rule, model, optimizer, data...); recorded in the checkpoint")
 
     p = sub.add_parser("compare", help="compare rules under the same budget and seed",
                        description="Train the same model once per rule, same data, budget and "
@@ -100,7 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     from .experiments import register_commands  # search, transfer, robustness
 
     register_commands(sub, _COMMANDS)
+    parser.commands = dict(sub.choices)  # name -> its parser (see parse_args)
     return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``argv`` parsed with options and ``key=value`` overrides in any order after the command
+    (argparse's intermixed parsing, per command: it does not go through subparsers)."""
+    if argv and argv[0] in parser.commands:
+        args = parser.commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # --help, --version, or an unknown command
 
 
 def _version() -> str:
@@ -160,7 +174,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.config:
             raise ValueError("--resume continues a run with its own config.yaml; "
                              "--config cannot be combined with it (use key=value overrides)")
-        trainer = Trainer.from_run(args.resume, overrides, runs_dir=args.runs_dir or "runs")
+        trainer = Trainer.from_run(args.resume, overrides, runs_dir=args.runs_dir or "runs",
+                                   allow_change=args.allow_change)
+    elif args.allow_change:
+        raise ValueError("--allow-change only applies with --resume")
     elif args.print_config:
         from .train.config import config_to_yaml
 
@@ -251,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``neuralign`` console script; returns the exit status."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.command is None:
         parser.print_help()
         return 2

@@ -74,7 +74,17 @@ def convert(
     Returns:
         The converted model (a copy unless ``inplace``); weights, hooks, device and train/eval
         state are kept.
+
+    Raises:
+        ValueError: ``model`` already holds feedback layers (converting twice would keep the
+            old rule on them): convert the plain model, or ``revert`` it first.
     """
+    converted = [n or "(the model itself)" for n, _ in feedback_layers(model)]
+    if converted:
+        raise ValueError(f"the model is already converted (feedback layers: "
+                         f"{', '.join(converted[:5])}{' ...' if len(converted) > 5 else ''}); "
+                         f"to change its rule, convert the plain model, or "
+                         f"neuralign.revert(model) first")
     if on_unsupported not in POLICIES:
         raise ValueError(f"unknown on_unsupported {on_unsupported!r}; valid: {', '.join(POLICIES)}")
     rule = get_rule(rule)

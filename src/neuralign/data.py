@@ -381,6 +381,10 @@ def load_mnist1d(num_samples: int = 0) -> dict[str, np.ndarray]:
 
     args = get_dataset_args()
     if num_samples:
+        if num_samples < 50:
+            raise ValueError(f"data.num_samples={num_samples}: MNIST-1D needs at least 50 "
+                             f"examples (80% train, 20% test, 10 classes); 0 for the default "
+                             f"5000")
         args.num_samples = int(num_samples)
     keys = ("num_samples", "train_split", "template_len", "padding", "scale_coeff",
             "max_translation", "corr_noise_scale", "iid_noise_scale", "shear_scale",

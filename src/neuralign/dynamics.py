@@ -181,6 +181,12 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         self._layer_of: dict[nn.Parameter, FeedbackLayer] = {}
         groups = []
         for name, layer in feedback_layers(model):
+            negative = [t for t in ("decay", "sparse", "null") if layer.rule.terms.get(t, 0) < 0]
+            if layer.rule.learns and negative:
+                raise ValueError(
+                    f"{name or 'the model'}: rule {layer.rule.name!r} has negative "
+                    f"{', '.join(negative)}: its R(F) has no minimum, so F has nowhere to "
+                    f"settle; use coefficients >= 0 for decay, sparse and null")
             if layer.rule.learns:
                 self._layer_of[layer.feedback] = layer
                 groups.append({"params": [layer.feedback], "layer": name,

@@ -199,7 +199,7 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_transfer(args) -> int:
-    from ..train.config import ConfigError, load_config
+    from ..train.config import ConfigError, check_run_name, load_config
     from .common import rule_variant, split_list
     from .transfer import parse_models, transfer
 
@@ -221,7 +221,7 @@ def _cmd_transfer(args) -> int:
                 continue
             entries.append((rule, rule_variant(base, rule)))
     models = parse_models(args.models)
-    name = args.name or "-".join(lab for lab, _ in entries)
+    name = check_run_name(args.name or "-".join(lab for lab, _ in entries), "--name")
     out = Path(args.out) if args.out else Path(entries[0][1].train.runs_dir) / "transfer" / name
     res = transfer(entries, models, out, _seeds(args.seeds))
     if not _main_rank():
@@ -233,14 +233,14 @@ def _cmd_transfer(args) -> int:
 
 
 def _cmd_robustness(args) -> int:
-    from ..train.config import load_config
+    from ..train.config import check_run_name, load_config
     from .common import parse_floats, split_list
     from .robustness import robustness
 
     base = load_config(args.config, _overrides(args))
     rules = split_list(args.rules)
     noise = parse_floats(args.noise, "--noise")
-    name = args.name or f"{base.data.name}-{base.model.name}"
+    name = check_run_name(args.name or f"{base.data.name}-{base.model.name}", "--name")
     out = Path(args.out) if args.out else Path(base.train.runs_dir) / "robustness" / name
     res = robustness(base, rules, noise, out, _seeds(args.seeds))
     if not _main_rank():

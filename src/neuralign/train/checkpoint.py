@@ -20,13 +20,20 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "previous_path", "rng_state", "set_rng_state"]
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where :func:`save_checkpoint` keeps the checkpoint it replaced (``last.prev.pt``)."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then rename.
 
-    A crash while writing leaves the previous file at ``path`` intact.
+    A crash while writing leaves the previous file at ``path`` intact. The file it replaces is
+    kept as :func:`previous_path` (one generation), in case the new one is ever unreadable.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,6 +46,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -49,11 +58,29 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint with the safe unpickler (``weights_only=True``)."""
+    """Read a checkpoint with the safe unpickler (``weights_only=True``).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the file is not a readable checkpoint (truncated, corrupted, or not one);
+            the message names the previous checkpoint when one was kept, and how to use it.
+    """
     path = Path(path)
+    prev = previous_path(path)
+    fallback = (f" The previous checkpoint, {str(prev)!r}, is kept: to resume from it, "
+                f"move it over this one (mv {prev} {path})." if prev.is_file() else "")
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}.{fallback}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"the checkpoint {str(path)!r} cannot be read ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no detail'}); it is truncated "
+                         f"or corrupted, or not a checkpoint.{fallback}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a checkpoint's "
+                         f"dict.{fallback}")
+    return state
 
 
 def rng_state() -> dict[str, Any]:

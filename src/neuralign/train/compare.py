@@ -14,7 +14,7 @@ import neuralign as na
 from ..data import build_data
 from . import distributed
 from .callbacks import write_csv
-from .config import Config, ConfigError, save_config
+from .config import Config, ConfigError, check_run_name, save_config
 from .plots import plot_compare
 from .trainer import Callback, DivergenceError, Trainer
 
@@ -47,6 +47,7 @@ def compare(cfg: Config, rules: list[str] | tuple[str, ...] = DEFAULT_RULES,
     distributed.init()  # under torchrun every rank runs every rule; rank 0 writes
     name = name or cfg.train.name or f"compare-{cfg.data.name}-{cfg.model.name}-" \
         f"{distributed.broadcast_object(datetime.now().strftime('%Y%m%d-%H%M%S'))}"
+    check_run_name(name, "the comparison's name (--name)")
     out = Path(cfg.train.runs_dir) / name
     main = distributed.is_main()
     if main:

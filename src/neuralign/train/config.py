@@ -35,6 +35,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "apply_overrides",
+    "check_run_name",
     "save_config",
     "config_to_yaml",
 ]
@@ -343,6 +344,23 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def check_run_name(name: str, key: str = "train.name") -> str:
+    """``name`` if it names a folder under the runs folder: plain folder names, optionally
+    nested with ``/`` (``compare`` puts each rule's run at ``NAME/RULE``); never absolute, never
+    ``.`` or ``..``, so that no run can write into another run's folder or the runs folder
+    itself. Else a :class:`ConfigError`."""
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{key} must be a non-empty folder name, got {name!r}")
+    parts = name.split("/")
+    bad = [part for part in parts if part in ("", ".", "..") or "\\" in part
+           or part != part.strip() or "\x00" in part]
+    if name.startswith("/") or bad:
+        raise ConfigError(f"{key}={name!r} is not a folder name under the runs folder: use "
+                          f"plain names, nested with '/' if you like (e.g. exp1/sa), without "
+                          f"'..', '.', empty or absolute parts, or surrounding spaces")
+    return name
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
     data: dict[str, Any] = {}
@@ -354,7 +372,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             try:
                 data = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+                where = getattr(e, "problem_mark", None)
+                at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+                what = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"config file {str(p)!r} is not valid YAML{at}: {what}"
+                                  ) from None
     try:
         cfg = config_from_dict(data)
     except ConfigError as e:

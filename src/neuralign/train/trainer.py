@@ -32,20 +32,50 @@ import neuralign as na
 
 from ..data import DataBundle, build_data
 from ..models import build_model
+from ..terms import TERMS
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, ConfigError, config_from_dict, config_to_dict, save_config
+from .config import (
+    Config,
+    ConfigError,
+    check_run_name,
+    config_from_dict,
+    config_to_dict,
+    save_config,
+)
 from .optim import Schedule, build_feedback_optimizer, build_optimizer
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Callback", "DivergenceError", "Trainer", "train", "build_rule", "resolve_run_dir",
-           "CHECKPOINT", "RUN_FILES"]
+           "CHECKPOINT", "RUN_FILES", "RESUMABLE_KEYS"]
 
 #: Path of the checkpoint inside a run folder.
 CHECKPOINT = "checkpoints/last.pt"
 #: What a run folder holds.
 RUN_FILES = ("config.yaml", "metrics.csv", CHECKPOINT, "tb/", "plots/")
+#: Config keys a resume may change: how long, how often, where and how it is shown. Any other
+#: change would relabel what the run trained (see :meth:`Trainer.from_run`).
+RESUMABLE_KEYS = ("train.epochs", "train.progress", "train.tensorboard", "train.plots",
+                  "train.checkpoint_every", "train.angle_every", "train.device",
+                  "train.runs_dir", "train.name", "train.overwrite", "data.data_dir",
+                  "data.download", "data.workers", "data.eval_batch_size")
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("terms", "layers", "kwargs"):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _config_changes(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` for every key whose value differs."""
+    a, b = _flat(config_to_dict(old)), _flat(config_to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
 class DivergenceError(RuntimeError):
@@ -85,6 +115,10 @@ def build_rule(cfg) -> na.Rule:
         value = getattr(cfg, key)
         if value is not None:
             overrides[key] = value
+    unknown = [t for t in cfg.terms if t not in TERMS]
+    if unknown:
+        raise ConfigError(f"rule.terms: unknown term {unknown[0]!r}; valid terms: "
+                          f"{', '.join(TERMS)}")
     try:
         if cfg.name == "custom":
             if not cfg.terms:
@@ -105,9 +139,22 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise ConfigError(f"train.device: {e}; valid: auto, cpu, cuda, cuda:N") from None
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not a device; valid: auto, cpu, cuda, "
+                          f"cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device={name!r}, but CUDA is not available on this "
+                              f"machine; use train.device=cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device={name!r}, but this machine has {count} CUDA "
+                              f"device(s): cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name!r}, but MPS is not available on this machine; "
+                          f"use train.device=cpu (or auto)")
+    return device
 
 
 def resolve_run_dir(run: str | Path, runs_dir: str | Path = "runs") -> Path:
@@ -155,6 +202,8 @@ class Trainer:
         if not tc.name:  # (rank 0's clock names the run on every rank)
             stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
             tc.name = f"{cfg.data.name}-{cfg.model.name}-{cfg.rule.name}-{stamp}"
+        if run_dir is None:
+            check_run_name(tc.name)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tc.runs_dir) / tc.name
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
@@ -232,6 +281,7 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.last_checkpoint_epoch: int | None = None
         self.should_stop = False  # a callback may set this to end training after the epoch
+        self.config_changes: list[dict] = []  # changes made on purpose when resuming
 
         self.callbacks: list[Callback] = []
         if default_callbacks:
@@ -268,6 +318,7 @@ class Trainer:
                if self.world_size > 1 else {}),
             "history": list(self.history),
             "config": config_to_dict(self.cfg),
+            "config_changes": list(self.config_changes),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -281,6 +332,7 @@ class Trainer:
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.history = [dict(m) for m in state["history"]]
+        self.config_changes = list(state.get("config_changes", []))
         set_rng_state(state["rng"])
         if "update_rng" in state:
             self.update_generator.set_state(state["update_rng"])
@@ -314,24 +366,53 @@ class Trainer:
     @classmethod
     def from_run(cls, run: str | Path, overrides: list[str] | None = None,
                  callbacks: list[Callback] | None = None, runs_dir: str | Path = "runs",
-                 **kwargs) -> Trainer:
+                 allow_change: bool = False, **kwargs) -> Trainer:
         """A trainer that continues the run folder ``run`` from its last checkpoint.
 
-        ``overrides`` may change the config (e.g. ``train.epochs=60`` to train longer)."""
+        ``overrides`` may change the keys of :data:`RESUMABLE_KEYS` (e.g. ``train.epochs=60``
+        to train longer). Any other change (rule, model, optimizer, data, ...) would relabel
+        what the run trained: it is refused with a :class:`ConfigError` naming the keys, before
+        anything is touched, unless ``allow_change`` (then it is logged and recorded in the
+        checkpoint's ``config_changes``)."""
         from .config import apply_overrides
 
         distributed.init()
 
         def read():
             found = resolve_run_dir(run, runs_dir)
-            return found, load_checkpoint(found / CHECKPOINT)
+            state = load_checkpoint(found / CHECKPOINT)
+            missing = [k for k in ("model", "config", "epoch", "history") if k not in state]
+            if missing:
+                raise ValueError(f"{str(found / CHECKPOINT)!r} is not a neuralign training "
+                                 f"checkpoint (no {', '.join(missing)} in it)")
+            return found, state
 
         # rank 0 reads (the run folder may exist on its machine only) and hands it round
         run_dir, state = distributed.on_main(read)
         ckpt_path = run_dir / CHECKPOINT
-        cfg = apply_overrides(config_from_dict(state["config"]), overrides or [])
+        old = config_from_dict(state["config"])
+        cfg = apply_overrides(old, overrides or [])
+        changes = {k: v for k, v in _config_changes(old, cfg).items()
+                   if k not in RESUMABLE_KEYS}
+        if changes and not allow_change:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            raise ConfigError(
+                f"resuming {str(run_dir)!r} would change what the run trains ({listed}). "
+                f"Start a new run with them (--name NEW), or pass --allow-change to change "
+                f"them on purpose (recorded in the checkpoint). Keys a resume may change: "
+                f"{', '.join(RESUMABLE_KEYS)}")
         trainer = cls(cfg, callbacks=callbacks, run_dir=run_dir, **kwargs)
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError, IndexError) as e:
+            raise ConfigError(f"the checkpoint {str(ckpt_path)!r} does not fit the changed "
+                              f"config ({type(e).__name__}: {str(e).splitlines()[0]}); resume "
+                              f"without changing those keys") from None
+        if changes:
+            log.warning("resuming with changed config (recorded in the checkpoint): %s",
+                        ", ".join(changes))
+            trainer.config_changes.append({"epoch": trainer.epoch, "changes": {
+                k: [a, b] for k, (a, b) in changes.items()}})
         trainer.last_checkpoint, trainer.last_checkpoint_epoch = ckpt_path, trainer.epoch
         log.info("resuming %s after epoch %d (step %d)", run_dir, trainer.epoch, trainer.step)
         return trainer
