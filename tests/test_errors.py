@@ -42,6 +42,8 @@ def root(tmp_path_factory):
     (root / "list.yaml").write_text("- 1\n- 2\n")
     (root / "space.yaml").write_text("rule.terms.amp: {type: log_float, low: 1.0, high: 0.1}\n")
     (root / "base.yaml").write_text("rule: {name: wm}\n")
+    shutil.copytree(runs / "done", runs / "badcsv")
+    (runs / "badcsv" / "metrics.csv").write_bytes(b"garbage\x00\xff")
     yield root
     if old is None:
         os.environ.pop("NEURALIGN_CACHE", None)
@@ -125,6 +127,9 @@ CASES = [
     # the other commands
     ("nproc-zero", ["train", "--nproc", "0"], "--nproc must be >= 1"),
     ("plot-nothing", ["plot", "nothere", "--runs-dir", "ROOT/runs"], "no run folder"),
+    ("plot-broken-csv", ["plot", "badcsv", "--runs-dir", "ROOT/runs"],
+     "is not a readable metrics CSV"),
+    ("no-cuda", ["train", "train.device=cuda:7"], "CUDA"),
     ("search-missing-space", ["search", "-c", "ROOT/base.yaml", "-s", "ROOT/nospace.yaml"],
      "nospace.yaml"),
     ("search-inverted-range", ["search", "-c", "ROOT/base.yaml", "-s", "ROOT/space.yaml"],

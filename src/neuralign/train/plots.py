@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,9 +101,14 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     if not csv_path.is_file():
         raise FileNotFoundError(f"{str(csv_path)!r} does not exist: is {str(run_dir)!r} a run "
                                 f"folder that finished at least one epoch?")
-    history = read_csv(csv_path)
+    try:
+        history = read_csv(csv_path)
+    except (UnicodeDecodeError, ValueError, csv.Error) as e:
+        raise ValueError(f"{str(csv_path)!r} is not a readable metrics CSV ({e}); the "
+                         f"checkpoint holds the same rows (its 'history'), and a resumed run "
+                         f"rewrites the file at the end of its next epoch") from None
     if not history:
-        raise ValueError(f"{csv_path} has no rows")
+        raise ValueError(f"{str(csv_path)!r} has no rows")
     return plot_history(history, run_dir / "plots", title=run_dir.name)
 
 
