@@ -274,6 +274,13 @@ class Trainer:
         log.info("model %s, rule %s: %d feedback layers, %d forward and %d learned feedback "
                  "parameters, device %s", cfg.model.name, self.rule.name, len(self.layer_names),
                  n_w, n_f, self.device)
+        if self.recipe:
+            rates = sorted({g["lr"] for g in self.feedback_optimizer.param_groups})
+            log.info("feedback weights: the rules' recipe (neuralign.feedback_optimizer), rate "
+                     "%s", ", ".join(f"{r:g}" for r in rates))
+        elif self.feedback_optimizer is not None:
+            log.info("feedback weights: %s, lr %g", cfg.feedback_optim.name,
+                     cfg.feedback_optim.lr)
 
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
