@@ -84,13 +84,11 @@ class FeedbackFunction(torch.autograd.Function):
     """``out = layer(x; W, b)``; backward: ``dx = apply_T(dy, F)``, ``dW``, ``db`` as
     backprop, and ``dF = Σ c_t ∇R_t (+ dW for Kolen-Pollack)``."""
 
+    # forward(ctx, ...) rather than forward + setup_context: with a separate setup_context,
+    # torch binds the arguments through inspect.signature at every call, about 20 µs a layer.
     @staticmethod
-    def forward(x, weight, bias, feedback, spec):
-        return spec.ops.forward(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, feedback, spec = inputs
+    def forward(ctx, x, weight, bias, feedback, spec):
+        output = spec.ops.forward(x, weight, bias)
         ctx.spec = spec
         keep_out = ctx.needs_input_grad[3] and spec.rule.uses_output
         # Derived feedback is not saved: the backward derives it from the saved W, so writing
@@ -101,6 +99,7 @@ class FeedbackFunction(torch.autograd.Function):
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device)) \
             if torch.is_autocast_enabled(device) else None
+        return output
 
     @staticmethod
     def backward(ctx, dout):

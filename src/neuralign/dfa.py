@@ -38,12 +38,9 @@ class CaptureError(torch.autograd.Function):
     """Identity on the network output; its backward stores the output error ``e``."""
 
     @staticmethod
-    def forward(out, slot):
+    def forward(ctx, out, slot):  # (with ctx: no per-call argument binding, see autograd.py)
+        ctx.slot = slot
         return out.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.slot = inputs[1]
 
     @staticmethod
     def backward(ctx, e):
