@@ -75,8 +75,9 @@ def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") 
             ys = _col(history, c)
             if _finite(ys):
                 ax.plot(epochs, ys, label=c.split("/", 1)[1])
-        if kind == "feedback_lag":
-            ax.set_yscale("log")
+        if kind == "feedback_lag" and any(
+                y > 0 for c in keys if c.startswith(kind + "/") for y in _col(history, c)):
+            ax.set_yscale("log")  # (kp reaches exactly zero: no log scale then)
         ax.set(xlabel="epoch", ylabel=unit, title=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
