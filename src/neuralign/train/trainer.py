@@ -89,7 +89,8 @@ class DivergenceError(RuntimeError):
                  f"is intact" if checkpoint is not None
                  else "no checkpoint had been written yet")
         super().__init__(f"training diverged at epoch {epoch}, step {step}: {what}. Stopped; "
-                         f"{where}. Try a lower optim.lr or feedback_optim.lr, or other rule "
+                         f"{where}. Try a lower optim.lr, another feedback_optim.rate (or "
+                         f"feedback_optim.lr with a torch optimizer on F), or other rule "
                          f"coefficients.")
 
 
