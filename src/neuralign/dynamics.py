@@ -269,7 +269,10 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                 # Kolen-Pollack proper: F = W + (1 − rate)^t (F0 − W0), one pass a step
                 scale = state["delta_scale"] * (1.0 - rate)
                 state["delta_scale"] = scale if scale > 1e-30 else 0.0
-                torch.add(W, X, alpha=state["delta_scale"], out=F)
+                if state["delta_scale"]:
+                    torch.add(W, X, alpha=state["delta_scale"], out=F)
+                else:  # F − W has vanished: F is W (a copy reads one tensor, not two)
+                    F.copy_(W)
                 return
             if state["delta_scale"] != 1.0:
                 X.mul_(state["delta_scale"])
