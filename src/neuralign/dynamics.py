@@ -23,7 +23,8 @@ null       top eigenvalue of the per-sample output Gram matrix, E[y yᵀ] (times
 
 (with mirror noise, ``x`` is the noise). So ``rate`` is the fraction of the way to the fixed
 point covered per step along the stiffest direction, at any layer size, depth or activity
-scale, and any rate in (0, 1] is stable. The data curvatures are estimated by power iteration,
+scale, and any rate in (0, 1] is stable (for mirror noise, in expectation over the noise: a
+high rate makes F a noisy one-batch estimate). The data curvatures are estimated by power iteration,
 one step per backward, from the tensors the backward already holds; under
 DistributedDataParallel each product is averaged over processes, like F's gradient, so every
 replica takes the single process's step.
@@ -31,12 +32,13 @@ replica takes the single process's step.
 **Where each part is computed.** The backward puts only the activity terms' gradient (amp,
 null, sparse: what needs the batch) in ``F.grad``; the step adds decay and self from the current
 F and W. A rule with no activity term (sa, kp) needs no backward work at all: its F stops
-requiring grad, so memory is backprop's plus F, and symmetric alignment's step is one pass,
-``F ← F + rate·((self/decay)·W − F)``.
+requiring grad and has no ``F.grad``. Symmetric alignment's memory is backprop's plus F, and its
+step is one pass, ``F ← F + rate·((self/decay)·W − F)``.
 
 **Kolen-Pollack.** F receives exactly W's update, whatever optimizer, momentum, schedule or
-weight decay produced it, and the difference decays: the recipe keeps ``D = F − W`` and sets
-``F = W + (1 − rate)·D`` after each step, so ``F − W`` contracts by ``1 − rate`` per step. This
+weight decay produced it, and the difference decays: the recipe keeps ``D = F − W`` as state
+and sets ``F = W + (1 − rate)·D`` after each step (one pass: it keeps D's scale apart), so
+``F − W`` contracts by ``1 − rate`` per step; its memory is backprop's plus F and D. This
 is Kolen-Pollack's own dynamics (Akrout et al. 2019: W and B get the same update and the same
 decay, so their difference shrinks by the decay alone), exact for any forward optimizer.
 
@@ -46,7 +48,6 @@ normalisation (rescaling F to a fixed norm) are part of the step.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 
@@ -58,8 +59,6 @@ from .layers import FeedbackLayer
 from .terms import ACTIVITY_TERMS
 
 __all__ = ["FeedbackOptimizer", "feedback_optimizer", "curvature"]
-
-log = logging.getLogger(__name__)
 
 #: Power iterations at a layer's first backward (afterwards one per backward).
 WARMUP_ITERATIONS = 8
