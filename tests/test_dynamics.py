@@ -257,10 +257,11 @@ FORWARD = {"sgd-0.1": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
 #: the updates are backprop's (measured 0.0). sa: F moves half way to W each step, so it trails
 #: W by about one step; the angle is as large as one step of W is against W (measured: at most
 #: 5.6, under SGD 0.1 with momentum, the fastest-moving W here). aa has no such bound: it
-#: settles F = W only on the span of each layer's inputs, and at the initialisation of these
-#: deep ReLU nets the hidden activations are nearly one-dimensional (dominated by their mean),
-#: so F stays random elsewhere and the end-to-end angle is 30-90 degrees (docs/fidelity.md).
-#: What aa controls, its lag on the data's span, is checked instead: it must shrink.
+#: corrects F along each input direction in proportion to the input's variance there, and at
+#: the initialisation of these deep ReLU nets the hidden activations are nearly
+#: one-dimensional (dominated by their mean), so F hardly moves elsewhere and the end-to-end
+#: angle is 30-90 degrees (docs/fidelity.md). What aa controls, its lag on the data (variance-
+#: weighted), is checked instead: it must shrink.
 E2E_BOUND = {"kp": 0.1, "sa": 10.0}
 
 
