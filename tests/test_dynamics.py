@@ -80,12 +80,14 @@ def test_conv_curvatures_match_the_dense_hessian():
     """sparse: the top eigenvalue of the per-sample patch Gram; null: bounded by the overlap
     times the outputs' Gram (checked against the Hessian of the loss form)."""
     torch.manual_seed(0)
-    for terms in ({"sparse": 1.0, "amp": 1.0}, {"null": 1.0, "amp": 1.0}):
-        conv = na.convert(nn.Conv1d(2, 3, 3, stride=2, padding=1, bias=False).double(),
-                          na.Rule(terms=terms))
+    convs = [lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1, bias=False),
+             lambda: nn.Conv1d(4, 6, 3, padding=1, groups=2, bias=False)]  # block per group
+    for make, terms in [(m, t) for m in convs for t in ({"sparse": 1.0, "amp": 1.0},
+                                                        {"null": 1.0, "amp": 1.0})]:
+        conv = na.convert(make().double(), na.Rule(terms=terms))
         opt = na.feedback_optimizer(conv)
-        x = torch.randn(4, 2, 9, dtype=torch.float64)
-        for _ in range(30):
+        x = torch.randn(4, conv.in_channels, 9, dtype=torch.float64)
+        for _ in range(150):  # power iteration on one batch: converged
             conv(x).sum().backward()
         name = "sparse" if "sparse" in terms else "null"
 
