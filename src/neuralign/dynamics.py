@@ -163,8 +163,9 @@ class FeedbackOptimizer(torch.optim.Optimizer):
     One parameter group per layer (``lr`` is the layer's rate, so learning-rate schedulers
     scale it; ``layer`` is its name). Building it takes the layers over: their backward then
     computes only what the recipe needs (F's ``requires_grad`` is switched off where that is
-    nothing, as for sa and kp), so build it before wrapping the model in
-    DistributedDataParallel, and use one recipe per model. :meth:`release` gives the layers
+    nothing, as for sa and kp), so build it after moving the model to its device (like any
+    optimizer, its state lives there) and before wrapping the model in DistributedDataParallel,
+    and use one recipe per model. :meth:`release` gives the layers
     back to their rules' plain backward.
 
     Args:
@@ -238,7 +239,6 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         for F, layer in self._layer_of.items():  # the hooks follow the loaded state
             self._take_over(F, layer, fresh=False)
-
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
