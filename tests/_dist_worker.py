@@ -18,13 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dist_cases import EXTRA, tiny  # noqa: E402
 from neuralign.train import (  # noqa: E402
     Callback,
     Trainer,
     distributed,  # noqa: E402
     load_config,
 )
+from runs import DIST, EXTRA, tiny  # noqa: E402
 
 
 class _Boom(Callback):
@@ -39,18 +39,18 @@ def main() -> int:
     r = distributed.rank()
     try:
         if mode == "fail":
-            Trainer(load_config(None, tiny(root, "rule.name=kp", "train.name=fail")),
+            Trainer(load_config(None, tiny(root, *DIST, "rule.name=kp", "train.name=fail")),
                     callbacks=[_Boom()]).fit()
             distributed.cleanup(wait=True)
             return 0
         for rule in rules:
             if mode == "train":
-                t = Trainer(load_config(None, tiny(root, f"rule.name={rule}",
+                t = Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}",
                                                    f"train.name={rule}", *EXTRA.get(rule, []))))
                 t.fit()
                 torch.save(t.model.state_dict(), root / f"{rule}-rank{r}.pt")
                 if rule == "ia":
-                    Trainer(load_config(None, tiny(root, f"rule.name={rule}", "train.epochs=1",
+                    Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}", "train.epochs=1",
                                                    f"train.name={rule}-cut"))).fit()
         distributed.cleanup(wait=True)
         return 0

@@ -12,17 +12,13 @@ import pytest
 import torch
 
 import neuralign as na
+import runs
 from neuralign.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NEURALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def tiny(tmp_path: Path) -> list[str]:
-    return ["--runs-dir", str(tmp_path / "runs"), "--epochs", "2", "--no-progress",
-            "data.num_samples=300", "data.batch_size=40", "train.angle_every=3"]
+    """The shared tiny run (``tests/runs.py``) as command-line overrides."""
+    return runs.tiny(tmp_path, "train.tensorboard=true", "train.plots=true")
 
 
 def test_train_end_to_end(tmp_path, capsys):

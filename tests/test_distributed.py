@@ -18,15 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_cases import EXTRA, tiny
 from neuralign.train import Trainer, load_checkpoint, load_config
 from neuralign.train.distributed import strip_option
+from runs import DIST, EXTRA, tiny
 
 RULES = ("fa", "kp", "sa", "aa", "ia")
 NO_MIRROR_NOISE = ("fa", "kp", "sa", "aa")
 WORKER = Path(__file__).parent / "_dist_worker.py"
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch.distributed is not available")
+pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(),
+                                 reason="torch.distributed is not available"),
+              pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +104,7 @@ def test_ranks_hold_identical_weights_and_feedback(dist_root, rule):
 def test_two_processes_equal_one_with_the_same_global_batch(dist_root, tmp_path, rule,
                                                             monkeypatch):
     monkeypatch.setenv("NEURALIGN_CACHE", str(dist_root / "cache"))
-    single = Trainer(load_config(None, tiny(tmp_path, f"rule.name={rule}", "train.name=one",
+    single = Trainer(load_config(None, tiny(tmp_path, *DIST, f"rule.name={rule}", "train.name=one",
                                             *EXTRA.get(rule, []))))
     hist = single.fit()
     dist = _state(dist_root / f"{rule}-rank0.pt")
@@ -122,7 +123,7 @@ def test_mirror_noise_is_independent_per_rank(dist_root, tmp_path, monkeypatch):
     """ia's mirror noise differs between ranks, so its result is not the single process's
     (while W and F still agree across ranks, see above)."""
     monkeypatch.setenv("NEURALIGN_CACHE", str(dist_root / "cache"))
-    single = Trainer(load_config(None, tiny(tmp_path, "rule.name=ia", "train.name=one",
+    single = Trainer(load_config(None, tiny(tmp_path, *DIST, "rule.name=ia", "train.name=one",
                                             "train.epochs=1")))
     single.fit()
     dist = _state(dist_root / "ia-rank0.pt")

@@ -23,12 +23,9 @@ TINY = ["data.num_samples=200", "data.batch_size=40", "model.name=mlp", "model.w
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """A runs folder with a finished 2-epoch run ``done``, a copy ``broken`` whose last
-    checkpoint is truncated, config files, and MNIST-1D cached."""
-    import os
-
+    checkpoint is truncated, one whose checkpoint is not one, one with a broken metrics.csv,
+    and config files."""
     root = tmp_path_factory.mktemp("errors")
-    old = os.environ.get("NEURALIGN_CACHE")
-    os.environ["NEURALIGN_CACHE"] = str(root / "cache")
     runs = root / "runs"
     assert main(["train", "--runs-dir", str(runs), "--name", "done", "train.epochs=2",
                  *TINY]) == 0
@@ -44,11 +41,7 @@ def root(tmp_path_factory):
     (root / "base.yaml").write_text("rule: {name: wm}\n")
     shutil.copytree(runs / "done", runs / "badcsv")
     (runs / "badcsv" / "metrics.csv").write_bytes(b"garbage\x00\xff")
-    yield root
-    if old is None:
-        os.environ.pop("NEURALIGN_CACHE", None)
-    else:
-        os.environ["NEURALIGN_CACHE"] = old
+    return root
 
 
 def _r(root, *names):

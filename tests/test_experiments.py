@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import subprocess
@@ -11,9 +10,9 @@ from pathlib import Path
 
 import optuna
 import pytest
-import torch
 import yaml
 
+import runs
 from neuralign.cli import main
 from neuralign.experiments import parse_models, parse_space, robustness, search, transfer
 from neuralign.experiments.common import run_key, run_once, split_list, write_yaml
@@ -25,26 +24,15 @@ ROOT = Path(__file__).parent.parent
 SEARCH_CONFIGS = ROOT / "configs" / "search"
 
 
-@pytest.fixture(autouse=True)
-def _env(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NEURALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
-    logger = logging.getLogger("neuralign")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    yield
-    torch.set_num_threads(threads)
-    # the CLI's main() points the package logger at the (captured) stderr: undo that
-    logger.handlers[:], logger.level, logger.propagate = saved
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tmp_path: Path, *extra: str):
-    """A base config of a fraction of a second per epoch: 240 MNIST-1D examples, an 8-unit MLP."""
-    return load_config(None, [
-        "data.num_samples=300", "data.batch_size=40", "data.val_split=0.2", "model.name=mlp",
-        "model.widths=[8]", "rule.name=wm", "train.epochs=2", f"train.runs_dir={tmp_path}",
-        "train.progress=false", "train.tensorboard=false", "train.plots=false",
-        "train.angle_every=0", "train.checkpoint_every=1", *extra])
+    """The shared tiny run (``tests/runs.py``) as a search base: an 8-unit MLP, rule wm, a
+    validation split."""
+    return load_config(None, runs.tiny(
+        tmp_path, "data.val_split=0.2", "model.name=mlp", "model.widths=[8]", "rule.name=wm",
+        "train.angle_every=0", "train.checkpoint_every=1", *extra))
 
 
 SPACE = {"rule.terms.amp": {"type": "log_float", "low": 0.01, "high": 10.0},

@@ -5,6 +5,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import neuralign as na
@@ -225,3 +227,47 @@ def test_autocast_bf16_with_mirror_noise_runs():
     grads = _autocast_grads(model, torch.randn(4, 3, 6, 6), True)
     assert all(torch.isfinite(g).all() and g.dtype == torch.float32 for g in grads.values())
     assert grads["0.feedback"].abs().sum() > 0
+
+
+# -- random layer configurations (hypothesis): F = W is exact backprop for any of them ----------
+_conv_config = st.fixed_dictionaries({
+    "dim": st.sampled_from([1, 2, 3]),
+    "groups": st.sampled_from([1, 2]),
+    "per_group_in": st.integers(1, 2),
+    "per_group_out": st.integers(1, 2),
+    "kernel": st.integers(1, 3),
+    "stride": st.integers(1, 2),
+    "dilation": st.integers(1, 2),
+    "padding": st.sampled_from([0, 1, 2, "same", "valid"]),
+    "padding_mode": st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+    "bias": st.booleans(),
+    "size": st.integers(5, 8),
+})
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(_conv_config)
+def test_any_conv_with_feedback_equal_to_weight_is_exact_backprop(c):
+    if c["padding"] == "same" and c["stride"] > 1:
+        return  # torch refuses 'same' with stride > 1
+    pad = c["padding"] if isinstance(c["padding"], int) else (
+        c["dilation"] * (c["kernel"] - 1) if c["padding"] == "same" else 0)
+    if c["padding_mode"] == "reflect" and pad >= c["size"]:
+        return  # reflect padding must be smaller than the input
+    conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[c["dim"]]
+    torch.manual_seed(0)
+    plain = conv(c["groups"] * c["per_group_in"], c["groups"] * c["per_group_out"], c["kernel"],
+                 stride=c["stride"], padding=c["padding"], dilation=c["dilation"],
+                 groups=c["groups"], bias=c["bias"], padding_mode=c["padding_mode"]).double()
+    x = torch.randn(2, plain.in_channels, *[c["size"]] * c["dim"], dtype=torch.float64)
+    out = plain(x)
+    if out.numel() == 0:
+        return
+    layer = na.convert(plain, na.get_rule("sa", init="weight"))
+    dy = torch.randn_like(out)
+    want, got = _backprop(plain, x, dy), _run(layer, x, dy)
+    for a, b in zip(want, got, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)

@@ -11,6 +11,7 @@ import torch
 import yaml
 
 import neuralign as na
+import runs
 from neuralign.train import (
     Callback,
     ConfigError,
@@ -27,16 +28,9 @@ from neuralign.train.optim import Schedule
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("NEURALIGN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
 def tiny(tmp_path: Path, *extra: str) -> list[str]:
-    """A run of a second or two: 240 MNIST-1D training examples, 2 epochs."""
-    return ["data.num_samples=300", "data.batch_size=40", "train.epochs=2",
-            f"train.runs_dir={tmp_path / 'runs'}", "train.name=t", "train.progress=false",
-            "train.tensorboard=false", "train.plots=false", "train.angle_every=3", *extra]
+    """The shared tiny run (``tests/runs.py``), named ``t``."""
+    return runs.tiny(tmp_path, "train.name=t", *extra)
 
 
 # -- config --------------------------------------------------------------------------------------

@@ -169,6 +169,9 @@ def _cmd_search(args) -> int:
     study = args.study or Path(args.space).stem
     out = Path(args.out) if args.out else Path(base.train.runs_dir) / "search" / study
     pruner = optuna.pruners.NopPruner() if args.pruner == "none" else None
+    # the command owns the process: Optuna's per-trial lines and tracebacks off (the search
+    # logs each trial's outcome in one line)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     res = search(base, space, args.trials, study, out=out, storage=args.storage,
                  seed=args.seed, jobs=args.jobs, pruner=pruner,
                  prune_startup=args.prune_startup, prune_warmup=args.prune_warmup,

@@ -109,7 +109,6 @@ def run_once(cfg: Config, root: str | Path, label: str, data=None,
     interrupted after a checkpoint continues from it. Errors other than divergence propagate
     and leave no result, so a restart tries the run again.
     """
-    quiet_trainer_logs()
     key = run_key(cfg)
     name = f"{label}-{key}"
     run_dir = Path(root) / "runs" / name
@@ -135,10 +134,10 @@ def run_once(cfg: Config, root: str | Path, label: str, data=None,
     t0 = time.perf_counter()
     if has_checkpoint:
         trainer = Trainer.from_run(run_dir, [f"train.progress={str(tc.progress).lower()}"],
-                                   data=data)
+                                   data=data, quiet=quiet_trainer)
         log.info("%s: continuing from its checkpoint (epoch %d)", name, trainer.epoch)
     else:
-        trainer = Trainer(cfg, data=data)
+        trainer = Trainer(cfg, data=data, quiet=quiet_trainer)
     status = "ok"
     try:
         history = trainer.fit()
@@ -150,13 +149,6 @@ def run_once(cfg: Config, root: str | Path, label: str, data=None,
     if distributed.is_main():
         write_yaml(result, result_path)
     return {**result, "skipped": False}
-
-
-def quiet_trainer_logs() -> None:
-    """Keep the trainer's per-epoch lines out of a sweep's log unless it runs verbose."""
-    if not logging.getLogger("neuralign").isEnabledFor(logging.DEBUG):
-        for name in ("neuralign.train", "neuralign.data"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def split_list(text: str) -> list[str]:

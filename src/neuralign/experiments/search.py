@@ -34,7 +34,7 @@ from typing import Any
 from ..train import distributed
 from ..train.config import Config, ConfigError, config_from_dict, config_to_dict
 from ..train.trainer import Callback, DivergenceError, Trainer
-from .common import plt, quiet_trainer_logs, savefig_atomic, write_csv, write_yaml
+from .common import plt, savefig_atomic, write_csv, write_yaml
 from .space import SearchSpace, apply_params, parse_space
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _objective(base: Config, space: SearchSpace, root: Path, data):
         # under torchrun the other ranks train the same trial (see _follow)
         distributed.broadcast_object(config_to_dict(cfg))
         try:
-            trainer = Trainer(cfg, callbacks=[pruning], data=shared)
+            trainer = Trainer(cfg, callbacks=[pruning], data=shared, quiet=True)
             history = trainer.fit()
         except DivergenceError as e:
             trial.set_user_attr("status", "diverged")
@@ -241,9 +241,9 @@ def _run_worker(study_name: str, storage: str, base_dict: dict, space_dict: dict
             root_log.propagate = False
         if threads:
             torch.set_num_threads(threads)
-    # failed trials are logged here, in one line; Optuna would add a traceback
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    quiet_trainer_logs()
+        # (a process of its own: failed trials are logged here, in one line, without
+        # Optuna's traceback; the CLI does the same for the main process)
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
     base = config_from_dict(base_dict)
     space = parse_space(space_dict, base)
     study = _make_study(study_name, storage, seed, pruner, worker)
@@ -332,12 +332,11 @@ def _follow(base: Config) -> None:
     ``should_stop``), a diverged one raises on every rank."""
     from ..data import build_data
 
-    quiet_trainer_logs()
     data = build_data(base.data)
     while (msg := distributed.broadcast_object(None)) is not None:
         cfg = config_from_dict(msg)
         try:
-            Trainer(cfg, data=data if cfg.data == base.data else None).fit()
+            Trainer(cfg, data=data if cfg.data == base.data else None, quiet=True).fit()
         except (DivergenceError, ConfigError):  # raised on every rank: rank 0 records it
             pass
 
@@ -352,7 +351,6 @@ def _search(base, space, trials, study, out, storage, seed, pruner, prune_startu
     if pruner is None:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=prune_startup,
                                              n_warmup_steps=prune_warmup)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     st = optuna.create_study(study_name=study, storage=_storage(storage), direction="maximize",
                              load_if_exists=True)
     saved = st.user_attrs.get("space")

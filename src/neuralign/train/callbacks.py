@@ -20,13 +20,15 @@ __all__ = ["ProgressBar", "EpochLogger", "CSVLogger", "TensorBoardLogger", "Chec
            "Plotter", "default_callbacks", "write_csv", "read_csv"]
 
 
-def default_callbacks(tc: TrainConfig) -> list[Callback]:
+def default_callbacks(tc: TrainConfig, epoch_lines: bool = True) -> list[Callback]:
     """The callbacks a :class:`TrainConfig` asks for (checkpoints before anything that may
-    stop the run)."""
+    stop the run); ``epoch_lines=False`` leaves out the per-epoch log line."""
     cbs: list[Callback] = []
     if tc.progress:
         cbs.append(ProgressBar())
-    cbs += [EpochLogger(), Checkpointer(tc.checkpoint_every), CSVLogger()]
+    if epoch_lines:
+        cbs.append(EpochLogger())
+    cbs += [Checkpointer(tc.checkpoint_every), CSVLogger()]
     if tc.tensorboard:
         cbs.append(TensorBoardLogger())
     if tc.plots:

@@ -190,11 +190,15 @@ class Trainer:
         default_callbacks: add progress, logging, CSV, TensorBoard, checkpoint and plot
             callbacks as the config asks.
         data: prebuilt data (e.g. shared by the runs of a comparison).
+        quiet: one of many runs (a sweep's): its setup and per-epoch lines are logged at
+            DEBUG instead of INFO, without touching any logger's level.
     """
 
     def __init__(self, cfg: Config, callbacks: list[Callback] | None = None,
                  run_dir: str | Path | None = None, default_callbacks: bool = True,
-                 data: DataBundle | None = None):
+                 data: DataBundle | None = None, quiet: bool = False):
+        self.quiet = quiet
+        self._info = log.debug if quiet else log.info
         cfg = self.cfg = copy.deepcopy(cfg)  # the caller's config is left as it is
         tc = cfg.train
         if tc.epochs < 1:
@@ -272,16 +276,16 @@ class Trainer:
                                   if self.feedback_optimizer is not None else None)
         n_w = sum(p.numel() for p in groups["forward"])
         n_f = sum(p.numel() for p in groups["feedback"])
-        log.info("model %s, rule %s: %d feedback layers, %d forward and %d learned feedback "
+        self._info("model %s, rule %s: %d feedback layers, %d forward and %d learned feedback "
                  "parameters, device %s", cfg.model.name, self.rule.name, len(self.layer_names),
                  n_w, n_f, self.device)
         if self.recipe:
             rates = sorted({g["lr"] for g in self.feedback_optimizer.param_groups})
-            log.info("feedback weights: the rules' recipe (neuralign.feedback_optimizer), rate "
-                     "%s", ", ".join(f"{r:g}" for r in rates))
+            self._info("feedback weights: the rules' recipe (neuralign.feedback_optimizer), "
+                       "rate %s", ", ".join(f"{r:g}" for r in rates))
         elif self.feedback_optimizer is not None:
-            log.info("feedback weights: %s, lr %g", cfg.feedback_optim.name,
-                     cfg.feedback_optim.lr)
+            self._info("feedback weights: %s, lr %g", cfg.feedback_optim.name,
+                       cfg.feedback_optim.lr)
 
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
@@ -297,7 +301,7 @@ class Trainer:
             from .callbacks import default_callbacks as _defaults
 
             # only rank 0 writes; the others take part in the checkpoint (RNG states)
-            self.callbacks += (_defaults(tc) if self.is_main
+            self.callbacks += (_defaults(tc, epoch_lines=not quiet) if self.is_main
                                else [Checkpointer(tc.checkpoint_every)])
         self.callbacks += list(callbacks or [])
 
@@ -422,7 +426,8 @@ class Trainer:
             trainer.config_changes.append({"epoch": trainer.epoch, "changes": {
                 k: [a, b] for k, (a, b) in changes.items()}})
         trainer.last_checkpoint, trainer.last_checkpoint_epoch = ckpt_path, trainer.epoch
-        log.info("resuming %s after epoch %d (step %d)", run_dir, trainer.epoch, trainer.step)
+        trainer._info("resuming %s after epoch %d (step %d)", run_dir, trainer.epoch,
+                      trainer.step)
         return trainer
 
     # -- evaluation ------------------------------------------------------------------------------
