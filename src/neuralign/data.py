@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -408,15 +409,7 @@ def load_mnist1d(num_samples: int = 0) -> dict[str, np.ndarray]:
         "x": ds["x"].astype(np.float32), "y": ds["y"].astype(np.int64),
         "x_test": ds["x_test"].astype(np.float32), "y_test": ds["y_test"].astype(np.int64),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **out)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda f: np.savez(f, **out))
     return out
 
 

@@ -4,12 +4,11 @@ to noisy feedback updates.
 >>> from neuralign.experiments import search, transfer, robustness
 """
 
-from .cli import register_commands
 from .common import run_once
 from .robustness import robustness
 from .search import search
 from .space import SearchSpace, SpaceError, load_space, parse_space
 from .transfer import parse_models, transfer
 
-__all__ = ["register_commands", "search", "transfer", "robustness", "run_once", "SearchSpace",
+__all__ = ["search", "transfer", "robustness", "run_once", "SearchSpace",
            "SpaceError", "load_space", "parse_space", "parse_models"]

@@ -14,8 +14,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,15 +21,19 @@ from typing import Any
 
 import yaml
 
+from ..io import markdown_table as format_markdown
+from ..io import mean_std, read_csv, split_list, summarize, write_csv, write_text, write_yaml
+from ..io import pyplot as plt
+from ..io import save_figure as savefig_atomic
 from ..train import distributed
-from ..train.callbacks import read_csv, write_csv
 from ..train.config import Config, ConfigError, RuleConfig, apply_overrides, config_to_dict
 from ..train.trainer import CHECKPOINT, DivergenceError, Trainer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["atomic_write_text", "write_yaml", "write_csv", "read_csv", "run_key", "run_once",
-           "split_list", "parse_floats", "rule_variant", "format_markdown", "RESULT_FILE"]
+__all__ = ["write_text", "write_yaml", "write_csv", "read_csv", "run_key", "run_once",
+           "split_list", "parse_floats", "rule_variant", "format_markdown", "mean_std", "plt",
+           "savefig_atomic", "RESULT_FILE"]
 
 #: The file a finished run leaves in its folder.
 RESULT_FILE = "result.yaml"
@@ -45,31 +47,6 @@ VOLATILE_KEYS = (
 )
 
 
-def atomic_write_text(text: str, path: str | Path) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and
-    ``os.replace``: a reader sees the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_yaml(data: Any, path: str | Path) -> Path:
-    """Plain data as YAML, atomically."""
-    return atomic_write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None),
-                             path)
-
-
 def run_key(cfg: Config) -> str:
     """A short hash of what determines a run's result (volatile keys left out)."""
     d = copy.deepcopy(config_to_dict(cfg))
@@ -77,27 +54,6 @@ def run_key(cfg: Config) -> str:
         d.get(section, {}).pop(key, None)
     text = json.dumps(d, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def _summary(history: list[dict], status: str, wall: float) -> dict[str, Any]:
-    nan = math.nan
-    last = history[-1] if history else {}
-
-    def get(k):
-        v = last.get(k, nan)
-        return float(v) if isinstance(v, (int, float)) else nan
-
-    vals = [h["val_top1"] for h in history if "val_top1" in h]
-    return {
-        "status": status,
-        "epochs": len(history),
-        "test_top1": get("test_top1"),
-        "val_top1": get("val_top1"),
-        "best_val_top1": max(vals) if vals else nan,
-        "train_loss": get("train_loss"),
-        "weight_angle": get("weight_angle"),
-        "wall_s": wall,
-    }
 
 
 def run_once(cfg: Config, root: str | Path, label: str, data=None,
@@ -144,28 +100,11 @@ def run_once(cfg: Config, root: str | Path, label: str, data=None,
     except DivergenceError as e:
         log.warning("%s: %s", name, e)
         history, status = trainer.history, f"diverged at epoch {e.epoch}"
-    result = {"label": label, "key": key, **_summary(history, status,
+    result = {"label": label, "key": key, **summarize(history, status,
                                                       time.perf_counter() - t0)}
     if distributed.is_main():
         write_yaml(result, result_path)
     return {**result, "skipped": False}
-
-
-def split_list(text: str) -> list[str]:
-    """Split on commas outside brackets: ``"a,b:x=[1,2],c"`` -> ``['a', 'b:x=[1,2]', 'c']``."""
-    out, depth, cur = [], 0, []
-    for ch in text:
-        if ch in "[{(":
-            depth += 1
-        elif ch in "]})":
-            depth -= 1
-        if ch == "," and depth == 0:
-            out.append("".join(cur).strip())
-            cur = []
-        else:
-            cur.append(ch)
-    out.append("".join(cur).strip())
-    return [s for s in out if s]
 
 
 def parse_floats(text: str, what: str) -> list[float]:
@@ -204,48 +143,3 @@ def with_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     return apply_overrides(cfg, list(overrides))
 
 
-def format_markdown(header: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table; floats with one decimal, NaN as an en dash."""
-
-    def cell(v):
-        if isinstance(v, float):
-            return "–" if not math.isfinite(v) else f"{v:.1f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    vals = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-    if not vals:
-        return math.nan, math.nan
-    m = sum(vals) / len(vals)
-    s = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else 0.0
-    return m, s
-
-
-def plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as pyplot
-
-    return pyplot
-
-
-def savefig_atomic(fig, path: str | Path) -> Path:
-    """Save a matplotlib figure as PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path

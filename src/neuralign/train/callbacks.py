@@ -3,16 +3,17 @@ plots."""
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
-import os
 import sys
-import tempfile
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..io import read_csv, write_csv
 from .config import TrainConfig
-from .trainer import Callback, Trainer
+from .events import Callback
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -80,42 +81,6 @@ class EpochLogger(Callback):
         log.info("epoch %d/%d  train loss %.4f  test top-1 %.2f%%%s  weight angle %s  (%.1f s)",
                  epoch, trainer.cfg.train.epochs, metrics["train_loss"], metrics["test_top1"],
                  val, _fmt_angle(metrics["weight_angle"]), metrics["epoch_time_s"])
-
-
-def write_csv(rows: list[dict], path: str | Path) -> None:
-    """Write dict rows (union of their keys, first-seen order) to ``path`` atomically."""
-    path = Path(path)
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, restval="")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
-                            for k, v in r.items()})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def read_csv(path: str | Path) -> list[dict[str, float | str]]:
-    """Rows of a CSV file; numbers are parsed as floats (empty cells as NaN)."""
-    out = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            row: dict[str, float | str] = {}
-            for k, v in r.items():
-                try:
-                    row[k] = float(v) if v != "" else math.nan
-                except ValueError:
-                    row[k] = v
-            out.append(row)
-    return out
 
 
 class CSVLogger(Callback):

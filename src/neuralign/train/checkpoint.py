@@ -9,14 +9,14 @@ reached, the metrics history and the resolved config.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from ..io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -30,29 +30,12 @@ def previous_path(path: str | Path) -> Path:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, then rename.
+    """Write ``state`` to ``path`` atomically (:func:`neuralign.io.atomic_write`).
 
     A crash while writing leaves the previous file at ``path`` intact. The file it replaces is
     kept as :func:`previous_path` (one generation), in case the new one is ever unreadable.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from co-workers
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = atomic_write(path, lambda f: torch.save(state, f), keep_previous=previous_path(path))
     log.debug("checkpoint written: %s", path)
     return path
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import neuralign as na
 
 from ..data import build_data
+from ..io import markdown_table, summarize, write_csv
 from . import distributed
-from .callbacks import write_csv
 from .config import Config, ConfigError, check_run_name, save_config
 from .plots import plot_compare
 from .trainer import Callback, DivergenceError, Trainer
@@ -83,40 +83,19 @@ def compare(cfg: Config, rules: list[str] | tuple[str, ...] = DEFAULT_RULES,
 
 
 def _summary(rule: str, history: list[dict], status: str, wall: float) -> dict:
-    nan = math.nan
-    if not history:
-        return {"rule": rule, "final_top1": nan, "best_top1": nan, "best_epoch": nan,
-                "weight_angle": nan, "backprop_angle": nan, "feedback_lag": nan,
-                "epoch_time_s": nan, "epochs": 0, "status": status}
-    best = max(history, key=lambda h: h["test_top1"])
-    last = history[-1]
-    return {
-        "rule": rule,
-        "final_top1": last["test_top1"],
-        "best_top1": best["test_top1"],
-        "best_epoch": int(best["epoch"]),
-        "weight_angle": last["weight_angle"],
-        "backprop_angle": last["backprop_angle"],
-        "feedback_lag": last.get("feedback_lag", nan),
-        "epoch_time_s": sum(h["epoch_time_s"] for h in history) / len(history),
-        "epochs": len(history),
-        "status": status,
-    }
+    r = summarize(history, status, wall)
+    return {"rule": rule, "final_top1": r["test_top1"], "best_top1": r["best_test_top1"],
+            "best_epoch": r["best_epoch"], "weight_angle": r["weight_angle"],
+            "backprop_angle": r["backprop_angle"], "feedback_lag": r["feedback_lag"],
+            "epoch_time_s": r["epoch_time_s"], "epochs": r["epochs"], "status": status}
 
 
 def format_table(rows: list[dict]) -> str:
     """A Markdown table of :func:`compare`'s rows."""
-
-    def num(v, fmt):
-        return "–" if not isinstance(v, (int, float)) or not math.isfinite(v) else fmt.format(v)
-
-    head = ("| rule | final top-1 (%) | best top-1 (%) | mean weight angle (°) | "
-            "end-to-end angle vs BP (°) | lag ‖F − F*‖/‖F*‖ | time/epoch (s) | status |")
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        lines.append(f"| {r['rule']} | {num(r['final_top1'], '{:.1f}')} | "
-                     f"{num(r['best_top1'], '{:.1f}')} | {num(r['weight_angle'], '{:.1f}')} | "
-                     f"{num(r['backprop_angle'], '{:.1f}')} | "
-                     f"{num(r.get('feedback_lag'), '{:.3f}')} | "
-                     f"{num(r['epoch_time_s'], '{:.2f}')} | {r['status']} |")
-    return "\n".join(lines)
+    header = ["rule", "final top-1 (%)", "best top-1 (%)", "mean weight angle (°)",
+              "end-to-end angle vs BP (°)", "lag ‖F − F*‖/‖F*‖", "time/epoch (s)", "status"]
+    table = [[r["rule"], f"{r['final_top1']:.1f}", f"{r['best_top1']:.1f}",
+              f"{r['weight_angle']:.1f}", f"{r['backprop_angle']:.1f}",
+              f"{r.get('feedback_lag', math.nan):.3f}", f"{r['epoch_time_s']:.2f}", r["status"]]
+             for r in rows]
+    return markdown_table(header, [[c if c != "nan" else None for c in row] for row in table])

@@ -401,6 +401,7 @@ def config_to_yaml(cfg: Config) -> str:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML."""
-    with open(path, "w") as f:
-        f.write(config_to_yaml(cfg))
+    """Write the resolved config as YAML, atomically."""
+    from ..io import write_text
+
+    write_text(path, config_to_yaml(cfg))

@@ -7,16 +7,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..io import pyplot, read_csv, save_figure
+
 __all__ = ["plot_history", "plot_run", "plot_compare"]
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _col(history: Sequence[dict], key: str) -> list[float]:
@@ -31,7 +24,7 @@ def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") 
     """``accuracy.png`` (top-1 and loss per epoch) and ``angles.png`` (per-layer weight,
     local gradient and end-to-end angles, and the lag of F behind its rule's fixed point, per
     epoch) in ``out_dir``; returns the paths."""
-    plt = _plt()
+    plt = pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     epochs = _col(history, "epoch")
@@ -57,9 +50,7 @@ def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    paths.append(out_dir / "accuracy.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "accuracy.png"))
 
     kinds = [("weight_angle", "weight angle ∠(W, F)", "degrees"),
              ("gradient_angle", "local gradient angle", "degrees"),
@@ -87,16 +78,12 @@ def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    paths.append(out_dir / "angles.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(save_figure(fig, out_dir / "angles.png"))
     return paths
 
 
 def plot_run(run_dir: str | Path) -> list[Path]:
     """Redraw a run folder's plots from its ``metrics.csv``."""
-    from .callbacks import read_csv
-
     run_dir = Path(run_dir)
     csv_path = run_dir / "metrics.csv"
     if not csv_path.is_file():
@@ -115,7 +102,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
 
 def plot_compare(results: dict[str, Sequence[dict]], path: str | Path, title: str = "") -> Path:
     """Test top-1 and mean weight angle per epoch, one line per rule."""
-    plt = _plt()
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     cmap = plt.get_cmap("tab10" if len(results) <= 10 else "tab20")
     for i, (rule, history) in enumerate(results.items()):
@@ -133,8 +120,4 @@ def plot_compare(results: dict[str, Sequence[dict]], path: str | Path, title: st
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -43,6 +43,7 @@ from .config import (
     config_to_dict,
     save_config,
 )
+from .events import Callback
 from .optim import Schedule, build_feedback_optimizer, build_optimizer
 
 log = logging.getLogger(__name__)
@@ -92,20 +93,6 @@ class DivergenceError(RuntimeError):
                          f"{where}. Try a lower optim.lr, another feedback_optim.rate (or "
                          f"feedback_optim.lr with a torch optimizer on F), or other rule "
                          f"coefficients.")
-
-
-class Callback:
-    """Base class of trainer callbacks; override the events you need."""
-
-    def on_train_start(self, trainer: Trainer) -> None: ...
-
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
-
-    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None: ...
-
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None: ...
-
-    def on_train_end(self, trainer: Trainer, history: list[dict[str, float]]) -> None: ...
 
 
 def build_rule(cfg) -> na.Rule:

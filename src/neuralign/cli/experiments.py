@@ -1,4 +1,4 @@
-"""The ``search``, ``transfer`` and ``robustness`` subcommands of ``neuralign``."""
+"""The ``search``, ``transfer`` and ``robustness`` commands (the paper's evaluation)."""
 
 from __future__ import annotations
 
@@ -7,56 +7,21 @@ import logging
 import math
 from pathlib import Path
 
+from . import common
+
 log = logging.getLogger("neuralign.experiments")
 
-__all__ = ["register_commands"]
+__all__ = ["add_parsers"]
 
-_OVERRIDES = ("dotted config overrides key=value applied to every run (values parsed as "
-              "YAML), e.g. train.epochs=30 data.num_samples=8000")
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", metavar="DIR",
-                   help="output folder (default runs/<command>/<name>); a restarted command "
-                        "skips what is already there")
-    p.add_argument("--epochs", type=int, help="training epochs of every run (train.epochs)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (train.device)")
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads (torch.set_num_threads); 1 is often much faster "
-                        "for small models on a busy machine")
-    p.add_argument("-v", "--verbose", action="store_true", help="also log every layer swap")
-    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    from ..cli import add_nproc
-
-    add_nproc(p)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES)
-
-
-def _main_rank() -> bool:
-    """Under torchrun every rank runs the command; rank 0 prints."""
-    from ..train import distributed
-
-    return distributed.is_main()
-
-
-def _overrides(args) -> list[str]:
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    out = ["train.progress=false"]
-    if args.epochs is not None:
-        out.append(f"train.epochs={args.epochs}")
-    if args.device:
-        out.append(f"train.device={args.device}")
-    return out + list(args.overrides)
+#: The experiments train many runs: no progress bars.
+_FIRST = ("train.progress=false",)
 
 
 def _seeds(text: str | None) -> list[int] | None:
     if not text:
         return None
+    from ..io import split_list
     from ..train.config import ConfigError
-    from .common import split_list
 
     try:
         return [int(s) for s in split_list(text)]
@@ -64,16 +29,16 @@ def _seeds(text: str | None) -> list[int] | None:
         raise ConfigError(f"--seeds: expected integers such as 0,1,2, got {text!r}") from None
 
 
-def register_commands(subparsers, commands: dict | None = None) -> None:
-    """Add ``search``, ``transfer`` and ``robustness`` to the ``neuralign`` parser.
+def _out(p: argparse.ArgumentParser, command: str) -> None:
+    p.add_argument("--out", metavar="DIR",
+                   help=f"output folder (default runs/{command}/<name>); a restarted command "
+                        "skips what is already there")
 
-    Args:
-        subparsers: the object ``ArgumentParser.add_subparsers`` returned.
-        commands: the CLI's command table (name -> handler), filled in when given; each
-            subparser also carries its handler as the ``_handler`` default.
-    """
-    p = subparsers.add_parser(
-        "search", help="metaparameter search (Optuna TPE, median pruning)",
+
+def add_parsers(sub, run: argparse.ArgumentParser) -> dict:
+    """Add ``search``, ``transfer`` and ``robustness``; returns their handlers."""
+    p = sub.add_parser(
+        "search", parents=[run], help="metaparameter search (Optuna TPE, median pruning)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Search metaparameters with Optuna's TPE sampler on a validation split of "
                     "the training set (never the test set); a median pruner stops weak trials "
@@ -110,11 +75,10 @@ def register_commands(subparsers, commands: dict | None = None) -> None:
     p.add_argument("--startup-trials", type=int, default=5,
                    help="random trials before TPE models the space (default 5)")
     p.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
-    _common(p)
-    p.set_defaults(_handler=_cmd_search)
+    _out(p, "search")
 
-    p = subparsers.add_parser(
-        "transfer", help="fixed metaparameters on networks of growing depth",
+    p = sub.add_parser(
+        "transfer", parents=[run], help="fixed metaparameters on networks of growing depth",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train each config (e.g. a search's best.yaml) and each --rules rule on "
                     "every model, with the metaparameters kept fixed; table and plot of final "
@@ -132,12 +96,12 @@ def register_commands(subparsers, commands: dict | None = None) -> None:
     p.add_argument("--base", metavar="FILE",
                    help="config for the --rules entries (default: the first --config)")
     p.add_argument("--seeds", help="training seeds, e.g. 0,1,2 (default: each config's)")
-    p.add_argument("--name", help="name of the output folder under runs/transfer/")
-    _common(p)
-    p.set_defaults(_handler=_cmd_transfer)
+    p.add_argument("--name", dest="out_name",
+                   help="name of the output folder under runs/transfer/")
+    _out(p, "transfer")
 
-    p = subparsers.add_parser(
-        "robustness", help="top-1 against update-noise σ",
+    p = sub.add_parser(
+        "robustness", parents=[run], help="top-1 against update-noise σ",
         description="Train each rule with update noise F <- F + lr_F*N(0, sigma^2) after every "
                     "feedback step, for each sigma; table and plot of final test top-1 "
                     "against sigma. Finished runs are skipped on restart.")
@@ -146,25 +110,20 @@ def register_commands(subparsers, commands: dict | None = None) -> None:
     p.add_argument("--noise", default="0,1e-4,1e-3,1e-2",
                    help="update-noise standard deviations (default 0,1e-4,1e-3,1e-2)")
     p.add_argument("--seeds", help="training seeds, e.g. 0,1,2 (default: the config's)")
-    p.add_argument("--name", help="name of the output folder under runs/robustness/")
-    _common(p)
-    p.set_defaults(_handler=_cmd_robustness)
-
-    if commands is not None:
-        commands.update(search=_cmd_search, transfer=_cmd_transfer,
-                        robustness=_cmd_robustness)
+    p.add_argument("--name", dest="out_name",
+                   help="name of the output folder under runs/robustness/")
+    _out(p, "robustness")
+    return {"search": _cmd_search, "transfer": _cmd_transfer, "robustness": _cmd_robustness}
 
 
 def _cmd_search(args) -> int:
     import optuna
 
+    from ..experiments.search import _prepare_base, search
+    from ..experiments.space import load_space
     from ..train.config import load_config
-    from .search import search
-    from .space import load_space
 
-    base = load_config(args.config, _overrides(args))
-    from .search import _prepare_base
-
+    base = load_config(args.config, common.overrides(args, *_FIRST))
     space = load_space(args.space, _prepare_base(base))  # checked before anything runs
     study = args.study or Path(args.space).stem
     out = Path(args.out) if args.out else Path(base.train.runs_dir) / "search" / study
@@ -176,7 +135,7 @@ def _cmd_search(args) -> int:
                  seed=args.seed, jobs=args.jobs, pruner=pruner,
                  prune_startup=args.prune_startup, prune_warmup=args.prune_warmup,
                  startup_trials=args.startup_trials, timeout=args.timeout)
-    if not _main_rank():
+    if not common.main_rank():
         return 0
     rows = res["trials"]
     counts: dict[str, int] = {}
@@ -202,11 +161,12 @@ def _cmd_search(args) -> int:
 
 
 def _cmd_transfer(args) -> int:
+    from ..experiments.common import rule_variant
+    from ..experiments.transfer import parse_models, transfer
+    from ..io import split_list
     from ..train.config import ConfigError, check_run_name, load_config
-    from .common import rule_variant, split_list
-    from .transfer import parse_models, transfer
 
-    over = _overrides(args)
+    over = common.overrides(args, *_FIRST)
     if not args.config and not args.base:
         raise ConfigError("transfer needs --config FILE (repeatable) and/or --base FILE with "
                           "--rules")
@@ -224,10 +184,10 @@ def _cmd_transfer(args) -> int:
                 continue
             entries.append((rule, rule_variant(base, rule)))
     models = parse_models(args.models)
-    name = check_run_name(args.name or "-".join(lab for lab, _ in entries), "--name")
+    name = check_run_name(args.out_name or "-".join(lab for lab, _ in entries), "--name")
     out = Path(args.out) if args.out else Path(entries[0][1].train.runs_dir) / "transfer" / name
     res = transfer(entries, models, out, _seeds(args.seeds))
-    if not _main_rank():
+    if not common.main_rank():
         return 0
     print(res["table"])
     print(f"\n(final-epoch test top-1, %; written: {out}/transfer.csv, transfer_summary.csv, "
@@ -236,17 +196,18 @@ def _cmd_transfer(args) -> int:
 
 
 def _cmd_robustness(args) -> int:
+    from ..experiments.common import parse_floats
+    from ..experiments.robustness import robustness
+    from ..io import split_list
     from ..train.config import check_run_name, load_config
-    from .common import parse_floats, split_list
-    from .robustness import robustness
 
-    base = load_config(args.config, _overrides(args))
+    base = load_config(args.config, common.overrides(args, *_FIRST))
     rules = split_list(args.rules)
     noise = parse_floats(args.noise, "--noise")
-    name = check_run_name(args.name or f"{base.data.name}-{base.model.name}", "--name")
+    name = check_run_name(args.out_name or f"{base.data.name}-{base.model.name}", "--name")
     out = Path(args.out) if args.out else Path(base.train.runs_dir) / "robustness" / name
     res = robustness(base, rules, noise, out, _seeds(args.seeds))
-    if not _main_rank():
+    if not common.main_rank():
         return 0
     print(res["table"])
     bad = sum(1 for r in res["runs"] if not math.isfinite(r["test_top1"]))

@@ -1,0 +1,189 @@
+"""Every file the package writes, and the small helpers its tables and plots share.
+
+Writes are atomic: a temporary file in the target's folder, flushed and fsynced, given the
+permissions an ordinary file would get (``0o666`` less the umask, where ``mkstemp`` would give
+``0o600``), then renamed over the target with ``os.replace``. A reader, or a crash, sees the old
+file or the new one, never half of one. Standard library only (NumPy, PyYAML and matplotlib are
+imported by the functions that need them).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_write", "write_text", "write_yaml", "write_csv", "read_csv", "save_figure",
+           "pyplot", "markdown_table", "mean_std", "split_list", "summarize"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], Any], binary: bool = True,
+                 keep_previous: str | Path | None = None) -> Path:
+    """Write ``path`` atomically: ``write(f)`` fills a temporary file in the same folder, which
+    then replaces ``path``.
+
+    Args:
+        path: the file to write (its folder is created).
+        write: called with the open temporary file.
+        binary: open it in binary mode (else text, newline="").
+        keep_previous: if given and ``path`` exists, the old file is first renamed there (one
+            generation kept, e.g. a checkpoint's predecessor).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """``text`` to ``path``, atomically."""
+    return atomic_write(path, lambda f: f.write(text), binary=False)
+
+
+def write_yaml(data: Any, path: str | Path) -> Path:
+    """Plain data as YAML (sections as blocks, short lists inline), atomically."""
+    import yaml
+
+    return write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    """Dict rows (the union of their keys, in first-seen order; floats with 6 significant
+    digits) to ``path``, atomically."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=keys, restval="")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    return atomic_write(path, write, binary=False)
+
+
+def read_csv(path: str | Path) -> list[dict[str, float | str]]:
+    """Rows of a CSV file; numbers are parsed as floats (empty cells as NaN)."""
+    out = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict[str, float | str] = {}
+            for k, v in r.items():
+                try:
+                    row[k] = float(v) if v != "" else math.nan
+                except ValueError:
+                    row[k] = v
+            out.append(row)
+    return out
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
+    """A matplotlib figure as PNG, atomically; the figure is closed."""
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format="png"))
+    finally:
+        pyplot().close(fig)
+
+
+def markdown_table(header: list[str], rows: Iterable[Iterable[Any]],
+                   number: Callable[[float], str] = "{:.1f}".format) -> str:
+    """A Markdown table; floats through ``number``, NaN (and None) as an en dash."""
+
+    def cell(v):
+        if v is None or (isinstance(v, float) and not math.isfinite(v)):
+            return "–"
+        return number(v) if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation of the finite values (0 for one, NaN for none)."""
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def split_list(text: str) -> list[str]:
+    """Split on commas outside brackets: ``"a,b:x=[1,2],c"`` -> ``['a', 'b:x=[1,2]', 'c']``."""
+    out, depth, cur = [], 0, []
+    for ch in text:
+        if ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append("".join(cur).strip())
+            cur = []
+        else:
+            cur.append(ch)
+    out.append("".join(cur).strip())
+    return [s for s in out if s]
+
+
+def summarize(history: list[dict], status: str, wall_s: float) -> dict[str, Any]:
+    """One run's summary from its metrics history: final and best test top-1, the last
+    epoch's validation top-1 and its best, angles, lag, training loss, epochs, time."""
+    nan = math.nan
+    last = history[-1] if history else {}
+
+    def get(k):
+        v = last.get(k, nan)
+        return float(v) if isinstance(v, (int, float)) else nan
+
+    tests = [h["test_top1"] for h in history if "test_top1" in h]
+    vals = [h["val_top1"] for h in history if "val_top1" in h]
+    best = max(range(len(tests)), key=tests.__getitem__) if tests else None
+    return {
+        "status": status,
+        "epochs": len(history),
+        "test_top1": get("test_top1"),
+        "best_test_top1": tests[best] if tests else nan,
+        "best_epoch": int(history[best]["epoch"]) if best is not None else nan,
+        "val_top1": get("val_top1"),
+        "best_val_top1": max(vals) if vals else nan,
+        "train_loss": get("train_loss"),
+        "weight_angle": get("weight_angle"),
+        "backprop_angle": get("backprop_angle"),
+        "feedback_lag": get("feedback_lag"),
+        "epoch_time_s": (statistics.fmean(h["epoch_time_s"] for h in history)
+                         if history else nan),
+        "wall_s": wall_s,
+    }
