@@ -139,11 +139,11 @@ def layer_flops(model: nn.Module, x: torch.Tensor) -> list[LayerFlops]:
 def rule_units(rule: na.Rule, lf: LayerFlops) -> float:
     """Matrix-multiply units of one layer under ``rule`` (its forward = 1), as the backward
     does them (neuralign.autograd / terms.rule_grad)."""
-    if rule.feedback == "dfa":  # forward, weight gradient, and D e (outputs x in_channels)
+    if rule.kind == "dfa":  # forward, weight gradient, and D e (outputs x in_channels)
         proj = lf.batch * lf.outputs * lf.in_channels / lf.macs if lf.needs_dx else 0.0
         return 2 + proj
     units = 1 + 1 + (1 if lf.needs_dx else 0)  # forward, weight gradient, input gradient
-    if rule.feedback != "learned":
+    if rule.kind != "learned":
         return units
     t = rule.terms
     amp, null, sparse = (t.get(k, 0.0) for k in ("amp", "null", "sparse"))
@@ -167,9 +167,9 @@ def flop_ratio(rule: na.Rule, layers: list[LayerFlops]) -> float:
 def target_for(name: str, rule: na.Rule, ideal: float) -> tuple[float, str]:
     if name in TARGET_NEAR_BP:
         return TARGET_NEAR_BP[name], "bp+3%"
-    if rule.feedback in SIGN_KINDS:
+    if rule.kind in SIGN_KINDS:
         return TARGET_SIGN, "bp+5%"
-    if rule.feedback == "bp":
+    if rule.kind == "bp":
         return 1.0, "-"
     return ideal * TARGET_FLOP_SLACK, "ideal+5%"
 

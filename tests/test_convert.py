@@ -115,6 +115,40 @@ def test_custom_mapping_extends_conversion():
     assert type(na.revert(converted)[0]) is MyLinear
 
 
+def test_registering_a_layer_family_makes_convert_use_it():
+    from neuralign.convert import DEFAULT_MAPPING
+    from neuralign.layers import FEEDBACK_CLASSES, register_layer
+    from neuralign.ops import OPS, LinearOps
+
+    class Scaled(nn.Linear):  # a torch layer class of one's own
+        pass
+
+    try:
+        @register_layer(Scaled, LinearOps.from_module)
+        class FeedbackScaled(FeedbackLayer, Scaled):
+            """A new layer family: these lines."""
+
+        converted = na.convert(nn.Sequential(Scaled(2, 3)), "sa")
+        assert type(converted[0]) is FeedbackScaled and DEFAULT_MAPPING[Scaled] is FeedbackScaled
+        with pytest.raises(ValueError, match="already registered"):
+            register_layer(Scaled, LinearOps.from_module)(FeedbackScaled)
+        with pytest.raises(TypeError, match="must subclass FeedbackLayer"):
+            register_layer(nn.Bilinear, LinearOps.from_module)(FeedbackScaled)
+    finally:
+        FEEDBACK_CLASSES.pop(Scaled, None)
+        OPS.pop(Scaled, None)
+
+
+def test_a_failed_inplace_conversion_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Bilinear(3, 3, 2))
+    with pytest.raises(UnsupportedLayerError):
+        na.convert(model, "fa", inplace=True, on_unsupported="raise")
+    assert type(model[0]) is nn.Linear
+    with pytest.raises(ValueError, match="match no convertible layer"):
+        na.convert(model, "fa", inplace=True, layer_rules={"nope": "bp"})
+    assert type(model[0]) is nn.Linear
+
+
 def test_hooks_device_and_training_state_are_kept():
     plain = nn.Sequential(nn.Linear(3, 4))
     calls = []

@@ -78,5 +78,5 @@ def test_pad_adjoint_per_mode(mode, left, right):
 
 
 def test_ops_for_rejects_other_layers():
-    with pytest.raises(TypeError, match="supported: Linear, Conv1d"):
+    with pytest.raises(TypeError, match="registered: Linear, Conv1d"):
         ops_for(torch.nn.Bilinear(2, 2, 2))

@@ -75,7 +75,7 @@ def test_weight_never_receives_rule_gradient(name):
     torch.testing.assert_close(layer.bias.grad, dy.sum(0), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", [r for r in RULES if na.get_rule(r).feedback in SIGN_KINDS])
+@pytest.mark.parametrize("name", [r for r in RULES if na.get_rule(r).kind in SIGN_KINDS])
 def test_sign_rules_derive_feedback_from_the_current_weight(name):
     torch.manual_seed(0)
     layer = na.convert(nn.Conv2d(3, 4, 3), name)
@@ -221,7 +221,7 @@ def test_get_rule_overrides_and_errors():
     ({"terms": {"self": 1.0}, "noise": {"std": 1.0}}, "has none"),
     ({"terms": {"amp": 1.0}, "noise": {"dist": "cauchy"}}, "valid: normal, uniform"),
     ({"terms": {"amp": 1.0}, "noise": {"sd": 1.0}}, "valid: dist, std"),
-    ({"terms": {"amp": 1.0}, "feedback": "magic"}, "valid: learned, fixed"),
+    ({"terms": {"amp": 1.0}, "kind": "magic"}, "valid: learned, fixed"),
     ({"terms": {"amp": 1.0}, "init": "zeros"}, "valid: default, kaiming_uniform"),
     ({"terms": {"amp": 1.0}, "update_noise": -1.0}, "standard deviation >= 0"),
     ({"terms": {"amp": 1.0}, "normalize": -2.0}, "positive norm"),
@@ -238,7 +238,7 @@ def test_user_rule_from_a_plain_dict_round_trips():
     assert Rule.from_dict(rule.to_dict()) == rule
     import pickle
     assert pickle.loads(pickle.dumps(rule)) == rule
-    with pytest.raises(ValueError, match="valid: terms, feedback"):
+    with pytest.raises(ValueError, match="valid: terms, kind"):
         Rule.from_dict({"terms": {"amp": 1.0}, "mirror": True})
 
 
@@ -252,6 +252,20 @@ def test_weight_angle_of_sign_rules_follows_the_current_weight(name):
     angles = na.metrics.weight_angles(model)
     assert angles["0"] < 60 and torch.equal(torch.sign(model[0].feedback),
                                              torch.sign(model[0].weight))
+
+
+def test_kind_was_called_feedback():
+    """``Rule.kind`` (how F comes about) was ``Rule.feedback``, a name that also means the
+    tensor ``layer.feedback``: the old name still works, with a DeprecationWarning."""
+    with pytest.warns(DeprecationWarning, match="kind"):
+        rule = Rule(feedback="fixed")
+    assert rule.kind == "fixed" and rule == Rule(kind="fixed")
+    with pytest.warns(DeprecationWarning, match="Rule.kind"):
+        assert na.get_rule("usf").feedback == "usf"
+    with pytest.warns(DeprecationWarning):
+        assert na.get_rule("fa", feedback="usf").kind == "usf"
+    assert Rule.from_dict({"kind": "fixed"}) == rule
+    assert "feedback" not in rule.to_dict() and rule.to_dict()["kind"] == "fixed"
 
 
 def test_the_self_term_can_be_overridden():

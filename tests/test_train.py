@@ -23,7 +23,7 @@ from neuralign.train import (
     save_checkpoint,
 )
 from neuralign.train.config import Config, ScheduleConfig, config_from_dict
-from neuralign.train.optim import Schedule
+from neuralign.train.optim import build_schedule
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -118,7 +118,7 @@ def test_config_round_trip():
 
 def _factors(cfg: ScheduleConfig, steps_per_epoch=10, epochs=10):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    s = Schedule(opt, cfg, steps_per_epoch, epochs)
+    s = build_schedule(opt, cfg, steps_per_epoch, epochs)
     out = []
     for _ in range(steps_per_epoch * epochs):
         out.append(opt.param_groups[0]["lr"])

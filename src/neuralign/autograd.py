@@ -33,8 +33,9 @@ class Spec:
         derive: for feedback derived from W (sign rules): ``derive(W) -> F``, called in the
             backward (only when a gradient is taken), writing the layer's buffer in place.
         probe: a dict that receives the local gradient angle while recording is on, or None.
-        dfa: for direct feedback alignment, the model's :class:`~neuralign.dfa.DFAState`;
-            ``derive(e)`` then gives the projection D for an output error ``e``.
+        dfa: for direct feedback alignment, the model's :class:`~neuralign.dfa.DFAState`.
+        project: for direct feedback alignment, ``project(e) -> D``: the layer's projection
+            for an output error ``e`` (made at the first backward, once the outputs are known).
         terms: the term coefficients whose gradient the backward puts in ``F.grad`` (default:
             all of the rule's); the feedback recipe keeps only the activity terms here and
             applies the others itself.
@@ -50,6 +51,7 @@ class Spec:
     derive: Callable[[Tensor], Tensor] | None = None
     probe: dict | None = field(default=None)
     dfa: DFAState | None = None
+    project: Callable[[Tensor], Tensor] | None = None
     terms: Mapping[str, float] | None = None
     kp: bool | None = None
     observe: Callable | None = None
@@ -93,7 +95,8 @@ class FeedbackFunction(torch.autograd.Function):
         keep_out = ctx.needs_input_grad[3] and spec.rule.uses_output
         # Derived feedback is not saved: the backward derives it from the saved W, so writing
         # the buffer in place can never invalidate another pending graph.
-        ctx.save_for_backward(x, weight, bias, None if spec.derive else feedback,
+        ctx.save_for_backward(x, weight, bias,
+                              None if spec.derive or spec.project else feedback,
                               output if keep_out else None)
         ctx.slot = spec.dfa.current if spec.dfa is not None else None
         device = x.device.type
@@ -177,7 +180,7 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):
         if e.numel() % n:
             raise RuntimeError(f"dfa: the output error has {e.shape[0]} examples, the layer's "
                                f"input {n}")
-        D = spec.derive(e.reshape(n, -1)).to(dout.dtype)
+        D = spec.project(e.reshape(n, -1)).to(dout.dtype)
         # Each of the P positions of an example's input gets (D e) / P: what backprop would
         # send through a global average pooling followed by D. So a convolution's weight
         # gradient, a sum over positions, has the scale a Linear layer's would.

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .dfa import DFAState, mark_output, unmark_output
-from .layers import FeedbackConv1d, FeedbackConv2d, FeedbackConv3d, FeedbackLayer, FeedbackLinear
+from .layers import FEEDBACK_CLASSES, FeedbackLayer
 from .rules import Rule, get_rule
 
 __all__ = ["DEFAULT_MAPPING", "UnsupportedLayerError", "convert", "revert", "feedback_layers",
@@ -20,14 +20,10 @@ __all__ = ["DEFAULT_MAPPING", "UnsupportedLayerError", "convert", "revert", "fee
 
 log = logging.getLogger(__name__)
 
-#: torch layer class -> feedback layer class; exact types are matched. Extend a copy and pass
-#: it as ``mapping`` to convert another layer type.
-DEFAULT_MAPPING: dict[type[nn.Module], type[FeedbackLayer]] = {
-    nn.Linear: FeedbackLinear,
-    nn.Conv1d: FeedbackConv1d,
-    nn.Conv2d: FeedbackConv2d,
-    nn.Conv3d: FeedbackConv3d,
-}
+#: torch layer class -> feedback layer class; exact types are matched. It is the registry of
+#: :func:`neuralign.layers.register_layer` itself, so a registered layer family is converted
+#: by default; pass another dict as ``mapping`` for a one-off choice.
+DEFAULT_MAPPING: dict[type[nn.Module], type[FeedbackLayer]] = FEEDBACK_CLASSES
 
 #: Layers whose parameters act elementwise (their "transpose" is themselves): no weight
 #: transport to avoid, so they are left alone without a report.
@@ -94,34 +90,48 @@ def convert(
         model = copy.deepcopy(model)
     if type(model) in mapping:  # a bare layer
         r = _rule_for("", rule, layer_rules)
-        if r.feedback != "bp":
+        if r.kind != "bp":
             model = mapping[type(model)].from_module(model, r, generator)
         return _mark_dfa(model)
-    used = set()
+    # Plan, then apply: every problem is found, and every new layer built, before the model
+    # changes, so an error never leaves a half-converted model (which matters with inplace).
+    plan, unsupported, used = [], [], set()
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             cls = mapping.get(type(child))
             if cls is None:
-                _report(name, child, on_unsupported)
+                if _holds_weights(child):
+                    unsupported.append(f"{name}: {type(child).__name__}")
                 continue
-            r = _rule_for(name, rule, layer_rules)
             used.update(p for p in layer_rules if fnmatch.fnmatchcase(name, p))
-            if r.feedback == "bp":
-                log.info("%s: %s kept (rule bp)", name, type(child).__name__)
-                continue
-            setattr(parent, child_name, cls.from_module(child, r, generator))
-            log.info("%s: %s -> %s (rule %s)", name, type(child).__name__, cls.__name__, r.name)
+            plan.append((parent, child_name, name, child, cls, _rule_for(name, rule, layer_rules)))
     unused = sorted(set(layer_rules) - used)
     if unused:
         raise ValueError(f"layer_rules patterns {unused} match no convertible layer; "
                          f"convertible layers: {[n for n, _ in _convertible(model, mapping)]}")
+    if unsupported and on_unsupported != "ignore":
+        msg = (f"{len(unsupported)} layer(s) hold parameters but have no feedback layer, so "
+               f"their backward still uses their own weights ({'; '.join(unsupported)}); "
+               f"register a layer family (neuralign.layers.register_layer) to convert them")
+        if on_unsupported == "raise":
+            raise UnsupportedLayerError(msg)
+        log.warning(msg)
+    new = [(parent, child_name, name, child, cls, r,
+            None if r.kind == "bp" else cls.from_module(child, r, generator))
+           for parent, child_name, name, child, cls, r in plan]
+    for parent, child_name, name, child, cls, r, layer in new:
+        if layer is None:
+            log.info("%s: %s kept (rule bp)", name, type(child).__name__)
+            continue
+        setattr(parent, child_name, layer)
+        log.info("%s: %s -> %s (rule %s)", name, type(child).__name__, cls.__name__, r.name)
     return _mark_dfa(model)
 
 
 def _mark_dfa(model: nn.Module) -> nn.Module:
     """Give the model's dfa layers one shared state and hook the root's output error to it."""
-    layers = [layer for _, layer in feedback_layers(model) if layer.rule.feedback == "dfa"]
+    layers = [layer for _, layer in feedback_layers(model) if layer.rule.kind == "dfa"]
     if layers:
         unmark_output(model)
         state = DFAState()
@@ -136,16 +146,10 @@ def _convertible(model, mapping):
             or isinstance(m, FeedbackLayer)]
 
 
-def _report(name: str, module: nn.Module, policy: str) -> None:
-    if isinstance(module, (FeedbackLayer, *ELEMENTWISE)) or not any(
-            True for _ in module.parameters(recurse=False)):
-        return
-    msg = (f"{name}: {type(module).__name__} holds parameters but has no feedback layer; "
-           "its backward still uses its own weights (add it to the mapping to convert it)")
-    if policy == "raise":
-        raise UnsupportedLayerError(msg)
-    if policy == "warn":
-        log.warning(msg)
+def _holds_weights(module: nn.Module) -> bool:
+    """Holds parameters of its own that transport weights (not elementwise, not converted)."""
+    return not isinstance(module, (FeedbackLayer, *ELEMENTWISE)) and any(
+        True for _ in module.parameters(recurse=False))
 
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:

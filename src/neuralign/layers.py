@@ -9,17 +9,47 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from .autograd import Spec, feedback_forward
 from .dfa import DFAState
-from .ops import ops_for
+from .ops import OPS, ConvOps, LayerOps, LinearOps, ops_for
 from .rules import Rule, get_rule
 
 __all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d",
-           "FeedbackConv3d", "init_feedback"]
+           "FeedbackConv3d", "FEEDBACK_CLASSES", "register_layer", "init_feedback"]
+
+#: torch layer class -> its feedback layer class (filled by :func:`register_layer`; the
+#: default mapping of :func:`neuralign.convert`).
+FEEDBACK_CLASSES: dict[type[nn.Module], type[FeedbackLayer]] = {}
+
+
+def register_layer(torch_cls: type[nn.Module], make_ops: Callable[[nn.Module], LayerOps]):
+    """Class decorator: one registration ties a torch layer class to its ops (``make_ops``,
+    called with a layer, gives its :class:`~neuralign.ops.LayerOps`) and to the decorated
+    feedback class, which ``convert`` then uses for it by default::
+
+        @register_layer(nn.Linear, LinearOps.from_module)
+        class FeedbackLinear(FeedbackLayer, nn.Linear):
+            \"\"\"nn.Linear with a feedback weight.\"\"\"
+    """
+
+    def register(cls: type[FeedbackLayer]) -> type[FeedbackLayer]:
+        if not (issubclass(cls, FeedbackLayer) and issubclass(cls, torch_cls)):
+            raise TypeError(f"{cls.__name__} must subclass FeedbackLayer and then "
+                            f"{torch_cls.__name__}")
+        if torch_cls in FEEDBACK_CLASSES:
+            raise ValueError(f"{torch_cls.__name__} is already registered (to "
+                             f"{FEEDBACK_CLASSES[torch_cls].__name__})")
+        cls.torch_cls = torch_cls
+        OPS[torch_cls] = make_ops
+        FEEDBACK_CLASSES[torch_cls] = cls
+        return cls
+
+    return register
 
 _INITS = {
     # the torch layer's own reset_parameters draw for weight (Linear and ConvNd alike)
@@ -45,7 +75,18 @@ def init_feedback(out: Tensor, weight: Tensor, init: str,
 
 
 class FeedbackLayer(nn.Module):
-    """Mixin for feedback layers; put it before the torch layer class in the bases."""
+    """Mixin for feedback layers; put it before the torch layer class in the bases (and
+    register the pair with :func:`register_layer` to have ``convert`` use it by default)."""
+
+    @classmethod
+    def base_class(cls) -> type[nn.Module]:
+        """The torch layer class this feedback class replaces: the registered one, else the
+        first torch class after ``FeedbackLayer`` in the bases."""
+        registered = getattr(cls, "torch_cls", None)
+        if registered is not None:
+            return registered
+        return next(c for c in cls.__mro__ if issubclass(c, nn.Module)
+                    and not issubclass(c, FeedbackLayer))
 
     def __init__(self, *args, rule: str | Rule = "fa", generator: torch.Generator | None = None,
                  **kwargs):
@@ -56,7 +97,7 @@ class FeedbackLayer(nn.Module):
     def from_module(cls, module: nn.Module, rule: str | Rule,
                     generator: torch.Generator | None = None) -> FeedbackLayer:
         """A feedback layer sharing ``module``'s Parameters, buffers, hooks and state."""
-        base = cls.__mro__[2]
+        base = cls.base_class()
         if type(module) is not base:
             raise TypeError(f"{cls.__name__}.from_module takes a {base.__name__}, "
                             f"got {type(module).__name__}")
@@ -68,7 +109,7 @@ class FeedbackLayer(nn.Module):
 
     def to_module(self) -> nn.Module:
         """The plain torch layer, sharing this layer's Parameters, hooks and state."""
-        base = type(self).__mro__[2]
+        base = type(self).base_class()
         plain = base.__new__(base)
         plain.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v
                                for k, v in self.__dict__.items() if k not in self._ADDED})
@@ -83,12 +124,12 @@ class FeedbackLayer(nn.Module):
                          "dfa_seed")
 
     def _attach(self, rule: Rule, generator: torch.Generator | None) -> None:
-        if rule.feedback == "bp":
+        if rule.kind == "bp":
             raise ValueError("rule 'bp' means no feedback weight: keep the plain torch layer")
         self.rule = rule
         self._exact_backprop = False
         W = self.weight
-        if rule.feedback == "dfa":
+        if rule.kind == "dfa":
             # D: [outputs, in_channels], in the layout of a Linear map from the layer's input
             # channels to the network's outputs; made at the first backward, once the output
             # size is known, from a seed drawn now (so every rank of a distributed run draws
@@ -97,17 +138,17 @@ class FeedbackLayer(nn.Module):
             self.register_buffer("feedback", W.new_empty(0, channels))
             seed = torch.randint(2**62, (), generator=generator)
             self.register_buffer("dfa_seed", seed.to(W.device))
-            self._spec = Spec(ops_for(self), rule, derive=self._derive_dfa, dfa=DFAState())
+            self._spec = Spec(ops_for(self), rule, dfa=DFAState(), project=self._project_dfa)
             return
         F0 = init_feedback(torch.empty_like(W, requires_grad=False), W, rule.init, generator)
         derive = None
-        if rule.feedback == "usf":
+        if rule.kind == "usf":
             self.register_buffer("feedback_scale", F0.std())
             derive = self._derive_usf
-        elif rule.feedback == "frsf":
+        elif rule.kind == "frsf":
             self.register_buffer("feedback_magnitude", F0.abs())
             derive = self._derive_frsf
-        elif rule.feedback == "brsf":
+        elif rule.kind == "brsf":
             derive = self._derive_brsf
         if rule.learns:
             self.feedback = nn.Parameter(F0)
@@ -140,12 +181,12 @@ class FeedbackLayer(nn.Module):
     def current_feedback(self) -> Tensor:
         """F as the next backward would use it: usf and frsf are derived from the current W
         (the buffer only follows W where the layer sends an error); brsf's last draw."""
-        if self.rule.feedback in ("usf", "frsf"):
+        if self.rule.kind in ("usf", "frsf"):
             self._spec.derive(self.weight)
         return self.feedback
 
     @torch.no_grad()
-    def _derive_dfa(self, e: Tensor) -> Tensor:
+    def _project_dfa(self, e: Tensor) -> Tensor:
         outputs = e.shape[1]
         if self.feedback.shape[0] != outputs:
             g = torch.Generator().manual_seed(int(self.dfa_seed))
@@ -155,7 +196,7 @@ class FeedbackLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         saved = state_dict.get(prefix + "feedback")
-        if self.rule.feedback == "dfa" and saved is not None and saved.shape != self.feedback.shape:
+        if self.rule.kind == "dfa" and saved is not None and saved.shape != self.feedback.shape:
             self.feedback = self.feedback.new_empty(saved.shape)  # D not yet made here
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if self._spec.loaded is not None:
@@ -204,17 +245,21 @@ class FeedbackLayer(nn.Module):
         return f"{super().extra_repr()}, rule={self.rule.name}"
 
 
+@register_layer(nn.Linear, LinearOps.from_module)
 class FeedbackLinear(FeedbackLayer, nn.Linear):
     """``nn.Linear`` (any number of leading dimensions) with a feedback weight."""
 
 
+@register_layer(nn.Conv1d, ConvOps.from_module)
 class FeedbackConv1d(FeedbackLayer, nn.Conv1d):
     """``nn.Conv1d`` with a feedback weight."""
 
 
+@register_layer(nn.Conv2d, ConvOps.from_module)
 class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
     """``nn.Conv2d`` with a feedback weight."""
 
 
+@register_layer(nn.Conv3d, ConvOps.from_module)
 class FeedbackConv3d(FeedbackLayer, nn.Conv3d):
     """``nn.Conv3d`` with a feedback weight."""

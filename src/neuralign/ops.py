@@ -17,12 +17,13 @@ before its convolution (non-zero padding modes, or asymmetric ``'same'`` padding
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerOps", "LinearOps", "ConvOps", "ops_for", "num_samples"]
+__all__ = ["LayerOps", "LinearOps", "ConvOps", "OPS", "ops_for", "num_samples"]
 
 
 class LayerOps:
@@ -102,6 +103,10 @@ class LayerOps:
 
 class LinearOps(LayerOps):
     """``nn.Linear`` with any number of leading dimensions (``[*, in] -> [*, out]``)."""
+
+    @classmethod
+    def from_module(cls, m: nn.Linear) -> LinearOps:
+        return cls()
 
     def core(self, xp, K):
         return F.linear(xp, K)
@@ -297,13 +302,21 @@ def _pad_T_dim(g: Tensor, d: int, left: int, right: int, mode: str) -> Tensor:
     return core
 
 
+#: torch layer class -> ``make(module) -> LayerOps``: filled by
+#: :func:`neuralign.layers.register_layer`, which ties a torch layer class to its ops and its
+#: feedback class in one registration.
+OPS: dict[type[nn.Module], Callable[[nn.Module], LayerOps]] = {}
+
+
 def ops_for(module: nn.Module) -> LayerOps:
-    """The ops of a torch layer (``nn.Linear`` or ``nn.Conv1d/2d/3d``)."""
-    if isinstance(module, nn.Linear):
-        return LinearOps()
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return ConvOps.from_module(module)
-    raise TypeError(f"no ops for {type(module).__name__}; supported: Linear, Conv1d, Conv2d, Conv3d")
+    """The ops of a torch layer whose class (or a base class) is registered."""
+    for cls in type(module).__mro__:
+        make = OPS.get(cls)
+        if make is not None:
+            return make(module)
+    raise TypeError(f"no ops for {type(module).__name__}; registered: "
+                    f"{', '.join(c.__name__ for c in OPS)} (neuralign.layers.register_layer "
+                    f"adds a layer family)")
 
 
 def num_samples(y: Tensor | torch.Size, W: Tensor) -> int:

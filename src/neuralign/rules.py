@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -63,7 +64,8 @@ class Rule:
 
     Args:
         terms: term name -> coefficient; names from ``decay, amp, null, sparse, self``.
-        feedback: how F comes about, one of ``FEEDBACK_KINDS``.
+        kind: how F comes about, one of ``FEEDBACK_KINDS``. (``feedback=`` is its former,
+            deprecated name, still accepted; ``rule.feedback`` reads it with a warning.)
         kp: Kolen-Pollack: F's gradient also receives W's task gradient ``outer(x, dy)``.
         noise: mirror noise (a :class:`MirrorNoise`, a dict of its fields, or None).
         update_noise: σ of the noise added after each step, ``F += lr_F · N(0, σ²)``.
@@ -78,7 +80,7 @@ class Rule:
     """
 
     terms: Mapping[str, float] = field(default_factory=dict)
-    feedback: str = "learned"
+    kind: str = "learned"
     kp: bool = False
     noise: MirrorNoise | None = None
     update_noise: float = 0.0
@@ -86,8 +88,13 @@ class Rule:
     init: str = "default"
     rate: float = 0.1
     name: str = "custom"
+    feedback: InitVar[str | None] = None  # the deprecated name of ``kind``
 
-    def __post_init__(self):
+    def __post_init__(self, feedback: str | None = None):
+        if isinstance(feedback, str):
+            warnings.warn("Rule(feedback=...) is deprecated: it is Rule(kind=...)",
+                          DeprecationWarning, stacklevel=3)
+            object.__setattr__(self, "kind", feedback)
         if not isinstance(self.terms, Mapping):
             raise TypeError(f"terms must be a mapping of term name to coefficient, got {self.terms!r}")
         terms = {}
@@ -105,7 +112,7 @@ class Rule:
             object.__setattr__(self, "noise", MirrorNoise(**self.noise))
         elif self.noise is not None and not isinstance(self.noise, MirrorNoise):
             raise TypeError(f"noise must be a MirrorNoise, a dict or None, got {self.noise!r}")
-        _valid("feedback kind", self.feedback, FEEDBACK_KINDS)
+        _valid("feedback kind", self.kind, FEEDBACK_KINDS)
         _valid("feedback init", self.init, FEEDBACK_INITS)
         if not (isinstance(self.update_noise, int | float) and self.update_noise >= 0):
             raise ValueError(f"update_noise is a standard deviation >= 0, got {self.update_noise!r}")
@@ -116,17 +123,17 @@ class Rule:
         norm = self.normalize
         if not (isinstance(norm, bool) or (isinstance(norm, int | float) and norm > 0)):
             raise ValueError(f"normalize must be True, False or a positive norm, got {norm!r}")
-        if self.feedback != "learned":
+        if self.kind != "learned":
             switches = [k for k in ("terms", "kp", "noise", "update_noise", "normalize")
                         if getattr(self, k)]
             if switches:
                 raise ValueError(
-                    f"feedback={self.feedback!r} is never trained, so {', '.join(switches)} "
-                    "cannot apply; use feedback='learned'")
+                    f"kind={self.kind!r}: F is never trained, so {', '.join(switches)} "
+                    "cannot apply; use kind='learned'")
         elif not (self.terms or self.kp):
             raise ValueError("a learned feedback needs at least one term (valid: "
-                             f"{', '.join(TERMS)}) or kp=True; for a fixed one use feedback='fixed'")
-        if self.feedback == "dfa" and self.init == "weight":
+                             f"{', '.join(TERMS)}) or kp=True; for a fixed one use kind='fixed'")
+        if self.kind == "dfa" and self.init == "weight":
             raise ValueError("dfa's D maps the output error to a layer's input: it has no W to "
                              "copy; choose another init")
         if self.noise is not None and not any(t in self.terms for t in ACTIVITY_TERMS):
@@ -134,7 +141,7 @@ class Rule:
                              f"({', '.join(ACTIVITY_TERMS)}), and this rule has none")
 
     def __hash__(self):
-        return hash((tuple(sorted(self.terms.items())), self.feedback, self.kp, self.noise,
+        return hash((tuple(sorted(self.terms.items())), self.kind, self.kp, self.noise,
                      self.update_noise, self.normalize, self.init, self.rate, self.name))
 
     def __reduce__(self):  # the terms mapping is read-only, and pickles as a dict
@@ -150,7 +157,7 @@ class Rule:
     @property
     def learns(self) -> bool:
         """F is a Parameter that receives gradient."""
-        return self.feedback == "learned"
+        return self.kind == "learned"
 
     @property
     def uses_output(self) -> bool:
@@ -166,7 +173,7 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Rule:
-        valid = [f.name for f in dataclasses.fields(cls)]
+        valid = [f.name for f in dataclasses.fields(cls)] + ["feedback"]
         unknown = set(d) - set(valid)
         if unknown:
             raise ValueError(f"unknown rule keys {sorted(unknown)}; valid: {', '.join(valid)}")
@@ -176,7 +183,7 @@ class Rule:
         """A copy with overrides: term names set coefficients, plus ``noise_std``,
         ``noise_dist``, and any field of :class:`Rule` (``noise=None`` removes mirror noise)."""
         fields = [f.name for f in dataclasses.fields(self)]
-        valid = list(TERMS) + ["noise_std", "noise_dist"] + fields
+        valid = list(TERMS) + ["noise_std", "noise_dist"] + fields + ["feedback"]
         unknown = [k for k in overrides if k not in valid]
         if unknown:
             raise ValueError(f"unknown rule override(s) {unknown}; valid: {', '.join(valid)}")
@@ -193,9 +200,23 @@ class Rule:
                 noise = v
             elif k == "terms":
                 terms = dict(v)
+            elif k == "feedback":  # deprecated name of kind
+                warnings.warn("the rule override 'feedback' is deprecated: it is 'kind'",
+                              DeprecationWarning, stacklevel=2)
+                changes["kind"] = v
             else:
                 changes[k] = v
-        return dataclasses.replace(self, terms=terms, noise=noise, **changes)
+        # (feedback=None: dataclasses.replace would read the deprecated alias otherwise)
+        return dataclasses.replace(self, terms=terms, noise=noise, feedback=None, **changes)
+
+
+def _feedback_kind(self: Rule) -> str:
+    warnings.warn("Rule.feedback is deprecated: it is Rule.kind (layer.feedback is the tensor)",
+                  DeprecationWarning, stacklevel=2)
+    return self.kind
+
+
+Rule.feedback = property(_feedback_kind, doc="Deprecated name of :attr:`Rule.kind`.")
 
 
 @dataclass(frozen=True)
@@ -251,9 +272,9 @@ _REF = "reference code (neuroailab/neural-alignment) defaults, decay/null/sparse
 _RATE = "rate measured in docs/fidelity.md"
 
 register("bp", "Backpropagation: errors go down through W (the layer stays a plain torch layer).",
-         "Rumelhart, Hinton & Williams 1986", feedback="bp")
+         "Rumelhart, Hinton & Williams 1986", kind="bp")
 register("fa", "Feedback alignment: F fixed at an independent random init.",
-         "Lillicrap et al. 2016", feedback="fixed")
+         "Lillicrap et al. 2016", kind="fixed")
 register("wm", "Weight mirror: amp + decay on mirror noise; F -> (amp*std^2/decay) W = W.",
          f"Akrout et al. 2019; {_REF} (amp 1e-3, decay 1e-3 -> 1:2), rescaled to F = W; {_RATE}",
          terms={"amp": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0), rate=0.1)
@@ -276,10 +297,10 @@ register("kp", "Kolen-Pollack: F gets W's task gradient plus decay; F - W -> 0 w
 register("dfa", "Direct feedback alignment: each layer sends down D e, the network's output error "
          "e through a fixed random D (outputs x in_channels, shared over positions: each of an "
          "input's P positions receives D e / P).",
-         "Nøkland 2016", feedback="dfa")
+         "Nøkland 2016", kind="dfa")
 register("usf", "Uniform sign-concordant feedback: F = s sign(W), s the std of F's init.",
-         "Liao, Leibo & Poggio 2016; Xiao et al. 2018", feedback="usf")
+         "Liao, Leibo & Poggio 2016; Xiao et al. 2018", kind="usf")
 register("brsf", "Batchwise random-magnitude sign-concordant feedback: F = |R| sign(W), R drawn "
-         "from F's init distribution every batch.", "Xiao et al. 2018", feedback="brsf")
+         "from F's init distribution every batch.", "Xiao et al. 2018", kind="brsf")
 register("frsf", "Fixed random-magnitude sign-concordant feedback: F = |F0| sign(W), F0 fixed.",
-         "Xiao et al. 2018", feedback="frsf")
+         "Xiao et al. 2018", kind="frsf")

@@ -81,7 +81,7 @@ def _cmd_rules(args: argparse.Namespace) -> int:
         parts = []
         if r.terms:
             parts.append("terms: " + ", ".join(f"{k}={v:g}" for k, v in r.terms.items()))
-        parts.append(f"feedback: {r.feedback}")
+        parts.append(f"kind: {r.kind}")
         if r.kp:
             parts.append("kp: F also gets W's task gradient")
         if r.noise is not None:

@@ -35,7 +35,7 @@ __all__ = ["robustness", "learns_feedback"]
 
 def learns_feedback(rule: str) -> bool:
     """Whether the named rule has learned feedback weights (that update noise can perturb)."""
-    return na.get_rule(rule).feedback == "learned"
+    return na.get_rule(rule).kind == "learned"
 
 
 def robustness(base: Config, rules: Sequence[str], noise: Sequence[float], out: str | Path,

@@ -1,8 +1,8 @@
 """Optimizers and learning-rate schedules built from :class:`OptimConfig`.
 
-A schedule is a pure function of the step (so its whole state is one integer): the factor at
-step ``s`` is computed from the fractional epoch ``s / steps_per_epoch`` and written into every
-parameter group's ``lr`` before the optimizer's step.
+A schedule is torch's ``LambdaLR`` over a pure function of the optimizer step (so its whole
+state is one integer): the factor at step ``s`` is computed from the fractional epoch
+``s / steps_per_epoch``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 
 from .config import OptimConfig, ScheduleConfig
 
-__all__ = ["build_optimizer", "build_feedback_optimizer", "Schedule", "OPTIMIZERS",
-           "FEEDBACK_OPTIMIZERS", "SCHEDULES"]
+__all__ = ["build_optimizer", "build_feedback_optimizer", "build_schedule", "schedule_factor",
+           "load_schedule_state", "OPTIMIZERS", "FEEDBACK_OPTIMIZERS", "SCHEDULES"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 #: The feedback weights' choices: the rules' own recipe, or a torch optimizer.
@@ -67,66 +67,55 @@ def build_feedback_optimizer(model: torch.nn.Module, cfg, generator: torch.Gener
     return build_optimizer(feedback, cfg, "feedback_optim")
 
 
-class Schedule:
-    """Sets ``lr = base_lr * factor(step)`` in an optimizer's groups.
+def schedule_factor(cfg: ScheduleConfig, steps_per_epoch: int, epochs: int,
+                    which: str = "optim.schedule"):
+    """The rate factor as a function of the optimizer step (0-based): linear warm-up over
+    ``warmup_epochs``, then constant, ×``gamma`` at each milestone epoch, or cosine to
+    ``min_factor`` at the last epoch. Fractional epochs are ``step / steps_per_epoch``."""
+    if cfg.name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {which}.name={cfg.name!r}; valid: "
+                         f"{', '.join(SCHEDULES)}")
+    if cfg.warmup_epochs < 0:
+        raise ValueError(f"{which}.warmup_epochs must be >= 0")
+    steps_per_epoch = max(1, steps_per_epoch)
+    warm_steps = cfg.warmup_epochs * steps_per_epoch
+    name, gamma, milestones = cfg.name, cfg.gamma, tuple(cfg.milestones)
+    warmup, min_factor = cfg.warmup_epochs, cfg.min_factor
+    span = max(epochs - warmup, 1e-12)
 
-    Args:
-        optimizer: the optimizer whose groups it drives (their ``lr`` at construction is the
-            base rate).
-        cfg: the schedule.
-        steps_per_epoch: optimizer steps per epoch.
-        epochs: total epochs of the run (``cosine`` ends there).
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
-                 steps_per_epoch: int, epochs: int, which: str = "optim.schedule"):
-        if cfg.name not in SCHEDULES:
-            raise ValueError(f"unknown schedule {which}.name={cfg.name!r}; valid: "
-                             f"{', '.join(SCHEDULES)}")
-        if cfg.warmup_epochs < 0:
-            raise ValueError(f"{which}.warmup_epochs must be >= 0")
-        self.optimizer = optimizer
-        self.cfg = cfg
-        self.steps_per_epoch = max(1, steps_per_epoch)
-        self.epochs = epochs
-        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
-        self.step_count = 0
-        self._apply()
-
-    def factor(self, step: int) -> float:
-        """The rate factor at optimizer step ``step`` (0-based)."""
-        c = self.cfg
-        epoch = step / self.steps_per_epoch
-        warm_steps = c.warmup_epochs * self.steps_per_epoch
+    def factor(step: int) -> float:
+        epoch = step / steps_per_epoch
         if step < warm_steps:
             return (step + 1) / warm_steps
-        if c.name == "constant":
+        if name == "constant":
             return 1.0
-        if c.name == "step":
-            return c.gamma ** sum(1 for m in c.milestones if epoch >= m)
-        # cosine from the end of warm-up to the end of the run
-        span = max(self.epochs - c.warmup_epochs, 1e-12)
-        t = min(max((epoch - c.warmup_epochs) / span, 0.0), 1.0)
-        return c.min_factor + (1 - c.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+        if name == "step":
+            return gamma ** sum(1 for m in milestones if epoch >= m)
+        t = min(max((epoch - warmup) / span, 0.0), 1.0)  # cosine, from the end of warm-up
+        return min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
-    def _apply(self) -> None:
-        f = self.factor(self.step_count)
-        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            g["lr"] = base * f
+    return factor
 
-    def step(self) -> None:
-        """Advance one optimizer step (call after ``optimizer.step()``)."""
-        self.step_count += 1
-        self._apply()
 
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"] if self.optimizer.param_groups else 0.0
+def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int,
+                   epochs: int, which: str = "optim.schedule"
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """``torch.optim.lr_scheduler.LambdaLR`` stepping :func:`schedule_factor` once per
+    optimizer step (its state is the step count: the factor is a function, not saved)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, schedule_factor(cfg, steps_per_epoch, epochs, which))
 
-    def state_dict(self) -> dict:
-        return {"step_count": self.step_count, "base_lrs": list(self.base_lrs)}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.step_count = int(state["step_count"])
-        self.base_lrs = [float(b) for b in state["base_lrs"]]
-        self._apply()
+def load_schedule_state(schedule: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
+    """Restore a schedule, also from checkpoints of the former hand-written one
+    (``{"step_count", "base_lrs"}``)."""
+    if "step_count" in state:  # before LambdaLR
+        state = {**schedule.state_dict(), "last_epoch": int(state["step_count"]),
+                 "_step_count": int(state["step_count"]) + 1,
+                 "base_lrs": [float(b) for b in state["base_lrs"]]}
+    schedule.load_state_dict(state)
+    # LambdaLR's load does not write the rates back into the optimizer's groups
+    step = schedule.last_epoch
+    for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs,
+                                   schedule.lr_lambdas, strict=True):
+        group["lr"] = base * factor(step)

@@ -44,7 +44,12 @@ from .config import (
     save_config,
 )
 from .events import Callback
-from .optim import Schedule, build_feedback_optimizer, build_optimizer
+from .optim import (
+    build_feedback_optimizer,
+    build_optimizer,
+    build_schedule,
+    load_schedule_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -256,11 +261,15 @@ class Trainer:
             if self.rank > 0:
                 torch.manual_seed(distributed.rank_seed(tc.seed, self.rank))
         steps = len(self.data.train)
-        self.schedule = Schedule(self.optimizer, cfg.optim.schedule, steps, tc.epochs,
-                                 "optim.schedule")
-        self.feedback_schedule = (Schedule(self.feedback_optimizer, cfg.feedback_optim.schedule,
-                                           steps, tc.epochs, "feedback_optim.schedule")
-                                  if self.feedback_optimizer is not None else None)
+        try:
+            self.schedule = build_schedule(self.optimizer, cfg.optim.schedule, steps, tc.epochs,
+                                           "optim.schedule")
+            self.feedback_schedule = (
+                build_schedule(self.feedback_optimizer, cfg.feedback_optim.schedule, steps,
+                               tc.epochs, "feedback_optim.schedule")
+                if self.feedback_optimizer is not None else None)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         n_w = sum(p.numel() for p in groups["forward"])
         n_f = sum(p.numel() for p in groups["feedback"])
         self._info("model %s, rule %s: %d feedback layers, %d forward and %d learned feedback "
@@ -325,9 +334,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.feedback_optimizer is not None:
             self.feedback_optimizer.load_state_dict(state["feedback_optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
+        load_schedule_state(self.schedule, state["schedule"])
         if self.feedback_schedule is not None:
-            self.feedback_schedule.load_state_dict(state["feedback_schedule"])
+            load_schedule_state(self.feedback_schedule, state["feedback_schedule"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
         self.history = [dict(m) for m in state["history"]]
@@ -587,9 +596,10 @@ class Trainer:
         if self.world_size > 1:  # BatchNorm statistics were updated from each rank's batches
             distributed.broadcast_buffers(self.model)
         nan = math.nan
-        m: dict[str, float] = {"epoch": epoch, "step": self.step, "lr": self.schedule.lr,
-                               "feedback_lr": (self.feedback_schedule.lr
-                                               if self.feedback_schedule is not None else nan),
+        m: dict[str, float] = {"epoch": epoch, "step": self.step,
+                               "lr": self.optimizer.param_groups[0]["lr"],
+                               "feedback_lr": (self.feedback_optimizer.param_groups[0]["lr"]
+                                               if self.feedback_optimizer is not None else nan),
                                "train_loss": tr["train_loss"], "train_top1": tr["train_top1"]}
         if self.data.val is not None:
             for k, v in self.evaluate(self.data.val).items():
