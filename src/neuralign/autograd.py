@@ -69,6 +69,7 @@ class Spec:
 def mirror_noise(x: Tensor, rule: Rule) -> Tensor:
     """Fresh noise of ``x``'s shape: normal, or uniform with the same std."""
     noise = rule.noise
+    assert noise is not None
     if noise.dist == "normal":
         return torch.randn_like(x).mul_(noise.std)
     half_width = noise.std * math.sqrt(3.0)
@@ -159,6 +160,7 @@ def _cast(dtype, *tensors):
 def _record_angle(spec: Spec, sent: Tensor, dout: Tensor, W: Tensor, xp_shape) -> None:
     """Local gradient angle: what was sent down vs what W would send for the same error."""
     ops = spec.ops
+    assert spec.probe is not None
     spec.probe["gradient_angle"] = _angle(sent, ops.pad_T(ops.core_T(dout, W.to(dout.dtype),
                                                                      xp_shape)))
 

@@ -95,7 +95,9 @@ def convert(
         return _mark_dfa(model)
     # Plan, then apply: every problem is found, and every new layer built, before the model
     # changes, so an error never leaves a half-converted model (which matters with inplace).
-    plan, unsupported, used = [], [], set()
+    plan: list[tuple] = []
+    unsupported: list[str] = []
+    used: set[str] = set()
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
@@ -177,7 +179,7 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """``{'forward': [...], 'feedback': [...]}``: every parameter once, learned feedback
     weights apart, for two optimizers."""
     feedback_ids = {id(layer.feedback) for _, layer in feedback_layers(model)}
-    groups = {"forward": [], "feedback": []}
+    groups: dict[str, list[nn.Parameter]] = {"forward": [], "feedback": []}
     for p in model.parameters():
         groups["feedback" if id(p) in feedback_ids else "forward"].append(p)
     return groups
@@ -217,7 +219,7 @@ def after_step(model: nn.Module, lr: float | torch.optim.Optimizer,
         na.after_step(model, opt_f)
     """
     if isinstance(lr, torch.optim.Optimizer):
-        lr = lr.param_groups[0]["lr"]
+        lr = float(lr.param_groups[0]["lr"])
     for _, layer in feedback_layers(model):
         layer.perturb_feedback(float(lr), generator)
         layer.normalize_feedback()

@@ -178,7 +178,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                  generator: torch.Generator | None = None):
         if rate is not None:
             rate = _check_rate(rate)
-        self._layer_of: dict[nn.Parameter, FeedbackLayer] = {}
+        self._layer_of: dict[Tensor, FeedbackLayer] = {}
         groups = []
         for name, layer in feedback_layers(model):
             negative = [t for t in ("decay", "sparse", "null") if layer.rule.terms.get(t, 0) < 0]
@@ -197,7 +197,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             self._take_over(F, layer)
 
     # -- ownership -----------------------------------------------------------------------------
-    def _take_over(self, F: nn.Parameter, layer: FeedbackLayer, fresh: bool = True) -> None:
+    def _take_over(self, F: Tensor, layer: FeedbackLayer, fresh: bool = True) -> None:
         """Point the layer's backward at the recipe; initialise its state when ``fresh``."""
         rule, spec, state = layer.rule, layer._spec, self.state[F]
         activity = {t: c for t, c in rule.terms.items() if t in ACTIVITY_TERMS}
@@ -242,7 +242,8 @@ class FeedbackOptimizer(torch.optim.Optimizer):
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None  # type: ignore[override]
+             ) -> Tensor | None:
         """One recipe step for every layer (after the forward optimizer's step)."""
         loss = None
         if closure is not None:

@@ -45,7 +45,7 @@ def atomic_write(path: str | Path, write: Callable[[IO], Any], binary: bool = Tr
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="")) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -143,7 +143,9 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
 
 def split_list(text: str) -> list[str]:
     """Split on commas outside brackets: ``"a,b:x=[1,2],c"`` -> ``['a', 'b:x=[1,2]', 'c']``."""
-    out, depth, cur = [], 0, []
+    out: list[str] = []
+    cur: list[str] = []
+    depth = 0
     for ch in text:
         if ch in "[{(":
             depth += 1
@@ -175,7 +177,7 @@ def summarize(history: list[dict], status: str, wall_s: float) -> dict[str, Any]
         "status": status,
         "epochs": len(history),
         "test_top1": get("test_top1"),
-        "best_test_top1": tests[best] if tests else nan,
+        "best_test_top1": tests[best] if best is not None else nan,
         "best_epoch": int(history[best]["epoch"]) if best is not None else nan,
         "val_top1": get("val_top1"),
         "best_val_top1": max(vals) if vals else nan,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +28,7 @@ __all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d"
 FEEDBACK_CLASSES: dict[type[nn.Module], type[FeedbackLayer]] = {}
 
 
-def register_layer(torch_cls: type[nn.Module], make_ops: Callable[[nn.Module], LayerOps]):
+def register_layer(torch_cls: type[nn.Module], make_ops: Callable[[Any], LayerOps]):
     """Class decorator: one registration ties a torch layer class to its ops (``make_ops``,
     called with a layer, gives its :class:`~neuralign.ops.LayerOps`) and to the decorated
     feedback class, which ``convert`` then uses for it by default::
@@ -62,7 +63,7 @@ _INITS = {
 
 
 @torch.no_grad()
-def init_feedback(out: Tensor, weight: Tensor, init: str,
+def init_feedback(out: Tensor, weight: Tensor | None, init: str,
                   generator: torch.Generator | None = None) -> Tensor:
     """Fill ``out`` (in ``weight``'s layout) with an initial feedback weight, in place.
 
@@ -70,6 +71,8 @@ def init_feedback(out: Tensor, weight: Tensor, init: str,
     copies W (so the layer starts at exact backprop); the others are ``torch.nn.init``'s.
     """
     if init == "weight":
+        if weight is None:
+            raise ValueError("init 'weight' needs the layer's weight")
         return out.copy_(weight)
     return _INITS[init](out, generator)
 
@@ -77,6 +80,17 @@ def init_feedback(out: Tensor, weight: Tensor, init: str,
 class FeedbackLayer(nn.Module):
     """Mixin for feedback layers; put it before the torch layer class in the bases (and
     register the pair with :func:`register_layer` to have ``convert`` use it by default)."""
+
+    # what the torch layer and this mixin give every feedback layer (for type checkers)
+    weight: Tensor
+    feedback: Tensor
+    feedback_scale: Tensor
+    feedback_magnitude: Tensor
+    dfa_seed: Tensor
+    rule: Rule
+    _spec: Spec
+    _exact_backprop: bool
+    torch_cls: type[nn.Module]
 
     @classmethod
     def base_class(cls) -> type[nn.Module]:
@@ -181,7 +195,7 @@ class FeedbackLayer(nn.Module):
     def current_feedback(self) -> Tensor:
         """F as the next backward would use it: usf and frsf are derived from the current W
         (the buffer only follows W where the layer sends an error); brsf's last draw."""
-        if self.rule.kind in ("usf", "frsf"):
+        if self.rule.kind in ("usf", "frsf") and self._spec.derive is not None:
             self._spec.derive(self.weight)
         return self.feedback
 
@@ -206,11 +220,12 @@ class FeedbackLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._exact_backprop or not torch.is_grad_enabled():
             return super().forward(x)  # no gradient (or exact backprop): the torch layer itself
+        bias = self.bias if isinstance(self.bias, Tensor) else None  # a Parameter, or none
         unbatched = x.dim() == self.weight.dim() - 1 and self.weight.dim() > 2
         if unbatched:  # a single unbatched conv example, as torch layers accept
-            return feedback_forward(x.unsqueeze(0), self.weight, self.bias, self.feedback,
+            return feedback_forward(x.unsqueeze(0), self.weight, bias, self.feedback,
                                     self._spec).squeeze(0)
-        return feedback_forward(x, self.weight, self.bias, self.feedback, self._spec)
+        return feedback_forward(x, self.weight, bias, self.feedback, self._spec)
 
     # -- after the optimizer step ------------------------------------------------------------------
     @torch.no_grad()

@@ -163,7 +163,9 @@ def _data_lags(data_layers: dict[str, FeedbackLayer], forward: Callable[[], obje
         if x.dim() == layer.weight.dim() - 1 and layer.weight.dim() > 2:
             x = x.unsqueeze(0)
         ops = layer._spec.ops
-        target = ops.apply(x, layer.weight.detach()) * _data_fixed_point(layer)
+        scale = _data_fixed_point(layer)
+        assert scale is not None
+        target = ops.apply(x, layer.weight.detach()) * scale
         diff = ops.apply(x, layer.feedback.detach()) - target
         out[name] = float(diff.norm() / target.norm().clamp_min(1e-30))
     return out

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -305,7 +306,7 @@ def _pad_T_dim(g: Tensor, d: int, left: int, right: int, mode: str) -> Tensor:
 #: torch layer class -> ``make(module) -> LayerOps``: filled by
 #: :func:`neuralign.layers.register_layer`, which ties a torch layer class to its ops and its
 #: feedback class in one registration.
-OPS: dict[type[nn.Module], Callable[[nn.Module], LayerOps]] = {}
+OPS: dict[type[nn.Module], Callable[[Any], LayerOps]] = {}
 
 
 def ops_for(module: nn.Module) -> LayerOps:

@@ -216,7 +216,9 @@ def _feedback_kind(self: Rule) -> str:
     return self.kind
 
 
-Rule.feedback = property(_feedback_kind, doc="Deprecated name of :attr:`Rule.kind`.")
+# (after the class is made: as a class attribute it would become the InitVar's default)
+Rule.feedback = property(  # type: ignore[attr-defined]
+    _feedback_kind, doc="Deprecated name of :attr:`Rule.kind`.")
 
 
 @dataclass(frozen=True)

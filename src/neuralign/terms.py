@@ -103,7 +103,9 @@ def rule_grad(
     if sparse or amp:
         v = ops.core(xp, F).mul_(sparse) if sparse else None
         if amp:
+            assert y is not None  # amp needs the output (the backward passes it)
             v = y * -amp if v is None else v.sub_(y, alpha=amp)
+        assert v is not None
         h = ops.core_outer(xp, v)
         g = h if g is None else g.add_(h)
     if g is not None and g.dtype != F.dtype:  # under autocast: accumulate in F's own dtype

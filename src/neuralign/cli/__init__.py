@@ -80,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    missing = common.missing_dependencies()
+    if missing and args.command != "rules":
+        print(f"neuralign {args.command}: error: the command line needs the 'cli' extra "
+              f"({', '.join(missing)} not installed): pip install 'neuralign[cli]'",
+              file=sys.stderr)
+        return 2
     common.setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False))
 
     from ..train import distributed

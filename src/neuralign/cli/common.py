@@ -11,7 +11,18 @@ import os
 import sys
 
 __all__ = ["OVERRIDES_HELP", "run_options", "folder_options", "overrides", "setup_logging",
-           "main_rank"]
+           "main_rank", "missing_dependencies"]
+
+#: What the commands need beyond torch (the ``cli`` extra), by import name.
+CLI_DEPENDENCIES = ("yaml", "numpy", "tqdm", "matplotlib", "torchvision", "mnist1d", "optuna",
+                    "tensorboard")
+
+
+def missing_dependencies() -> list[str]:
+    """The ``cli`` extra's packages that cannot be imported here."""
+    import importlib.util
+
+    return [m for m in CLI_DEPENDENCIES if importlib.util.find_spec(m) is None]
 
 OVERRIDES_HELP = ("dotted config overrides key=value (values parsed as YAML), e.g. "
                   "optim.lr=0.01 rule.name=kp train.epochs=5 'rule.layers={fc: bp}'")
