@@ -20,7 +20,7 @@ from .dfa import DFAState, missing_error
 from .ops import LayerOps, num_samples
 from .rules import Rule
 
-__all__ = ["Spec", "FeedbackFunction", "feedback_forward"]
+__all__ = ["Spec", "FeedbackFunction", "feedback_forward", "angle"]
 
 
 @dataclass
@@ -76,8 +76,9 @@ def mirror_noise(x: Tensor, rule: Rule) -> Tensor:
     return torch.rand_like(x).mul_(2 * half_width).sub_(half_width)
 
 
-def _angle(a: Tensor, b: Tensor) -> Tensor:
-    """Degrees between two tensors seen as flat vectors (a tensor: no host sync)."""
+def angle(a: Tensor, b: Tensor) -> Tensor:
+    """Degrees between two tensors seen as flat vectors, as a 0-d tensor (no host sync; 90
+    when either is zero)."""
     a, b = a.flatten().double(), b.flatten().double()
     cos = (a @ b) / (a.norm() * b.norm()).clamp_min(1e-300)
     return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
@@ -161,7 +162,7 @@ def _record_angle(spec: Spec, sent: Tensor, dout: Tensor, W: Tensor, xp_shape) -
     """Local gradient angle: what was sent down vs what W would send for the same error."""
     ops = spec.ops
     assert spec.probe is not None
-    spec.probe["gradient_angle"] = _angle(sent, ops.pad_T(ops.core_T(dout, W.to(dout.dtype),
+    spec.probe["gradient_angle"] = angle(sent, ops.pad_T(ops.core_T(dout, W.to(dout.dtype),
                                                                      xp_shape)))
 
 

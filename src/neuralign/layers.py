@@ -8,7 +8,6 @@ Parameter when the rule learns it, a buffer when it is fixed or derived from ``s
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ from torch import Tensor, nn
 from .autograd import Spec, feedback_forward
 from .dfa import DFAState
 from .ops import OPS, ConvOps, LayerOps, LinearOps, ops_for
-from .rules import Rule, get_rule
+from .rules import INITS, Rule, get_rule
 
 __all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d",
            "FeedbackConv3d", "FEEDBACK_CLASSES", "register_layer", "init_feedback"]
@@ -52,16 +51,6 @@ def register_layer(torch_cls: type[nn.Module], make_ops: Callable[[Any], LayerOp
 
     return register
 
-_INITS = {
-    # the torch layer's own reset_parameters draw for weight (Linear and ConvNd alike)
-    "default": lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g),
-    "kaiming_uniform": lambda t, g: nn.init.kaiming_uniform_(t, nonlinearity="relu", generator=g),
-    "kaiming_normal": lambda t, g: nn.init.kaiming_normal_(t, nonlinearity="relu", generator=g),
-    "xavier_uniform": lambda t, g: nn.init.xavier_uniform_(t, generator=g),
-    "xavier_normal": lambda t, g: nn.init.xavier_normal_(t, generator=g),
-}
-
-
 @torch.no_grad()
 def init_feedback(out: Tensor, weight: Tensor | None, init: str,
                   generator: torch.Generator | None = None) -> Tensor:
@@ -74,7 +63,7 @@ def init_feedback(out: Tensor, weight: Tensor | None, init: str,
         if weight is None:
             raise ValueError("init 'weight' needs the layer's weight")
         return out.copy_(weight)
-    return _INITS[init](out, generator)
+    return INITS[init](out, generator)
 
 
 class FeedbackLayer(nn.Module):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from .autograd import angle as tensor_angle
 from .convert import exact_backprop, feedback_layers
 from .layers import FeedbackLayer
 
@@ -17,11 +17,7 @@ __all__ = ["angle", "weight_angles", "record_gradient_angles", "gradient_angles"
 
 def angle(a: Tensor, b: Tensor) -> float:
     """Degrees between two tensors seen as flat vectors (90 when either is zero)."""
-    a, b = a.detach().flatten().double(), b.detach().flatten().double()
-    denom = float(a.norm() * b.norm())
-    if denom == 0.0:
-        return 90.0
-    return math.degrees(math.acos(max(-1.0, min(1.0, float(a @ b) / denom))))
+    return float(tensor_angle(a.detach(), b.detach()))
 
 
 def weight_angles(model: nn.Module) -> dict[str, float]:

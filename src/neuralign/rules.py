@@ -17,6 +17,8 @@ from dataclasses import InitVar, dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from torch import nn
+
 from .terms import ACTIVITY_TERMS, TERMS
 
 __all__ = ["MirrorNoise", "Rule", "RuleInfo", "register", "catalog", "get_rule", "list_rules"]
@@ -29,9 +31,18 @@ __all__ = ["MirrorNoise", "Rule", "RuleInfo", "register", "catalog", "get_rule",
 #: bp: no feedback weight at all: the layer is left a plain torch layer.
 FEEDBACK_KINDS = ("learned", "fixed", "usf", "brsf", "frsf", "dfa", "bp")
 SIGN_KINDS = ("usf", "brsf", "frsf")
-#: Initialisations of F (see neuralign.layers.init_feedback).
-FEEDBACK_INITS = ("default", "kaiming_uniform", "kaiming_normal", "xavier_uniform",
-                  "xavier_normal", "weight")
+#: The random initialisations of F, by name: ``draw(tensor, generator)`` fills the tensor in
+#: place (see neuralign.layers.init_feedback).
+INITS = {
+    # the torch layer's own reset_parameters draw for weight (Linear and ConvNd alike)
+    "default": lambda t, g: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=g),
+    "kaiming_uniform": lambda t, g: nn.init.kaiming_uniform_(t, nonlinearity="relu", generator=g),
+    "kaiming_normal": lambda t, g: nn.init.kaiming_normal_(t, nonlinearity="relu", generator=g),
+    "xavier_uniform": lambda t, g: nn.init.xavier_uniform_(t, generator=g),
+    "xavier_normal": lambda t, g: nn.init.xavier_normal_(t, generator=g),
+}
+#: Initialisations of F: the random ones, or ``weight`` (F starts as a copy of W).
+FEEDBACK_INITS = (*INITS, "weight")
 NOISE_DISTS = ("normal", "uniform")
 
 

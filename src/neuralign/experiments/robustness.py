@@ -30,12 +30,11 @@ from .transfer import DataCache, _cell, mark_diverged, summarise
 
 log = logging.getLogger(__name__)
 
-__all__ = ["robustness", "learns_feedback"]
+__all__ = ["robustness"]
 
 
-def learns_feedback(rule: str) -> bool:
-    """Whether the named rule has learned feedback weights (that update noise can perturb)."""
-    return na.get_rule(rule).kind == "learned"
+def _learns(rule: str) -> bool:  # learned feedback weights, which update noise can perturb
+    return na.get_rule(rule).learns
 
 
 def robustness(base: Config, rules: Sequence[str], noise: Sequence[float], out: str | Path,
@@ -59,12 +58,12 @@ def robustness(base: Config, rules: Sequence[str], noise: Sequence[float], out: 
                 "seeds": list(seeds) if seeds else None}, out / "robustness.yaml")
     data = DataCache()
     runs = []
-    plan = [(r, s, seed) for r in rules for s in (noise if learns_feedback(r) else [0.0])
+    plan = [(r, s, seed) for r in rules for s in (noise if _learns(r) else [0.0])
             for seed in (seeds or [base.train.seed])]
     for i, (rule, sigma, seed) in enumerate(plan):
         cfg = rule_variant(configs[rule], rule)
         cfg.train.seed = seed
-        if learns_feedback(rule):
+        if _learns(rule):
             cfg.rule.update_noise = sigma
         log.info("robustness: %s at σ=%g, seed %d  [%d/%d]", rule, sigma, seed, i + 1,
                  len(plan))
@@ -77,7 +76,7 @@ def robustness(base: Config, rules: Sequence[str], noise: Sequence[float], out: 
     header = ["rule"] + [f"σ={s:g}" for s in noise]
     rows = []
     for rule in rules:
-        if learns_feedback(rule):
+        if _learns(rule):
             rows.append([rule] + [_cell(index.get((rule, s))) for s in noise])
         else:
             rows.append([f"{rule} (no learned F)"] + [_cell(index.get((rule, 0.0)))]
@@ -96,7 +95,7 @@ def plot_robustness(summary: list[dict], rules: Sequence[str], noise: Sequence[f
         rows = sorted((r for r in summary if r["rule"] == rule), key=lambda r: r["sigma"])
         if not rows:
             continue
-        if not learns_feedback(rule):
+        if not _learns(rule):
             ax.axhline(rows[0]["test_top1"], color="k" if rule == "bp" else f"C{i}",
                        linestyle="--", label=f"{rule} (no learned F)")
             continue

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from ..train.config import Config, ConfigError, apply_overrides
+from ..train.config import Config, ConfigError, apply_overrides, yaml_float
 
 __all__ = ["Param", "SearchSpace", "SpaceError", "load_space", "config_keys", "render_value"]
 
@@ -145,15 +145,6 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _float(v: Any) -> Any:
-    if isinstance(v, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-        try:
-            return float(v)
-        except ValueError:
-            return v
-    return v
-
-
 def _parse_param(key: str, spec: Any, errors: list[str]) -> Param | None:
     if isinstance(spec, list):
         spec = {"type": "categorical", "choices": spec}
@@ -186,7 +177,7 @@ def _parse_param(key: str, spec: Any, errors: list[str]) -> Param | None:
             errors.append(f"{key}: categorical choices repeat: {choices!r}")
             return None
         return Param(key, "categorical", choices=tuple(choices))
-    low, high, step = _float(spec.get("low")), _float(spec.get("high")), _float(spec.get("step"))
+    low, high, step = (yaml_float(spec.get(k)) for k in ("low", "high", "step"))
     log = spec.get("log", kind == "log_float")
     if kind == "log_float":
         kind, log = "float", True

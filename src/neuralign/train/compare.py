@@ -6,7 +6,6 @@ import copy
 import logging
 import math
 import time
-from datetime import datetime
 from pathlib import Path
 
 import neuralign as na
@@ -45,8 +44,8 @@ def compare(cfg: Config, rules: list[str] | tuple[str, ...] = DEFAULT_RULES,
     if unknown or not rules:
         raise ConfigError(f"unknown rule(s) {unknown or rules}; valid: {', '.join(valid)}")
     distributed.init()  # under torchrun every rank runs every rule; rank 0 writes
-    name = name or cfg.train.name or f"compare-{cfg.data.name}-{cfg.model.name}-" \
-        f"{distributed.broadcast_object(datetime.now().strftime('%Y%m%d-%H%M%S'))}"
+    name = name or cfg.train.name or \
+        f"compare-{cfg.data.name}-{cfg.model.name}-{distributed.timestamp()}"
     check_run_name(name, "the comparison's name (--name)")
     out = Path(cfg.train.runs_dir) / name
     main = distributed.is_main()

@@ -203,6 +203,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def yaml_float(value: Any) -> Any:
+    """``value`` as a float when it is a string a float reads (YAML 1.1 reads ``1e-3``, with
+    no dot, as a string), else unchanged."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
 def _check(value: Any, tp: Any, key: str) -> Any:
     """``value`` converted to ``tp`` (int -> float, number -> str), or a ConfigError."""
     if tp is Any:
@@ -243,11 +254,9 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        value = yaml_float(value)
+        if isinstance(value, float):
+            return value
     elif tp is str:
         if isinstance(value, str):
             return value

@@ -32,7 +32,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["requested", "init", "cleanup", "rank", "world_size", "local_rank", "is_main",
+__all__ = ["requested", "init", "cleanup", "rank", "world_size", "local_rank", "is_main", "timestamp",
            "local_device", "rank_seed", "all_reduce_sum", "any_true", "broadcast_object",
            "all_gather_object", "on_main", "broadcast_buffers", "launch", "TIMEOUT_ENV"]
 
@@ -147,6 +147,13 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def timestamp() -> str:
+    """Rank 0's clock as ``YYYYmmdd-HHMMSS`` on every rank (a run name must be the same on all)."""
+    from datetime import datetime
+
+    return broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
 
 
 def on_main(fn: Callable[[], _T]) -> _T:

@@ -21,7 +21,6 @@ import math
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -197,8 +196,8 @@ class Trainer:
             raise ConfigError(f"train.epochs must be >= 1, got {tc.epochs}")
         distributed.init()  # under torchrun: one process of several (DDP)
         if not tc.name:  # (rank 0's clock names the run on every rank)
-            stamp = distributed.broadcast_object(datetime.now().strftime("%Y%m%d-%H%M%S"))
-            tc.name = f"{cfg.data.name}-{cfg.model.name}-{cfg.rule.name}-{stamp}"
+            tc.name = f"{cfg.data.name}-{cfg.model.name}-{cfg.rule.name}-" \
+                f"{distributed.timestamp()}"
         if run_dir is None:
             check_run_name(tc.name)
         self.run_dir = Path(run_dir) if run_dir is not None else Path(tc.runs_dir) / tc.name
