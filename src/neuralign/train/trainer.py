@@ -29,24 +29,19 @@ from torch.nn import functional as F
 
 import neuralign as na
 
-from ..data import DataBundle, build_data
-from ..models import build_model
-from ..terms import TERMS
-from . import distributed
+from ..data import DataBundle
+from . import build, distributed
+from .build import build_rule
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import (
     Config,
     ConfigError,
-    check_run_name,
     config_from_dict,
     config_to_dict,
     save_config,
 )
 from .events import Callback
 from .optim import (
-    build_feedback_optimizer,
-    build_optimizer,
-    build_schedule,
     load_schedule_state,
 )
 
@@ -99,56 +94,6 @@ class DivergenceError(RuntimeError):
                          f"coefficients.")
 
 
-def build_rule(cfg) -> na.Rule:
-    """The :class:`neuralign.Rule` of a :class:`RuleConfig` (``name: custom`` builds one from
-    ``terms`` and the switches)."""
-    overrides: dict[str, Any] = {}
-    for key in ("noise_std", "noise_dist", "update_noise", "normalize", "init", "kp"):
-        value = getattr(cfg, key)
-        if value is not None:
-            overrides[key] = value
-    unknown = [t for t in cfg.terms if t not in TERMS]
-    if unknown:
-        raise ConfigError(f"rule.terms: unknown term {unknown[0]!r}; valid terms: "
-                          f"{', '.join(TERMS)}")
-    try:
-        if cfg.name == "custom":
-            if not cfg.terms:
-                raise ConfigError("rule.name=custom needs rule.terms, e.g. "
-                                  "rule.terms={amp: 1.0, null: 1.0, decay: 1.0}")
-            return na.Rule(terms=dict(cfg.terms), name="custom").replace(**overrides)
-        if cfg.name not in na.list_rules():
-            raise ConfigError(f"unknown rule.name {cfg.name!r}; valid: "
-                              f"{', '.join(na.list_rules())}, custom")
-        return na.get_rule(cfg.name, **cfg.terms, **overrides)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"rule: {e}") from None
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"train.device={name!r} is not a device; valid: auto, cpu, cuda, "
-                          f"cuda:N") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"train.device={name!r}, but CUDA is not available on this "
-                              f"machine; use train.device=cpu (or auto)")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"train.device={name!r}, but this machine has {count} CUDA "
-                              f"device(s): cuda:0 to cuda:{count - 1}")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"train.device={name!r}, but MPS is not available on this machine; "
-                          f"use train.device=cpu (or auto)")
-    return device
-
-
 def resolve_run_dir(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     """A run folder from a path or a name under ``runs_dir``."""
     p = Path(run)
@@ -192,95 +137,30 @@ class Trainer:
         self._info = log.debug if quiet else log.info
         cfg = self.cfg = copy.deepcopy(cfg)  # the caller's config is left as it is
         tc = cfg.train
-        if tc.epochs < 1:
-            raise ConfigError(f"train.epochs must be >= 1, got {tc.epochs}")
-        distributed.init()  # under torchrun: one process of several (DDP)
-        if not tc.name:  # (rank 0's clock names the run on every rank)
-            tc.name = f"{cfg.data.name}-{cfg.model.name}-{cfg.rule.name}-" \
-                f"{distributed.timestamp()}"
-        if run_dir is None:
-            check_run_name(tc.name)
-        self.run_dir = Path(run_dir) if run_dir is not None else Path(tc.runs_dir) / tc.name
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        # construction is the builder's (neuralign.train.build): each step a function
+        self.rank, self.world_size, self.device, self.run_dir = build.setup_process(cfg, run_dir)
         self.is_main = self.rank == 0
-        self.device = distributed.local_device(_device(tc.device))
-        if self.world_size > 1 and cfg.data.batch_size % self.world_size:
-            raise ConfigError(f"data.batch_size is the global batch, split over the "
-                              f"{self.world_size} processes: it must be a multiple of "
-                              f"{self.world_size}, got {cfg.data.batch_size}")
-        if tc.sync_batchnorm and self.world_size > 1 and self.device.type != "cuda":
-            raise ConfigError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm "
-                              "has no CPU kernels); on CPU leave it false")
-        if tc.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-
-        self.rule = build_rule(cfg.rule)
+        self.rule = build.build_rule(cfg.rule)
         torch.manual_seed(tc.seed)
-        self.data = data if data is not None else build_data(
-            cfg.data, pin_memory=self.device.type == "cuda")
-        if self.world_size > 1:
-            self.data.shard(self.rank, self.world_size)
-        if self.device.type == "cuda":
-            for loader in (self.data.train, self.data.val, self.data.test):
-                if hasattr(loader, "to"):
-                    loader.to(self.device)
-        info = self.data.info
-        plain = build_model(cfg.model, info.input_shape, info.num_classes)
-        self.model = na.convert(plain, self.rule, layer_rules=dict(cfg.rule.layers),
-                                on_unsupported=cfg.rule.on_unsupported).to(self.device)
+        self.data = build.build_data_for(cfg, self.device, self.rank, self.world_size, data)
+        self.model = build.build_network(cfg, self.rule, self.data.info, self.device)
         # update noise: one stream, the same on every rank, so F stays identical everywhere
         self.update_generator = torch.Generator(device=self.device).manual_seed(
             tc.seed + 20_011)
         self.layer_names = [n for n, _ in na.feedback_layers(self.model)]
-        groups = na.param_groups(self.model)
-        self.optimizer = build_optimizer(groups["forward"], cfg.optim, "optim")
-        # (before DDP: the recipe decides which feedback weights need a gradient at all)
-        try:
-            self.feedback_optimizer = build_feedback_optimizer(self.model, cfg.feedback_optim,
-                                                               self.update_generator)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+        # (the optimizers before DDP: the recipe decides which F need a gradient at all)
+        self.optimizer, self.feedback_optimizer = build.build_optimizers(
+            self.model, cfg, self.update_generator)
         self.recipe = isinstance(self.feedback_optimizer, na.FeedbackOptimizer)
         # the module that trains: DDP around the model when distributed (the model itself,
         # with its plain state-dict keys, is what metrics, evaluation and checkpoints use)
-        self.net: torch.nn.Module = self.model
-        if self.world_size > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            if tc.sync_batchnorm:
-                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-            # parameters and buffers are identical already (same seed); DDP broadcasts rank
-            # 0's anyway. Every learned F that needs a gradient gets one from each backward;
-            # the others (the recipe's sa, kp) do not require grad, and fixed or derived
-            # feedback are buffers: no find_unused_parameters.
-            self.net = DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-            # mirror noise (and brSF's magnitudes, CPU augmentation) independent per rank
-            if self.rank > 0:
-                torch.manual_seed(distributed.rank_seed(tc.seed, self.rank))
-        steps = len(self.data.train)
-        try:
-            self.schedule = build_schedule(self.optimizer, cfg.optim.schedule, steps, tc.epochs,
-                                           "optim.schedule")
-            self.feedback_schedule = (
-                build_schedule(self.feedback_optimizer, cfg.feedback_optim.schedule, steps,
-                               tc.epochs, "feedback_optim.schedule")
-                if self.feedback_optimizer is not None else None)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        n_w = sum(p.numel() for p in groups["forward"])
-        n_f = sum(p.numel() for p in groups["feedback"])
-        self._info("model %s, rule %s: %d feedback layers, %d forward and %d learned feedback "
-                 "parameters, device %s", cfg.model.name, self.rule.name, len(self.layer_names),
-                 n_w, n_f, self.device)
-        if self.recipe:
-            rates = sorted({g["lr"] for g in self.feedback_optimizer.param_groups})
-            self._info("feedback weights: the rules' recipe (neuralign.feedback_optimizer), "
-                       "rate %s", ", ".join(f"{r:g}" for r in rates))
-        elif self.feedback_optimizer is not None:
-            self._info("feedback weights: %s, lr %g", cfg.feedback_optim.name,
-                       cfg.feedback_optim.lr)
+        self.model, self.net = build.wrap_distributed(self.model, cfg, self.device, self.rank,
+                                                      self.world_size)
+        self.schedule, self.feedback_schedule = build.build_schedules(
+            self.optimizer, self.feedback_optimizer, cfg, len(self.data.train))
+        for line in build.describe(cfg, self.model, self.rule, self.feedback_optimizer,
+                                   self.device):
+            self._info(line)
 
         self.epoch = 0  # epochs completed
         self.step = 0  # optimizer steps completed
@@ -289,15 +169,8 @@ class Trainer:
         self.last_checkpoint_epoch: int | None = None
         self.should_stop = False  # a callback may set this to end training after the epoch
         self.config_changes: list[dict] = []  # changes made on purpose when resuming
-
-        self.callbacks: list[Callback] = []
-        if default_callbacks:
-            from .callbacks import Checkpointer
-            from .callbacks import default_callbacks as _defaults
-
-            # only rank 0 writes; the others take part in the checkpoint (RNG states)
-            self.callbacks += (_defaults(tc, epoch_lines=not quiet) if self.is_main
-                               else [Checkpointer(tc.checkpoint_every)])
+        self.callbacks: list[Callback] = (
+            build.standard_callbacks(tc, self.is_main, quiet) if default_callbacks else [])
         self.callbacks += list(callbacks or [])
 
     # -- events ----------------------------------------------------------------------------------

@@ -1,0 +1,197 @@
+"""Building a training run from its config: each step one function, so that the trainer
+itself is the loop (``Trainer.__init__`` calls these in order)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import neuralign as na
+
+from ..data import DataBundle, DataInfo, build_data
+from ..models import build_model
+from ..terms import TERMS
+from . import distributed
+from .config import Config, ConfigError, TrainConfig, check_run_name
+from .events import Callback
+from .optim import build_feedback_optimizer, build_optimizer, build_schedule
+
+__all__ = ["build_rule", "device_from", "setup_process", "build_data_for", "build_network",
+           "build_optimizers", "wrap_distributed", "build_schedules", "describe",
+           "standard_callbacks"]
+
+
+def build_rule(cfg) -> na.Rule:
+    """The :class:`neuralign.Rule` of a :class:`RuleConfig` (``name: custom`` builds one from
+    ``terms`` and the switches)."""
+    overrides: dict[str, Any] = {}
+    for key in ("noise_std", "noise_dist", "update_noise", "normalize", "init", "kp"):
+        value = getattr(cfg, key)
+        if value is not None:
+            overrides[key] = value
+    unknown = [t for t in cfg.terms if t not in TERMS]
+    if unknown:
+        raise ConfigError(f"rule.terms: unknown term {unknown[0]!r}; valid terms: "
+                          f"{', '.join(TERMS)}")
+    try:
+        if cfg.name == "custom":
+            if not cfg.terms:
+                raise ConfigError("rule.name=custom needs rule.terms, e.g. "
+                                  "rule.terms={amp: 1.0, null: 1.0, decay: 1.0}")
+            return na.Rule(terms=dict(cfg.terms), name="custom").replace(**overrides)
+        if cfg.name not in na.list_rules():
+            raise ConfigError(f"unknown rule.name {cfg.name!r}; valid: "
+                              f"{', '.join(na.list_rules())}, custom")
+        return na.get_rule(cfg.name, **cfg.terms, **overrides)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"rule: {e}") from None
+
+
+def device_from(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device={name!r} is not a device; valid: auto, cpu, cuda, "
+                          f"cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"train.device={name!r}, but CUDA is not available on this "
+                              f"machine; use train.device=cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"train.device={name!r}, but this machine has {count} CUDA "
+                              f"device(s): cuda:0 to cuda:{count - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"train.device={name!r}, but MPS is not available on this machine; "
+                          f"use train.device=cpu (or auto)")
+    return device
+
+
+def setup_process(cfg: Config, run_dir: str | Path | None) -> tuple[int, int, torch.device, Path]:
+    """Join the process group under torchrun, name the run, pick the device; checks the
+    settings that depend on them. Returns ``(rank, world_size, device, run_dir)``."""
+    tc = cfg.train
+    if tc.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {tc.epochs}")
+    distributed.init()  # under torchrun: one process of several (DDP)
+    if not tc.name:  # (rank 0's clock names the run on every rank)
+        tc.name = f"{cfg.data.name}-{cfg.model.name}-{cfg.rule.name}-{distributed.timestamp()}"
+    if run_dir is None:
+        check_run_name(tc.name)
+    folder = Path(run_dir) if run_dir is not None else Path(tc.runs_dir) / tc.name
+    rank, world = distributed.rank(), distributed.world_size()
+    device = distributed.local_device(device_from(tc.device))
+    if world > 1 and cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size is the global batch, split over the {world} "
+                          f"processes: it must be a multiple of {world}, got "
+                          f"{cfg.data.batch_size}")
+    if tc.sync_batchnorm and world > 1 and device.type != "cuda":
+        raise ConfigError("train.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm has "
+                          "no CPU kernels); on CPU leave it false")
+    if tc.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    return rank, world, device, folder
+
+
+def build_data_for(cfg: Config, device: torch.device, rank: int, world: int,
+                   data: DataBundle | None = None) -> DataBundle:
+    """The run's data (``data`` if prebuilt), this process's share of it, on its device."""
+    data = data if data is not None else build_data(cfg.data, pin_memory=device.type == "cuda")
+    if world > 1:
+        data.shard(rank, world)
+    if device.type == "cuda":
+        for loader in (data.train, data.val, data.test):
+            if hasattr(loader, "to"):
+                loader.to(device)
+    return data
+
+
+def build_network(cfg: Config, rule: na.Rule, info: DataInfo, device: torch.device
+                  ) -> torch.nn.Module:
+    """The model for the data, converted with the rule (and its per-layer exceptions)."""
+    plain = build_model(cfg.model, info.input_shape, info.num_classes)
+    return na.convert(plain, rule, layer_rules=dict(cfg.rule.layers),
+                      on_unsupported=cfg.rule.on_unsupported).to(device)
+
+
+def build_optimizers(model: torch.nn.Module, cfg: Config, generator: torch.Generator
+                     ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
+    """The forward weights' optimizer, and the feedback weights' (the rules' recipe by
+    default; None without learned feedback weights)."""
+    optimizer = build_optimizer(na.param_groups(model)["forward"], cfg.optim, "optim")
+    try:
+        feedback = build_feedback_optimizer(model, cfg.feedback_optim, generator)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return optimizer, feedback
+
+
+def wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device, rank: int,
+                     world: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(model, net)``: the module that trains is DDP around the model when distributed (the
+    model itself, with its plain state-dict keys, is what metrics and checkpoints use)."""
+    if world == 1:
+        return model, model
+    from torch.nn.parallel import DistributedDataParallel
+
+    if cfg.train.sync_batchnorm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # Parameters and buffers are identical already (same seed); DDP broadcasts rank 0's anyway.
+    # Every learned F that needs a gradient gets one from each backward; the others (the
+    # recipe's sa, kp) do not require grad, and fixed or derived feedback are buffers: no
+    # find_unused_parameters.
+    net = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # mirror noise (and brSF's magnitudes, CPU augmentation) independent per rank
+    if rank > 0:
+        torch.manual_seed(distributed.rank_seed(cfg.train.seed, rank))
+    return model, net
+
+
+def build_schedules(optimizer: torch.optim.Optimizer, feedback: torch.optim.Optimizer | None,
+                    cfg: Config, steps_per_epoch: int) -> tuple[Any, Any]:
+    """The learning-rate schedules of both optimizers (the feedback one None without F)."""
+    epochs = cfg.train.epochs
+    try:
+        schedule = build_schedule(optimizer, cfg.optim.schedule, steps_per_epoch, epochs,
+                                  "optim.schedule")
+        feedback_schedule = (build_schedule(feedback, cfg.feedback_optim.schedule,
+                                            steps_per_epoch, epochs, "feedback_optim.schedule")
+                             if feedback is not None else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return schedule, feedback_schedule
+
+
+def describe(cfg: Config, model: torch.nn.Module, rule: na.Rule,
+             feedback: torch.optim.Optimizer | None, device: torch.device) -> list[str]:
+    """What was built, in a line or two (the trainer logs them)."""
+    groups = na.param_groups(model)
+    layers = sum(1 for _ in na.feedback_layers(model))
+    lines = [f"model {cfg.model.name}, rule {rule.name}: {layers} feedback layers, "
+             f"{sum(p.numel() for p in groups['forward'])} forward and "
+             f"{sum(p.numel() for p in groups['feedback'])} learned feedback parameters, "
+             f"device {device}"]
+    if isinstance(feedback, na.FeedbackOptimizer):
+        rates = sorted({g["lr"] for g in feedback.param_groups})
+        lines.append("feedback weights: the rules' recipe (neuralign.feedback_optimizer), rate "
+                     + ", ".join(f"{r:g}" for r in rates))
+    elif feedback is not None:
+        lines.append(f"feedback weights: {cfg.feedback_optim.name}, lr "
+                     f"{cfg.feedback_optim.lr:g}")
+    return lines
+
+
+def standard_callbacks(tc: TrainConfig, is_main: bool, quiet: bool = False) -> list[Callback]:
+    """The callbacks a run's config asks for; a process other than rank 0 only takes part in
+    the checkpoint (its RNG states), rank 0 writes."""
+    from .callbacks import Checkpointer, default_callbacks
+
+    return default_callbacks(tc, epoch_lines=not quiet) if is_main else [
+        Checkpointer(tc.checkpoint_every)]
