@@ -95,8 +95,14 @@ def test_compare_tiny(tmp_path, capsys):
     assert rows[0]["weight_angle"] == "nan" and 0 < float(rows[1]["weight_angle"]) < 180
     assert (folder / "compare.png").stat().st_size > 1000
     # same seed and data per rule: fa's W starts where bp's does
-    fa = torch.load(folder / "fa/checkpoints/last.pt", weights_only=True)
+    (fa_run,) = (folder / "runs").glob("fa-*")
+    fa = torch.load(fa_run / "checkpoints/last.pt", weights_only=True)
     assert fa["config"]["train"]["seed"] == 0 and fa["config"]["rule"]["name"] == "fa"
+    # a restarted comparison trains nothing: every rule finished
+    stamp = (fa_run / "checkpoints/last.pt").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (fa_run / "checkpoints/last.pt").stat().st_mtime_ns == stamp
+    assert "finished earlier" in capsys.readouterr().err
 
 
 def test_compare_unknown_rule(tmp_path, capsys):

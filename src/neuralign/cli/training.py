@@ -44,7 +44,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from ..train.compare import DEFAULT_RULES, compare, format_table
+    from ..experiments.compare import DEFAULT_RULES, compare, format_table
     from ..train.config import load_config
 
     rules = ([r.strip() for r in args.rules.split(",") if r.strip()] if args.rules

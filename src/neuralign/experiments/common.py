@@ -57,7 +57,7 @@ def run_key(cfg: Config) -> str:
 
 
 def run_once(cfg: Config, root: str | Path, label: str, data=None,
-             quiet_trainer: bool = True) -> dict[str, Any]:
+             quiet_trainer: bool = True, callbacks: list | None = None) -> dict[str, Any]:
     """Train ``cfg`` in ``root/runs/<label>-<key>/`` unless that run already finished.
 
     Returns the run's result (``status`` ``ok`` or ``diverged``, final test and validation
@@ -90,10 +90,10 @@ def run_once(cfg: Config, root: str | Path, label: str, data=None,
     t0 = time.perf_counter()
     if has_checkpoint:
         trainer = Trainer.from_run(run_dir, [f"train.progress={str(tc.progress).lower()}"],
-                                   data=data, quiet=quiet_trainer)
+                                   callbacks=callbacks, data=data, quiet=quiet_trainer)
         log.info("%s: continuing from its checkpoint (epoch %d)", name, trainer.epoch)
     else:
-        trainer = Trainer(cfg, data=data, quiet=quiet_trainer)
+        trainer = Trainer(cfg, callbacks=callbacks, data=data, quiet=quiet_trainer)
     status = "ok"
     try:
         history = trainer.fit()

@@ -1,21 +1,23 @@
-"""Train several rules under the same budget and seed, and tabulate them."""
+"""Train several rules under the same budget and seed, and tabulate them: an experiment on
+the same :func:`~neuralign.experiments.common.run_once` as transfer and robustness, so a
+restarted comparison trains only the rules that have not finished."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import math
-import time
 from pathlib import Path
 
 import neuralign as na
 
 from ..data import build_data
-from ..io import markdown_table, summarize, write_csv
-from . import distributed
-from .config import Config, ConfigError, check_run_name, save_config
-from .plots import plot_compare
-from .trainer import Callback, DivergenceError, Trainer
+from ..io import markdown_table, read_csv, write_csv
+from ..train import distributed
+from ..train.config import Config, ConfigError, check_run_name, save_config
+from ..train.events import Callback
+from ..train.plots import plot_compare
+from .common import run_once
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,10 @@ def compare(cfg: Config, rules: list[str] | tuple[str, ...] = DEFAULT_RULES,
             ) -> tuple[list[dict], Path]:
     """Train ``cfg`` once per rule (same data, budget and seed) and summarise.
 
-    Each rule's run goes to ``runs_dir/name/<rule>/``; ``compare.csv`` and ``compare.png`` go to
-    ``runs_dir/name/``. A rule that diverges is reported as such and the others still run.
+    Each rule's run goes to ``runs_dir/name/runs/<rule>-<key>/`` (``key`` a hash of its
+    config); ``compare.csv`` and ``compare.png`` go to ``runs_dir/name/``. A rule that diverges
+    is reported as such and the others still run; a rule that finished earlier is not trained
+    again.
 
     Returns:
         The table rows (keys :data:`COLUMNS`) and the comparison folder.
@@ -54,23 +58,15 @@ def compare(cfg: Config, rules: list[str] | tuple[str, ...] = DEFAULT_RULES,
         save_config(cfg, out / "config.yaml")
     data = build_data(cfg.data)
     rows, histories = [], {}
-    for rule in rules:
+    for i, rule in enumerate(rules):
         run_cfg = copy.deepcopy(cfg)
         run_cfg.rule.name = rule
-        run_cfg.train.name = f"{name}/{rule}"
-        log.info("compare: rule %s (%d/%d)", rule, len(rows) + 1, len(rules))
-        t0 = time.perf_counter()
-        status = "ok"
-        trainer = Trainer(run_cfg, callbacks=callbacks, data=data)
-        try:
-            history = trainer.fit()
-        except DivergenceError as e:
-            log.warning("compare: rule %s: %s", rule, e)
-            history = trainer.history
-            status = f"diverged (epoch {e.epoch}, step {e.step})"
-        wall = time.perf_counter() - t0
-        histories[rule] = history
-        rows.append(_summary(rule, history, status, wall))
+        log.info("compare: rule %s (%d/%d)", rule, i + 1, len(rules))
+        result = run_once(run_cfg, out, rule, data=data, quiet_trainer=False,
+                          callbacks=callbacks)
+        metrics = out / "runs" / f"{rule}-{result['key']}" / "metrics.csv"
+        histories[rule] = read_csv(metrics) if metrics.is_file() else []
+        rows.append(_row(rule, result))
     if not main:
         return rows, out
     write_csv(rows, out / "compare.csv")
@@ -81,12 +77,11 @@ def compare(cfg: Config, rules: list[str] | tuple[str, ...] = DEFAULT_RULES,
     return rows, out
 
 
-def _summary(rule: str, history: list[dict], status: str, wall: float) -> dict:
-    r = summarize(history, status, wall)
+def _row(rule: str, r: dict) -> dict:
     return {"rule": rule, "final_top1": r["test_top1"], "best_top1": r["best_test_top1"],
             "best_epoch": r["best_epoch"], "weight_angle": r["weight_angle"],
             "backprop_angle": r["backprop_angle"], "feedback_lag": r["feedback_lag"],
-            "epoch_time_s": r["epoch_time_s"], "epochs": r["epochs"], "status": status}
+            "epoch_time_s": r["epoch_time_s"], "epochs": r["epochs"], "status": r["status"]}
 
 
 def format_table(rows: list[dict]) -> str:
