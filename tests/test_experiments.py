@@ -218,7 +218,7 @@ def test_resume_adds_trials_to_the_same_study(tmp_path):
     assert [(t.number, t.params) for t in st.trials[:2]] == first
     interrupted = st.trials[2]
     assert interrupted.state == optuna.trial.TrialState.FAIL
-    assert interrupted.user_attrs["status"] == "interrupted"
+    assert read_csv(out / "trials.csv")[2]["status"] == "interrupted"
     retry = [t for t in st.trials if t.user_attrs.get("retry_of") == 2]
     assert len(retry) == 1 and retry[0].params == pytest.approx(stale)
     finished = [t for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE]

@@ -8,8 +8,8 @@ e.g. PostgreSQL, for many machines), so
 
 - a restart with the same command resumes the study: ``trials`` is the number of finished
   trials the study should hold, and only the remainder runs;
-- a trial whose process died (killed, or Ctrl-C) is marked failed with ``status=interrupted``,
-  does not count, and its values are tried again;
+- a trial whose process died (killed, or Ctrl-C) is marked failed (status ``interrupted`` in
+  ``trials.csv``), does not count, and its values are tried again;
 - several workers (``jobs`` processes here, or more commands on other machines) share a study.
 
 A trial that diverges or fails is stored as Optuna's FAIL state with user attributes ``status``
@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,26 +122,35 @@ def _alive(pid: int) -> bool:
 
 
 def _interrupted(t) -> bool:
-    return t.user_attrs.get("status") == "interrupted"
+    """A failed trial the search did not fail itself: its process died (a kill, or a machine
+    whose heartbeat stopped) or was interrupted. Every failure the objective handles records
+    a status (diverged, error); Ctrl-C records ``interrupted``."""
+    from optuna.trial import TrialState
+
+    return t.state == TrialState.FAIL and t.user_attrs.get("status") in (None, "interrupted")
 
 
 def _recover_stale(study) -> None:
-    """Fail RUNNING trials of dead processes on this host and queue their values again."""
+    """Fail RUNNING trials of dead processes on this host at once (other hosts' are failed by
+    the heartbeat, after its grace period), and queue the values of every interrupted trial
+    again, once. Optuna's public API only."""
+    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
     host = socket.gethostname()
-    retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = t.user_attrs.get("pid")
         if t.user_attrs.get("host") != host or pid is None or _alive(int(pid)):
             continue
-        storage = study._storage
-        storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
-        storage.set_trial_user_attr(t._trial_id, "reason", f"process {pid} ended mid-trial")
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.tell(t.number, state=TrialState.FAIL)
         log.warning("trial %d: its process %s is gone; marked failed (interrupted)", t.number,
                     pid)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+    trials = study.get_trials(deepcopy=False)
+    with warnings.catch_warnings():  # ("experimental" in Optuna 4-5)
+        warnings.simplefilter("ignore")
+        retried = {t.user_attrs.get("retry_of") for t in trials} | {
+            RetryFailedTrialCallback.retried_trial_number(t) for t in trials}
+    for t in trials:
         if _interrupted(t) and t.number not in retried and t.params:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number},
                                 skip_if_exists=False)
@@ -401,7 +411,7 @@ def study_summary(study) -> list[dict[str, Any]]:
             if t.datetime_complete and t.datetime_start else math.nan
         inter = t.intermediate_values
         row = {"number": t.number, "state": t.state.name,
-               "status": t.user_attrs.get("status", ""),
+               "status": "interrupted" if _interrupted(t) else t.user_attrs.get("status", ""),
                "value": t.value if t.value is not None else math.nan,
                "last_val_top1": inter[max(inter)] if inter else math.nan,
                "epochs": t.user_attrs.get("epochs", len(inter)),
