@@ -62,7 +62,7 @@ def test_mnist1d_bundle():
 def test_val_split_is_disjoint_and_fixed():
     x = torch.arange(100).float()[:, None]
     y = torch.zeros(100, dtype=torch.long)
-    from neuralign.data import _split
+    from neuralign.data.config import _split
 
     tr, val = _split(100, 0.2, seed=3)
     assert len(val) == 20 and len(tr) == 80
