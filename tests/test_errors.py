@@ -73,6 +73,7 @@ CASES = [
      "has no minimum"),
     ("terms-on-fixed-feedback", ["train", "rule.name=fa", "rule.terms.amp=1"], "never trained"),
     ("unknown-init", ["train", "rule.init=zeros"], "valid: default, kaiming_uniform"),
+    ("unknown-model-init", ["train", "model.init=zeros"], "valid: default, xavier_uniform"),
     ("layer-glob-matches-nothing", ["train", "rule.layers.nomatch=bp"],
      "match no convertible layer"),
     ("unknown-schedule", ["train", "optim.schedule.name=exp"], "valid: constant, step, cosine"),

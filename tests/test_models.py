@@ -89,3 +89,20 @@ def test_shape_mismatch_is_explained():
         build_model(ModelConfig(name="cnn1d"), (1, 28, 28), 10)
     with pytest.raises(ValueError, match="lenet needs image inputs"):
         build_model(ModelConfig(name="lenet"), (1, 40), 10)
+
+
+def test_xavier_init_draws_every_weight_from_xavier_bound_and_zeroes_biases():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(name="lenet", init="xavier_uniform"), (1, 28, 28), 10)
+    layers = [mod for mod in m.modules() if isinstance(mod, nn.Linear | nn.Conv2d)]
+    assert len(layers) == 5
+    for mod in layers:
+        fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(mod.weight)
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        w = mod.weight.detach()
+        # uniform on [-bound, bound]: inside it, and spread over it (std bound/sqrt(3))
+        assert w.abs().max() <= bound
+        assert abs(w.std().item() - bound / 3 ** 0.5) < 0.15 * bound
+        assert torch.count_nonzero(mod.bias) == 0
+    with pytest.raises(ValueError, match="valid: default, xavier_uniform"):
+        build_model(ModelConfig(name="lenet", init="xavier"), (1, 28, 28), 10)

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ModelConfig", "build_model", "list_models", "register_model"]
 
+#: Initialisations of the forward weights (``ModelConfig.init``).
+MODEL_INITS = ("default", "xavier_uniform")
+
 
 @dataclass
 class ModelConfig:
@@ -43,6 +46,9 @@ class ModelConfig:
         shortcut: CIFAR ResNets: ``A`` (parameter-free identity with zero padding) or ``B``
             (1x1 convolution projections).
         kwargs: extra keyword arguments for a torchvision builder.
+        init: the forward weights' initialisation: ``default`` (each torch layer's own) or
+            ``xavier_uniform`` (every Linear and Conv weight Xavier-uniform, every bias zero:
+            BioTorch's benchmark models).
     """
 
     name: str = "cnn1d"
@@ -50,6 +56,7 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [25, 25, 25])
     shortcut: str = "A"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    init: str = "default"
 
 
 _Builder = Callable[[ModelConfig, tuple[int, ...], int], nn.Module]
@@ -85,6 +92,19 @@ def list_models(include_torchvision: bool = True) -> list[str]:
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """A plain (unconverted) model for inputs ``[N, *input_shape]`` and ``num_classes`` outputs."""
+    if cfg.init not in MODEL_INITS:
+        raise ValueError(f"unknown model.init {cfg.init!r}; valid: {', '.join(MODEL_INITS)}")
+    model = _build(cfg, input_shape, num_classes)
+    if cfg.init == "xavier_uniform":
+        for mod in model.modules():
+            if isinstance(mod, nn.Linear | nn.modules.conv._ConvNd):
+                nn.init.xavier_uniform_(mod.weight)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+    return model
+
+
+def _build(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if cfg.name in _MODELS:
         return _MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
     tv = _torchvision_names()
