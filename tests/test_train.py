@@ -18,6 +18,7 @@ from neuralign.train import (
     DivergenceError,
     Trainer,
     apply_overrides,
+    build_rule,
     load_checkpoint,
     load_config,
     save_checkpoint,
@@ -73,6 +74,17 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.train.name == "7"
     # YAML 1.1 reads 1e-3 as a string; a float field takes it as a number
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+def test_the_null_term_survives_yaml(tmp_path):
+    # YAML reads a key written `null` as None; the term of that name must come through
+    f = tmp_path / "c.yaml"
+    f.write_text("rule:\n  name: custom\n  terms: {amp: 1, null: 0.5, decay: 0.1}\n")
+    from_file = load_config(f)
+    inline = load_config(None, ["rule.name=custom", "rule.terms={amp: 1, null: 0.5, decay: 0.1}"])
+    for cfg in (from_file, inline):
+        assert cfg.rule.terms == {"amp": 1.0, "null": 0.5, "decay": 0.1}
+        assert build_rule(cfg.rule).terms["null"] == 0.5
 
 
 @pytest.mark.parametrize("override,message", [

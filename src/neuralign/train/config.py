@@ -241,7 +241,9 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         _, vt = typing.get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return {str(k): _check(v, vt, f"{key}.{k}") for k, v in value.items()}
+        # YAML reads a key written `null` (the term's name) as None: give it its name back
+        return {("null" if k is None else str(k)): _check(v, vt, f"{key}.{k}")
+                for k, v in value.items()}
     if tp is type(None):
         if value is None:
             return None
