@@ -1,6 +1,12 @@
-"""mkdocs hook: the rules page's catalog table, generated from the installed library."""
+"""mkdocs hooks: the rules page's catalog table, generated from the installed library; the
+docstrings' Sphinx roles and ``::`` literal markers, shown as plain code in the API reference."""
 
 from __future__ import annotations
+
+import re
+
+# :func:`~neuralign.ops.num_samples` renders as ":func:<code>~neuralign.ops.num_samples</code>"
+_ROLE = re.compile(r":(?:func|class|meth|data|mod|attr|exc):<code>~?([^<]*)</code>")
 
 
 def _catalog_table() -> str:
@@ -29,3 +35,13 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
     if "<!-- catalog -->" in markdown:
         markdown = markdown.replace("<!-- catalog -->", _catalog_table())
     return markdown
+
+
+def on_page_content(html: str, page, config, files) -> str:
+    if not page.file.src_uri.startswith("api/"):
+        return html
+    def code(m: re.Match) -> str:
+        name = m.group(1)
+        return f"<code>{name.rsplit('.', 1)[-1] if '~' in m.group(0) else name}</code>"
+
+    return _ROLE.sub(code, html).replace("::</p>", ":</p>")

@@ -11,17 +11,15 @@ a torch optimizer after the forward optimizer's step::
 **Normalised steps.** Each layer's step is ``F ← F − (rate / κ) ∇R(F)``, where κ is the
 curvature of the rule's R in F along its stiffest direction:
 
-=========  ====================================================================
-term       curvature
-=========  ====================================================================
-decay      1
-self, amp  0 (linear in F)
-sparse     top eigenvalue of the per-sample input-patch Gram matrix, E[x xᵀ]
-null       top eigenvalue of the per-sample output Gram matrix, E[y yᵀ] (times the
-           number of output positions that read one input position, for a conv)
-=========  ====================================================================
+| term | curvature |
+|---|---|
+| decay | 1 |
+| self, amp | 0 (linear in F) |
+| sparse | top eigenvalue of the per-sample input-patch Gram matrix, E[x xᵀ] |
+| null | top eigenvalue of E[y yᵀ], the output Gram matrix (× a conv's overlap) |
 
-(with mirror noise, ``x`` is the noise). So ``rate`` is the fraction of the way to the fixed
+(with mirror noise, ``x`` is the noise; a conv's overlap is the number of output positions
+that read one input position). So ``rate`` is the fraction of the way to the fixed
 point covered per step along the stiffest direction, at any layer size, depth or activity
 scale, and any rate in (0, 1] is stable (for mirror noise, in expectation over the noise: a
 high rate makes F a noisy one-batch estimate). The data curvatures are estimated by power iteration,

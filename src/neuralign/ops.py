@@ -39,18 +39,25 @@ class LayerOps:
         return g
 
     def padded_shape(self, shape: torch.Size) -> torch.Size:
+        """The shape of an input of ``shape`` after :meth:`pad`."""
         return shape
 
     def core(self, xp: Tensor, K: Tensor) -> Tensor:
+        """The linear map with kernel ``K`` on an already padded input ``xp``, without bias."""
         raise NotImplementedError
 
     def core_T(self, y: Tensor, K: Tensor, xp_shape: torch.Size) -> Tensor:
+        """The exact adjoint of :meth:`core`: ``y`` mapped back to a padded input of
+        ``xp_shape``."""
         raise NotImplementedError
 
     def core_outer(self, xp: Tensor, y: Tensor) -> Tensor:
+        """The kernel-shaped product of a padded input and an output-shaped ``y``, summed over
+        examples and positions: the weight gradient when ``y`` is the output's gradient."""
         raise NotImplementedError
 
     def bias_grad(self, dy: Tensor) -> Tensor:
+        """The bias gradient: ``dy`` summed over everything but the output channels."""
         raise NotImplementedError
 
     def remove_bias(self, out: Tensor, b: Tensor) -> Tensor:
@@ -91,14 +98,18 @@ class LayerOps:
 
     # The public maps, in the layer's real input space.
     def apply(self, x: Tensor, K: Tensor) -> Tensor:
+        """The layer's linear map with kernel ``K``, padding included, without bias."""
         return self.core(self.pad(x), K)
 
     def apply_T(self, y: Tensor, K: Tensor, shape: torch.Size | None = None) -> Tensor:
+        """The exact adjoint of :meth:`apply`: ``y`` mapped back to an input of ``shape``
+        (required for convolutions, whose output does not fix the input's size)."""
         if shape is None:
             raise ValueError(f"{type(self).__name__}.apply_T needs the input shape")
         return self.pad_T(self.core_T(y, K, self.padded_shape(torch.Size(shape))))
 
     def outer(self, x: Tensor, y: Tensor) -> Tensor:
+        """``outer(x, y)``, in the kernel's layout: ``outer(x, dy)`` is the weight gradient."""
         return self.core_outer(self.pad(x), y)
 
 
@@ -107,6 +118,7 @@ class LinearOps(LayerOps):
 
     @classmethod
     def from_module(cls, m: nn.Linear) -> LinearOps:
+        """The ops of a Linear layer (they hold nothing of it)."""
         return cls()
 
     def core(self, xp, K):
@@ -154,8 +166,9 @@ class ConvOps(LayerOps):
     Args:
         dim: number of spatial dimensions.
         weight_shape: ``[out_channels, in_channels // groups, *kernel]``.
-        stride, dilation: per spatial dimension.
+        stride: per spatial dimension.
         padding: symmetric zero padding given to the convolution itself.
+        dilation: per spatial dimension.
         pre_pad: an ``F.pad`` tuple applied first (last dimension first), or ``None``.
         pad_mode: ``'constant'``, ``'reflect'``, ``'replicate'`` or ``'circular'`` for ``pre_pad``.
         groups: convolution groups.

@@ -177,6 +177,7 @@ class Rule:
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """Plain data (YAML/JSON-safe) that :meth:`from_dict` turns back into this rule."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["terms"] = dict(self.terms)
         d["noise"] = dataclasses.asdict(self.noise) if self.noise else None
@@ -184,6 +185,7 @@ class Rule:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Rule:
+        """The rule of :meth:`to_dict`'s data; unknown keys are an error."""
         valid = [f.name for f in dataclasses.fields(cls)] + ["feedback"]
         unknown = set(d) - set(valid)
         if unknown:

@@ -7,15 +7,13 @@ positions, not summing, keeps each rule's fixed point independent of a layer's s
 weight mirror's F = (amp·σ²/decay)·W holds for a convolution as for a Linear layer, where a sum
 would settle F at (number of positions)·W.
 
-========  ==========================  ===========================================
-term      R(F)                        gradient with respect to F
-========  ==========================  ===========================================
-decay     ½‖F‖²                       F
-amp       −E⟨y, apply(x, F)⟩          −E outer(x, y)
-null      ½E‖apply_T(y, F)‖²          E outer(apply_T(y, F), y)
-sparse    ½E‖apply(x, F)‖²            E outer(x, apply(x, F))
-self      −⟨F, W⟩                     −W
-========  ==========================  ===========================================
+| term | R(F) | gradient with respect to F |
+|---|---|---|
+| decay | ½‖F‖² | F |
+| amp | −E⟨y, apply(x, F)⟩ | −E outer(x, y) |
+| null | ½E‖apply_T(y, F)‖² | E outer(apply_T(y, F), y) |
+| sparse | ½E‖apply(x, F)‖² | E outer(x, apply(x, F)) |
+| self | −⟨F, W⟩ | −W |
 
 :func:`loss` and :func:`grad` are the definitions, one term at a time; :func:`rule_grad` is
 what the backward pass computes: the weighted sum with terms that share an operand merged
@@ -82,7 +80,8 @@ def rule_grad(
         coeffs: term name -> coefficient (missing terms are zero).
         ops: the layer's ops.
         xp: the (possibly noise) input, already padded by ``ops.pad``.
-        W, F: forward and feedback kernels (same layout).
+        W: the forward kernel.
+        F: the feedback kernel, in ``W``'s layout.
         y: ``apply(x, W)`` for that input, before bias.
         n: number of samples the activity terms average over (:func:`~neuralign.ops.num_samples`).
         base: a kernel-shaped tensor added to the result, left unchanged (Kolen-Pollack's task

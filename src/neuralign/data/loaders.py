@@ -76,6 +76,7 @@ class TensorLoader:
 
     @property
     def dataset_size(self) -> int:
+        """The number of examples in the whole dataset (all shards)."""
         return len(self.x)
 
     def shard(self, rank: int, num_replicas: int) -> TensorLoader:
@@ -92,6 +93,7 @@ class TensorLoader:
         return self
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the next pass's shuffle (the same order on every rank)."""
         self.epoch = epoch
 
     def _sharded(self) -> torch.Tensor:
@@ -161,6 +163,7 @@ class EpochLoader:
 
     @property
     def dataset_size(self) -> int:
+        """The number of examples in the whole dataset (all shards)."""
         return len(self.dataset)
 
     def shard(self, rank: int, num_replicas: int) -> EpochLoader:
@@ -171,6 +174,7 @@ class EpochLoader:
         return self
 
     def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that seeds the next pass's shuffle (the same order on every rank)."""
         self.epoch = epoch
         if isinstance(self.sampler, EpochSampler):
             self.sampler.set_epoch(epoch)

@@ -85,12 +85,15 @@ class SearchSpace:
     params: tuple[Param, ...]
 
     def suggest(self, trial) -> dict[str, Any]:
+        """Dotted config key -> the value the Optuna ``trial`` proposes, for every dimension."""
         return {p.key: p.suggest(trial) for p in self.params}
 
     def keys(self) -> list[str]:
+        """The dotted config keys searched over."""
         return [p.key for p in self.params]
 
     def to_dict(self) -> dict[str, Any]:
+        """The space as plain data in the space-file format (``space.yaml``)."""
         out = {}
         for p in self.params:
             if p.type == "categorical":

@@ -49,6 +49,7 @@ class ModelSpec:
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
     def all_overrides(self) -> list[str]:
+        """The config overrides that select this model: its name, then its own overrides."""
         return [f"model.name={self.name}", *self.overrides]
 
 
@@ -107,6 +108,7 @@ class DataCache:
         self._cache: dict[str, object] = {}
 
     def get(self, cfg: Config):
+        """The data of ``cfg.data``, built once per distinct data section."""
         key = repr(sorted(config_to_dict(cfg)["data"].items()))
         if key not in self._cache:
             self._cache[key] = build_data(cfg.data)

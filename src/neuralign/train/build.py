@@ -52,6 +52,8 @@ def build_rule(cfg) -> na.Rule:
 
 
 def device_from(name: str) -> torch.device:
+    """The device ``train.device`` names (``auto``: CUDA when available, else the CPU); a
+    :class:`ConfigError` for a device that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

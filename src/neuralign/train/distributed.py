@@ -87,14 +87,17 @@ def cleanup(wait: bool = False) -> None:
 
 
 def rank() -> int:
+    """This process's rank in the process group (0 outside a distributed run)."""
     return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
+    """The number of processes in the group (1 outside a distributed run)."""
     return dist.get_world_size() if active() else 1
 
 
 def local_rank() -> int:
+    """This process's rank on its machine (``LOCAL_RANK``, set by torchrun; 0 without it)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 

@@ -22,12 +22,18 @@ EVENTS = ("on_train_start", "on_epoch_start", "on_step_end", "on_epoch_end", "on
 class Callback:
     """Base class of trainer callbacks; override the events you need."""
 
-    def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_train_start(self, trainer: Trainer) -> None:
+        """Before the first epoch of this call to ``fit`` (after a resume, too)."""
 
-    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None: ...
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Before epoch ``epoch`` (1-based)."""
 
-    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None: ...
+    def on_step_end(self, trainer: Trainer, step: int, loss: float) -> None:
+        """After every optimizer step: ``step`` counts from 1 over the whole run, ``loss`` is
+        the batch's."""
 
-    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, epoch: int, metrics: dict[str, float]) -> None:
+        """After epoch ``epoch``'s evaluation: ``metrics`` is its row of ``metrics.csv``."""
 
-    def on_train_end(self, trainer: Trainer, history: list[dict[str, float]]) -> None: ...
+    def on_train_end(self, trainer: Trainer, history: list[dict[str, float]]) -> None:
+        """After the last epoch: ``history`` holds every epoch's metrics."""

@@ -202,6 +202,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s state: model, optimizers, schedules, random generators
+        and history, so that training continues exactly."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.feedback_optimizer is not None:
