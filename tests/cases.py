@@ -75,6 +75,20 @@ LAYER_CASES = [
     _c("conv3d", nn.Conv3d, (2, 3, 3), (2, 2, 5, 4, 5), stride=(1, 2, 1), padding=1),
     _c("conv3d-groups-replicate", nn.Conv3d, (4, 2, 2), (1, 4, 4, 5, 3), groups=2,
        padding=1, padding_mode="replicate"),
+    _c("convT1d", nn.ConvTranspose1d, (3, 4, 3), (2, 3, 7)),
+    _c("convT1d-stride-outpad-dil", nn.ConvTranspose1d, (4, 6, 3), (2, 4, 6), stride=3,
+       padding=2, output_padding=1, dilation=2),
+    _c("convT1d-groups-nobias", nn.ConvTranspose1d, (4, 6, 3), (2, 4, 5), groups=2, bias=False),
+    _c("convT1d-unbatched", nn.ConvTranspose1d, (3, 4, 3), (3, 6), padding=1),
+    _c("convT2d", nn.ConvTranspose2d, (3, 4, 3), (2, 3, 5, 4)),
+    _c("convT2d-stride-pad-outpad", nn.ConvTranspose2d, (3, 4, (3, 2)), (2, 3, 4, 5), stride=2,
+       padding=(1, 0), output_padding=(1, 1)),
+    _c("convT2d-depthwise-dil", nn.ConvTranspose2d, (4, 8, 3), (2, 4, 4, 4), groups=4,
+       dilation=2, stride=2, output_padding=1),
+    _c("convT2d-channels-last", nn.ConvTranspose2d, (3, 4, 3), (2, 3, 5, 4), channels_last=True,
+       stride=2),
+    _c("convT3d-groups", nn.ConvTranspose3d, (4, 2, 2), (1, 4, 3, 4, 3), groups=2, stride=(2, 1, 2),
+       padding=1, output_padding=(1, 0, 0)),
 ]
 
 # Every layer type the converter knows has at least one case.

@@ -78,10 +78,13 @@ def test_curvature_estimate_is_the_top_eigenvalue_of_the_sample_gram():
 
 def test_conv_curvatures_match_the_dense_hessian():
     """sparse: the top eigenvalue of the per-sample patch Gram; null: bounded by the overlap
-    times the outputs' Gram (checked against the Hessian of the loss form)."""
+    times the outputs' Gram (checked against the Hessian of the loss form), for convolutions
+    and transposed convolutions."""
     torch.manual_seed(0)
     convs = [lambda: nn.Conv1d(2, 3, 3, stride=2, padding=1, bias=False),
-             lambda: nn.Conv1d(4, 6, 3, padding=1, groups=2, bias=False)]  # block per group
+             lambda: nn.Conv1d(4, 6, 3, padding=1, groups=2, bias=False),  # block per group
+             # (no output_padding here: torch's double backward of conv_transpose refuses it)
+             lambda: nn.ConvTranspose1d(4, 6, 3, stride=2, padding=1, groups=2, bias=False)]
     for make, terms in [(m, t) for m in convs for t in ({"sparse": 1.0, "amp": 1.0},
                                                         {"null": 1.0, "amp": 1.0})]:
         conv = na.convert(make().double(), na.Rule(terms=terms))
@@ -97,8 +100,8 @@ def test_conv_curvatures_match_the_dense_hessian():
         H = torch.autograd.functional.hessian(loss, conv.weight.detach().flatten().clone())
         top = torch.linalg.eigvalsh(H)[-1]
         est = opt.state[conv.feedback]["curv_in" if name == "sparse" else "curv_out"]
-        if name == "sparse":
-            torch.testing.assert_close(est, top, rtol=1e-6, atol=0)
+        if name == "sparse":  # power iteration: from below, to within its eigengap's pace
+            assert top * (1 - 1e-3) <= est <= top * (1 + 1e-9), (float(top), float(est))
         else:  # an upper bound within the overlap factor
             assert top <= est <= conv._spec.ops.overlap * top + 1e-9, (float(top), float(est))
 

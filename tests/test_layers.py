@@ -11,9 +11,10 @@ from torch import nn
 
 import neuralign as na
 from cases import LAYER_CASES, plain_forward
+from neuralign import terms as T
 from neuralign.autograd import FeedbackFunction, Spec
 from neuralign.layers import FeedbackLayer
-from neuralign.ops import ops_for
+from neuralign.ops import ConvTransposeOps, ops_for
 
 CASES = [pytest.param(c, id=c.id) for c in LAYER_CASES]
 
@@ -271,3 +272,73 @@ def test_any_conv_with_feedback_equal_to_weight_is_exact_backprop(c):
             assert b is None
         else:
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+_conv_t_config = st.fixed_dictionaries({
+    "dim": st.sampled_from([1, 2, 3]),
+    "groups": st.sampled_from([1, 2]),
+    "per_group_in": st.integers(1, 2),
+    "per_group_out": st.integers(1, 2),
+    "kernel": st.integers(1, 3),
+    "stride": st.integers(1, 3),
+    "dilation": st.integers(1, 2),
+    "padding": st.integers(0, 2),
+    "output_padding": st.integers(0, 2),
+    "bias": st.booleans(),
+    "size": st.integers(2, 5),
+})
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(_conv_t_config)
+def test_any_transposed_conv_with_feedback_equal_to_weight_is_exact_backprop(c):
+    if c["output_padding"] >= max(c["stride"], c["dilation"]):
+        return  # torch: output padding must be smaller than stride or dilation
+    conv = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[c["dim"]]
+    torch.manual_seed(0)
+    plain = conv(c["groups"] * c["per_group_in"], c["groups"] * c["per_group_out"], c["kernel"],
+                 stride=c["stride"], padding=c["padding"], output_padding=c["output_padding"],
+                 dilation=c["dilation"], groups=c["groups"], bias=c["bias"]).double()
+    x = torch.randn(2, plain.in_channels, *[c["size"]] * c["dim"], dtype=torch.float64)
+    try:
+        out = plain(x)
+    except RuntimeError:
+        return  # an output size below one: torch refuses the configuration
+    layer = na.convert(plain, na.get_rule("sa", init="weight"))
+    dy = torch.randn_like(out)
+    want, got = _backprop(plain, x, dy), _run(layer, x, dy)
+    for a, b in zip(want, got, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def test_transposed_conv_output_size_picks_its_output_padding():
+    """``forward(x, output_size)`` asks for another output padding than the layer's: the same
+    output as torch's and, with F = W, autograd's gradients; F's rule gradient too."""
+    torch.manual_seed(0)
+    plain = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1).double()
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    size = [10, 8]  # output_padding (1, 1); the layer's own is (0, 0), giving 9 x 7
+    want_out = plain(x, output_size=size)
+    assert want_out.shape[-2:] == tuple(size)
+    layer = na.convert(plain, na.get_rule("sa", init="weight"))
+    torch.testing.assert_close(layer(x, output_size=size), want_out, rtol=0, atol=0)
+    dy = torch.randn_like(want_out)
+    xr = x.clone().requires_grad_()
+    layer(xr, output_size=size).backward(dy)
+    want = torch.autograd.grad(plain(x.clone().requires_grad_(), output_size=size),
+                               [plain.weight, plain.bias], dy)
+    torch.testing.assert_close(layer.weight.grad, want[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.bias.grad, want[1], rtol=1e-10, atol=1e-10)
+    # an activity rule's gradient at that output size: the closed form against the loss form
+    aa = na.convert(plain, "aa")
+    aa(x, output_size=size).sum().backward()
+    ops = ConvTransposeOps.from_module(plain, output_padding=(1, 1))
+    W, F = plain.weight.detach(), aa.feedback.detach().clone().requires_grad_()
+    loss = T.loss("amp", ops, x, W, F) + T.loss("sparse", ops, x, W, F)
+    torch.testing.assert_close(aa.feedback.grad, torch.autograd.grad(loss, F)[0], rtol=1e-9,
+                               atol=1e-12)
+    with torch.no_grad():  # no gradient: the torch layer itself
+        torch.testing.assert_close(layer(x, output_size=size), want_out, rtol=0, atol=0)

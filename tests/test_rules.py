@@ -18,7 +18,7 @@ RULES = [r for r in na.list_rules() if r != "bp"]
 LEARNED = [r for r in RULES if na.get_rule(r).learns]
 CASES = [pytest.param(c, id=c.id) for c in LAYER_CASES
          if c.id in ("linear-3d", "conv1d-reflect", "conv2d-stride-pad", "conv2d-same-even-dil",
-                     "conv3d")]
+                     "conv3d", "convT1d-groups-nobias", "convT2d-stride-pad-outpad")]
 
 
 def _noise_like(x, noise):
@@ -152,11 +152,16 @@ def test_mirror_rules_lower_the_angle(name, bound, lr):
     assert start > 80 and end < bound, (start, end)
 
 
-def test_weight_mirror_settles_at_w_in_a_convolution_too():
+@pytest.mark.parametrize("plain", [
+    nn.Conv2d(3, 4, 3, bias=False),
+    # a transposed convolution averages over its input positions, each of which meets each
+    # tap once (over output positions, a stride-2 map would settle at W / 4); no padding
+    nn.ConvTranspose2d(3, 4, 3, stride=2, bias=False)], ids=["conv2d", "convT2d-stride2"])
+def test_weight_mirror_settles_at_w_in_a_convolution_too(plain):
     """Activity terms average over positions: weight mirror's F = (amp·σ²/decay)·W holds for a
     convolution's interior taps whatever the number of positions (a sum would give P·W)."""
     torch.manual_seed(0)
-    layer = na.convert(nn.Conv2d(3, 4, 3, bias=False), "wm")
+    layer = na.convert(plain, "wm")
     layer.weight.requires_grad_(False)
     opt = na.feedback_optimizer(layer, rate=0.05)
     for _ in range(400):

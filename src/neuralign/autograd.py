@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import terms
 from .dfa import DFAState, missing_error
-from .ops import LayerOps, num_samples
+from .ops import LayerOps
 from .rules import Rule
 
 __all__ = ["Spec", "FeedbackFunction", "feedback_forward", "angle"]
@@ -144,7 +144,7 @@ class FeedbackFunction(torch.autograd.Function):
                 src = xp
                 y = None if out is None else (out if b is None else ops.remove_bias(out, b))
                 y = y if y is None else y.to(dout.dtype)
-            n = num_samples(dout, W)
+            n = ops.num_samples(x, dout, W)
             df = terms.rule_grad(spec.terms, ops, src, W, F, y, n, base=dw if kp else None)
             if spec.observe is not None:
                 spec.observe(ops, src, y, n)

@@ -207,12 +207,12 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         sparse, null = "sparse" in activity, "null" in activity
         if sparse or null:
             if fresh:
-                W = layer.weight
-                u_in = torch.ones(getattr(layer, "groups", 1), *W.shape[1:], device=W.device,
-                                  dtype=W.dtype)
+                W, ops = layer.weight, layer._spec.ops
+                u_in = torch.ones(ops.probe_shape(W), device=W.device, dtype=W.dtype)
                 state["u_in"] = u_in.div_(u_in[0].norm())
-                state["u_out"] = torch.ones(W.shape[0], device=W.device,
-                                            dtype=W.dtype).div_(math.sqrt(W.shape[0]))
+                n_out = ops.out_channels(W)
+                state["u_out"] = torch.ones(n_out, device=W.device,
+                                            dtype=W.dtype).div_(math.sqrt(n_out))
                 state["curv_in"] = W.new_zeros(())
                 state["curv_out"] = W.new_zeros(())
                 state["observed"] = 0  # backward calls seen

@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from .autograd import Spec, feedback_forward
 from .dfa import DFAState
-from .ops import OPS, ConvOps, LayerOps, LinearOps, ops_for
+from .ops import OPS, ConvOps, ConvTransposeOps, LayerOps, LinearOps, ops_for
 from .rules import INITS, Rule, get_rule
 
 __all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d",
-           "FeedbackConv3d", "FEEDBACK_CLASSES", "register_layer", "init_feedback"]
+           "FeedbackConv3d", "FeedbackConvTranspose1d", "FeedbackConvTranspose2d",
+           "FeedbackConvTranspose3d", "FEEDBACK_CLASSES", "register_layer", "init_feedback"]
 
 #: torch layer class -> its feedback layer class (filled by :func:`register_layer`; the
 #: default mapping of :func:`neuralign.convert`).
@@ -137,7 +138,7 @@ class FeedbackLayer(nn.Module):
             # channels to the network's outputs; made at the first backward, once the output
             # size is known, from a seed drawn now (so every rank of a distributed run draws
             # the same).
-            channels = W.shape[1] * getattr(self, "groups", 1)
+            channels = ops_for(self).in_channels(W)
             self.register_buffer("feedback", W.new_empty(0, channels))
             seed = torch.randint(2**62, (), generator=generator)
             self.register_buffer("dfa_seed", seed.to(W.device))
@@ -267,3 +268,43 @@ class FeedbackConv2d(FeedbackLayer, nn.Conv2d):
 @register_layer(nn.Conv3d, ConvOps.from_module)
 class FeedbackConv3d(FeedbackLayer, nn.Conv3d):
     """``nn.Conv3d`` with a feedback weight."""
+
+
+class _FeedbackConvTranspose(FeedbackLayer):
+    """A transposed convolution's ``forward(x, output_size=None)``: an ``output_size`` that
+    asks for another ``output_padding`` than the layer's is served by ops with that one."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if output_size is None:
+            return super().forward(x)
+        m = cast(nn.modules.conv._ConvTransposeNd, self)
+        if self._exact_backprop or not torch.is_grad_enabled():  # the torch layer itself
+            return self.base_class().forward(m, x, output_size)  # type: ignore[call-arg]
+        padding = m._output_padding(  # (torch's stub types its own call's tuples as lists)
+            x, output_size, m.stride, m.padding, m.kernel_size,  # type: ignore[arg-type]
+            len(m.kernel_size), m.dilation)  # type: ignore[arg-type]
+        spec = self._spec
+        if tuple(padding) != cast(ConvTransposeOps, spec.ops).output_padding:
+            spec = copy.copy(spec)
+            spec.ops = ConvTransposeOps.from_module(m, output_padding=tuple(padding))
+        bias = self.bias if isinstance(self.bias, Tensor) else None
+        if x.dim() == self.weight.dim() - 1:  # a single unbatched example
+            return feedback_forward(x.unsqueeze(0), self.weight, bias, self.feedback,
+                                    spec).squeeze(0)
+        return feedback_forward(x, self.weight, bias, self.feedback, spec)
+
+
+@register_layer(nn.ConvTranspose1d, ConvTransposeOps.from_module)
+class FeedbackConvTranspose1d(_FeedbackConvTranspose, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` with a feedback weight (in the weight's layout,
+    ``[in_channels, out_channels // groups, k]``)."""
+
+
+@register_layer(nn.ConvTranspose2d, ConvTransposeOps.from_module)
+class FeedbackConvTranspose2d(_FeedbackConvTranspose, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` with a feedback weight (in the weight's layout)."""
+
+
+@register_layer(nn.ConvTranspose3d, ConvTransposeOps.from_module)
+class FeedbackConvTranspose3d(_FeedbackConvTranspose, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` with a feedback weight (in the weight's layout)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerOps", "LinearOps", "ConvOps", "OPS", "ops_for", "num_samples"]
+__all__ = ["LayerOps", "LinearOps", "ConvOps", "ConvTransposeOps", "OPS", "ops_for"]
 
 
 class LayerOps:
@@ -33,6 +33,27 @@ class LayerOps:
     def pad(self, x: Tensor) -> Tensor:
         """Explicit padding applied before the core map (identity unless overridden)."""
         return x
+
+    # -- the kernel's layout (Linear and ConvNd: ``[out, in // groups, *kernel]``) ---------------
+    def out_channels(self, W: Tensor) -> int:
+        """The number of output channels (units) of kernel ``W``."""
+        return W.shape[0]
+
+    def in_channels(self, W: Tensor) -> int:
+        """The number of input channels (features) kernel ``W`` reads."""
+        return W.shape[1] * getattr(self, "groups", 1)
+
+    def num_samples(self, x: Tensor | torch.Size, y: Tensor | torch.Size, W: Tensor) -> int:
+        """The samples the activity terms average over, from the input ``x`` and the linear
+        output ``y`` (tensors or shapes): examples times output positions (a convolution's
+        spatial positions, a Linear layer's leading dimensions)."""
+        shape = y.shape if isinstance(y, Tensor) else y
+        return max(1, math.prod(shape) // self.out_channels(W))
+
+    def probe_shape(self, W: Tensor) -> tuple[int, ...]:
+        """The shape of the vector :meth:`patch_gram` acts on: one block per group, each
+        the kernel of one output channel."""
+        return (getattr(self, "groups", 1), *W.shape[1:])
 
     def pad_T(self, g: Tensor) -> Tensor:
         """Adjoint of :meth:`pad`."""
@@ -294,6 +315,82 @@ class ConvOps(LayerOps):
         return self._conv(self.pad(x), W, b, self.stride, self.padding, self.dilation, self.groups)
 
 
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+class ConvTransposeOps(ConvOps):
+    """``nn.ConvTranspose1d/2d/3d`` with stride, padding, ``output_padding``, dilation and
+    groups (torch allows zero padding only). The map is the adjoint of a convolution, so its
+    adjoint is that convolution; both, and the weight gradient, come from aten's
+    ``convolution_backward`` with ``transposed=True``. The kernel's layout is torch's,
+    ``[in_channels, out_channels // groups, *kernel]``.
+
+    Args:
+        dim: number of spatial dimensions.
+        weight_shape: ``[in_channels, out_channels // groups, *kernel]``.
+        stride: per spatial dimension.
+        padding: per spatial dimension (taken off the full output).
+        output_padding: per spatial dimension (added to one side of the output).
+        dilation: per spatial dimension.
+        groups: convolution groups.
+    """
+
+    def __init__(self, dim, weight_shape, stride, padding, output_padding, dilation, groups):
+        super().__init__(dim, weight_shape, stride, padding, dilation, groups)
+        self.output_padding = tuple(output_padding)
+        self._conv = _CONV_T[dim]
+        # each input position feeds one output position per tap: the adjoint reads them all
+        self.overlap = math.prod(self.weight_shape[2:])
+
+    @classmethod
+    def from_module(cls, m: nn.modules.conv._ConvNd,
+                    output_padding: tuple[int, ...] | None = None) -> ConvTransposeOps:
+        """The exact map of a torch transposed convolution (``output_padding``: the one a
+        call's ``output_size`` asks for, instead of the layer's)."""
+        return cls(len(m.kernel_size), m.weight.shape, m.stride, m.padding,
+                   m.output_padding if output_padding is None else output_padding,
+                   m.dilation, m.groups)
+
+    def out_channels(self, W):
+        return W.shape[1] * self.groups
+
+    def num_samples(self, x, y, W):
+        # Examples times *input* positions: each input position meets each tap once, so that
+        # weight mirror's F = W holds (output positions outnumber input ones by the stride).
+        shape = x.shape if isinstance(x, Tensor) else x
+        return max(1, math.prod(shape) // self.in_channels(W))
+
+    def in_channels(self, W):
+        return W.shape[0]
+
+    def probe_shape(self, W):
+        return (self.groups, W.shape[0] // self.groups, *W.shape[2:])
+
+    def core(self, xp, K):
+        return self._conv(xp, K, None, self.stride, self.padding, self.output_padding,
+                          self.groups, self.dilation)
+
+    def _conv_backward(self, dy, xp, K, mask, bias=False):
+        return torch.ops.aten.convolution_backward(
+            dy, xp, K, [dy.shape[1]] if bias else None, self.stride, self.padding,
+            self.dilation, True, self.output_padding, self.groups, list(mask))
+
+    def core_outer(self, xp, y):
+        K = xp.new_empty(1).expand(self.weight_shape)
+        return self._conv_backward(y, xp, K, (False, True, False))[1]
+
+    def patch_gram(self, xp, u):
+        # u: [groups, in // groups, *kernel], one output channel per group as a kernel of
+        # [in, 1, *kernel]: the transposed convolution, then its weight gradient in that shape
+        uk = u.reshape(-1, 1, *u.shape[2:])
+        v = self.core(xp, uk)
+        return self._conv_backward(v, xp, uk, (False, True, False))[1].view(u.shape)
+
+    def forward(self, x, W, b):
+        return self._conv(x, W, b, self.stride, self.padding, self.output_padding, self.groups,
+                          self.dilation)
+
+
 def _pad_T_dim(g: Tensor, d: int, left: int, right: int, mode: str) -> Tensor:
     """Adjoint of ``F.pad`` along dimension ``d`` (padded size ``n + left + right``)."""
     n = g.shape[d] - left - right
@@ -331,11 +428,3 @@ def ops_for(module: nn.Module) -> LayerOps:
     raise TypeError(f"no ops for {type(module).__name__}; registered: "
                     f"{', '.join(c.__name__ for c in OPS)} (neuralign.layers.register_layer "
                     f"adds a layer family)")
-
-
-def num_samples(y: Tensor | torch.Size, W: Tensor) -> int:
-    """Samples the activity terms average over: examples times positions (a convolution's
-    output positions, a Linear layer's leading dimensions), from the linear output ``y`` (or
-    its shape)."""
-    shape = y.shape if isinstance(y, Tensor) else y
-    return max(1, math.prod(shape) // W.shape[0])

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .ops import LayerOps, num_samples
+from .ops import LayerOps
 
 TERMS = ("decay", "amp", "null", "sparse", "self")
 ACTIVITY_TERMS = ("amp", "null", "sparse")
@@ -46,7 +46,7 @@ def loss(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
     if term == "self":
         return -(F * W).sum()
     y = ops.apply(x, W)
-    n = num_samples(y, W)
+    n = ops.num_samples(x, y, W)
     if term == "amp":
         return -(y * ops.apply(x, F)).sum() / n
     if term == "null":
@@ -62,7 +62,7 @@ def grad(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
     if term == "self":
         return -W.clone()
     y = ops.apply(x, W)
-    n = num_samples(y, W)
+    n = ops.num_samples(x, y, W)
     if term == "amp":
         return -ops.outer(x, y) / n
     if term == "null":
@@ -83,7 +83,7 @@ def rule_grad(
         W: the forward kernel.
         F: the feedback kernel, in ``W``'s layout.
         y: ``apply(x, W)`` for that input, before bias.
-        n: number of samples the activity terms average over (:func:`~neuralign.ops.num_samples`).
+        n: number of samples the activity terms average over (:meth:`~neuralign.ops.LayerOps.num_samples`).
         base: a kernel-shaped tensor added to the result, left unchanged (Kolen-Pollack's task
             share), or None.
 
