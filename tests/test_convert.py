@@ -96,6 +96,37 @@ def test_unsupported_layers_are_reported(caplog):
         na.convert(model, "fa", on_unsupported="skip")
 
 
+def test_bypassed_layers_names_layers_whose_weight_is_read_functionally():
+    class Tied(nn.Module):  # the read-out reuses the first layer's weight (weight tying)
+        def __init__(self):
+            super().__init__()
+            self.inp, self.mid = nn.Linear(5, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return nn.functional.linear(torch.relu(self.mid(self.inp(x))), self.inp.weight.T)
+
+    model = na.convert(Tied(), "sa")
+    x = torch.randn(3, 5)
+    assert na.bypassed_layers(model, lambda: model(x)) == []  # inp's forward runs too
+    model.forward = lambda x: nn.functional.linear(torch.relu(model.mid(x @ model.inp.weight.T)),
+                                                   model.inp.weight.T)
+    assert na.bypassed_layers(model, lambda: model(x)) == ["inp"]
+    # the hooks are gone afterwards
+    assert not any(layer._forward_pre_hooks for _, layer in na.feedback_layers(model))
+
+
+def test_torchvision_swin_attention_bypasses_its_converted_projections():
+    """Swin's attention reads its qkv and proj layers' weights functionally: converted, they
+    would still train by backprop. bypassed_layers finds them (documented in the convert guide)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = na.convert(torchvision.models.swin_t(num_classes=3), "fa", on_unsupported="ignore")
+    bypassed = na.bypassed_layers(model, lambda: model(torch.randn(1, 3, 32, 32)))
+    assert bypassed and all(name.endswith((".attn.qkv", ".attn.proj")) for name in bypassed)
+    assert len(bypassed) == 2 * 12  # swin_t: 2 + 2 + 6 + 2 blocks
+
+
 def test_custom_mapping_extends_conversion():
     class MyLinear(nn.Linear):
         pass

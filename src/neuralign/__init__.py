@@ -5,16 +5,34 @@
 """
 
 from . import metrics, rules
-from .convert import after_step, convert, exact_backprop, feedback_layers, param_groups, revert
+from .convert import (
+    after_step,
+    bypassed_layers,
+    convert,
+    exact_backprop,
+    feedback_layers,
+    param_groups,
+    revert,
+)
 from .dynamics import FeedbackOptimizer, feedback_optimizer
-from .layers import FeedbackConv1d, FeedbackConv2d, FeedbackConv3d, FeedbackLinear
+from .layers import (
+    FeedbackConv1d,
+    FeedbackConv2d,
+    FeedbackConv3d,
+    FeedbackConvTranspose1d,
+    FeedbackConvTranspose2d,
+    FeedbackConvTranspose3d,
+    FeedbackLinear,
+)
 from .rules import Rule, get_rule, list_rules
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "revert", "feedback_layers", "param_groups", "exact_backprop", "after_step",
+    "convert", "revert", "feedback_layers", "bypassed_layers", "param_groups", "exact_backprop",
+    "after_step",
     "feedback_optimizer", "FeedbackOptimizer",
     "Rule", "get_rule", "list_rules", "metrics", "rules",
     "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d",
+    "FeedbackConvTranspose1d", "FeedbackConvTranspose2d", "FeedbackConvTranspose3d",
 ]

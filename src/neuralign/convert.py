@@ -6,7 +6,7 @@ import contextlib
 import copy
 import fnmatch
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from .layers import FEEDBACK_CLASSES, FeedbackLayer
 from .rules import Rule, get_rule
 
 __all__ = ["DEFAULT_MAPPING", "UnsupportedLayerError", "convert", "revert", "feedback_layers",
-           "param_groups", "exact_backprop", "after_step"]
+           "bypassed_layers", "param_groups", "exact_backprop", "after_step"]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +166,31 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
             if isinstance(child, FeedbackLayer):
                 setattr(parent, child_name, child.to_module())
     return model
+
+
+def bypassed_layers(model: nn.Module, forward: Callable[[], object]) -> list[str]:
+    """The feedback layers that ``forward()`` (a forward pass of ``model``) never calls.
+
+    A model that reads a layer's ``weight`` itself (``F.linear(x, self.fc.weight)``: weight
+    tying, or torchvision's Swin attention, which calls its ``qkv`` and ``proj`` layers'
+    weights functionally) bypasses the feedback layer: that weight's error goes down through
+    W, by plain backprop, whatever the rule. An empty list means every converted layer ran.
+
+    Example:
+        >>> model = na.convert(net, "sa")
+        >>> na.bypassed_layers(model, lambda: model(x))
+        []
+    """
+    called: set[str] = set()
+    hooks = [layer.register_forward_pre_hook(lambda m, a, name=name: called.add(name))
+             for name, layer in feedback_layers(model)]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return [name for name, _ in feedback_layers(model) if name not in called]
 
 
 def feedback_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:

@@ -3,6 +3,7 @@ itself is the loop (``Trainer.__init__`` calls these in order)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from . import distributed
 from .config import Config, ConfigError, TrainConfig, check_run_name
 from .events import Callback
 from .optim import build_feedback_optimizer, build_optimizer, build_schedule
+
+log = logging.getLogger(__name__)
 
 __all__ = ["build_rule", "device_from", "setup_process", "build_data_for", "build_network",
            "build_optimizers", "wrap_distributed", "build_schedules", "describe",
@@ -119,8 +122,23 @@ def build_network(cfg: Config, rule: na.Rule, info: DataInfo, device: torch.devi
                   ) -> torch.nn.Module:
     """The model for the data, converted with the rule (and its per-layer exceptions)."""
     plain = build_model(cfg.model, info.input_shape, info.num_classes)
-    return na.convert(plain, rule, layer_rules=dict(cfg.rule.layers),
-                      on_unsupported=cfg.rule.on_unsupported).to(device)
+    model = na.convert(plain, rule, layer_rules=dict(cfg.rule.layers),
+                       on_unsupported=cfg.rule.on_unsupported).to(device)
+    # a converted layer whose weight the model reads itself still trains by backprop: say so
+    # (one forward in training mode, as the run will call it; random streams and buffers such
+    # as batch norm's running statistics are left as they were)
+    x = torch.zeros(2, *info.input_shape, device=device)
+    buffers = [b.clone() for b in model.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        bypassed = na.bypassed_layers(model, lambda: model(x))
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+    if bypassed:
+        log.warning("%d converted layer(s) never run their own forward: the model reads their "
+                    "weights itself, so their errors go down through W (backprop): %s",
+                    len(bypassed), ", ".join(bypassed))
+    return model
 
 
 def build_optimizers(model: torch.nn.Module, cfg: Config, generator: torch.Generator
