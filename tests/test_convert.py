@@ -285,3 +285,35 @@ def test_converted_layers_serialise_whole():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert isinstance(loaded[0], FeedbackLayer) and loaded[0].rule == model[0].rule
+
+
+# What docs/guides/convert.md lists as staying on backprop in torchvision's classifiers.
+_TORCHVISION_LEFT = {
+    "MultiheadAttention", "NonDynamicallyQuantizableLinear", "VisionTransformer", "Encoder",
+    "ShiftedWindowAttention", "ShiftedWindowAttentionV2", "RelativePositionalMultiHeadAttention",
+    "CNBlock"}
+_TORCHVISION_BYPASSED = {"ShiftedWindowAttention", "ShiftedWindowAttentionV2"}
+
+
+@pytest.mark.slow
+def test_every_torchvision_classifier_converts_except_what_the_guide_lists():
+    """Each classifier, on the meta device (regnets, whose init needs data, on the CPU at their
+    smallest), converted and run once in training mode: what is left unconverted, and the
+    converted layers that the forward bypasses, are the guide's list."""
+    import torchvision.models as tvm
+
+    from neuralign.convert import _holds_weights
+
+    left, bypassed = set(), set()
+    for name in tvm.list_models(module=tvm):
+        if name.startswith("regnet") and not name.endswith("_400mf"):
+            continue
+        with torch.device("cpu" if name.startswith("regnet") else "meta"):
+            model = na.convert(tvm.get_model(name, weights=None, num_classes=10), "fa",
+                               on_unsupported="ignore", inplace=True)
+            x = torch.zeros(2, 3, *(299, 299) if name == "inception_v3" else (224, 224))
+            for layer in na.bypassed_layers(model, lambda model=model, x=x: model(x)):
+                bypassed.add(type(model.get_submodule(layer.rpartition(".")[0])).__name__)
+        left |= {type(m).__name__ for m in model.modules() if _holds_weights(m)}
+    assert left == _TORCHVISION_LEFT
+    assert bypassed == _TORCHVISION_BYPASSED
