@@ -155,7 +155,16 @@ def _holds_weights(module: nn.Module) -> bool:
 
 
 def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Back to plain torch layers, forward weights (the same values) kept, feedback dropped."""
+    """Back to plain torch layers: forward weights kept (the same values), feedback dropped.
+
+    Args:
+        model: a converted model (or a single feedback layer).
+        inplace: revert ``model`` itself instead of a deep copy.
+
+    Returns:
+        The model with every feedback layer replaced by its torch layer, sharing the feedback
+        layer's Parameters, hooks and state (a copy unless ``inplace``).
+    """
     if not inplace:
         model = copy.deepcopy(model)
     unmark_output(model)
@@ -174,7 +183,16 @@ def bypassed_layers(model: nn.Module, forward: Callable[[], object]) -> list[str
     A model that reads a layer's ``weight`` itself (``F.linear(x, self.fc.weight)``: weight
     tying, or torchvision's Swin attention, which calls its ``qkv`` and ``proj`` layers'
     weights functionally) bypasses the feedback layer: that weight's error goes down through
-    W, by plain backprop, whatever the rule. An empty list means every converted layer ran.
+    W, by plain backprop, whatever the rule.
+
+    Args:
+        model: a converted model.
+        forward: runs one forward pass of ``model`` (called once, under ``torch.no_grad()``;
+            in training mode, batch norm's running statistics move as in any forward).
+
+    Returns:
+        The qualified names of the feedback layers whose forward did not run, in module
+        order; empty when every converted layer ran.
 
     Example:
         >>> model = na.convert(net, "sa")
@@ -194,15 +212,30 @@ def bypassed_layers(model: nn.Module, forward: Callable[[], object]) -> list[str
 
 
 def feedback_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:
-    """``(qualified name, layer)`` for every feedback layer of ``model``."""
+    """``(qualified name, layer)`` for every feedback layer of ``model``, in module order
+    (the name is ``""`` for a bare converted layer).
+
+    Example:
+        >>> [name for name, _ in na.feedback_layers(model)]
+        ['0', '2']
+    """
     for name, m in model.named_modules():
         if isinstance(m, FeedbackLayer):
             yield name, m
 
 
 def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """``{'forward': [...], 'feedback': [...]}``: every parameter once, learned feedback
-    weights apart, for two optimizers."""
+    """The model's parameters in two groups, for two optimizers.
+
+    Returns:
+        ``{'forward': [...], 'feedback': [...]}``: every parameter once; ``feedback`` holds the
+        learned feedback weights (F of wm, ia, sa, aa, kp and custom rules), ``forward``
+        everything else (weights, biases, normalisation layers).
+
+    Example:
+        >>> groups = na.param_groups(model)
+        >>> opt_w = torch.optim.SGD(groups["forward"], lr=0.1)
+    """
     feedback_ids = {id(layer.feedback) for _, layer in feedback_layers(model)}
     groups: dict[str, list[nn.Parameter]] = {"forward": [], "feedback": []}
     for p in model.parameters():
@@ -212,8 +245,14 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 @contextlib.contextmanager
 def exact_backprop(model: nn.Module):
-    """Within this context the model's feedback layers send errors through W (plain backprop);
-    feedback weights receive no gradient. The previous state is restored on exit."""
+    """A context in which the model's feedback layers send errors through W: plain backprop,
+    with no rule work and no gradient for F. The previous state is restored on exit. It is the
+    reference of :func:`neuralign.metrics.backprop_angles`.
+
+    Example:
+        >>> with na.exact_backprop(model):
+        ...     loss_fn(model(x), y).backward()   # backprop's gradients
+    """
     layers = [layer for _, layer in feedback_layers(model)]
     saved = [layer._exact_backprop for layer in layers]
     try:

@@ -262,12 +262,34 @@ def catalog() -> list[RuleInfo]:
 
 
 def list_rules() -> list[str]:
-    """Names of the catalog's rules, sorted."""
+    """Names of the catalog's rules, sorted (``bp`` included; rules added with
+    :func:`register` too).
+
+    Example:
+        >>> na.list_rules()[:4]
+        ['aa', 'bp', 'brsf', 'dfa']
+    """
     return sorted(_CATALOG)
 
 
 def get_rule(name: str | Rule, **overrides) -> Rule:
-    """A named rule with its defaults, overridden by ``overrides`` (see :meth:`Rule.replace`)."""
+    """A named rule with its defaults, overridden by ``overrides``.
+
+    Args:
+        name: a catalog name (:func:`list_rules`), or a :class:`Rule` to override.
+        **overrides: term names set coefficients (``decay=0.5``); ``noise_std``, ``noise_dist``
+            and any field of :class:`Rule` too (see :meth:`Rule.replace`).
+
+    Returns:
+        A new frozen :class:`Rule` (the catalog entry itself when there are no overrides).
+
+    Raises:
+        ValueError: an unknown name (the valid ones are listed), term or field.
+
+    Example:
+        >>> dict(na.get_rule("wm", decay=0.5, noise_std=0.5).terms)
+        {'amp': 1.0, 'decay': 0.5}
+    """
     if isinstance(name, Rule):
         return name.replace(**overrides) if overrides else name
     if name not in _CATALOG:
