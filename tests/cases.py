@@ -92,7 +92,9 @@ LAYER_CASES = [
 ]
 
 # Every layer type the converter knows has at least one case.
-assert {c.cls for c in LAYER_CASES} == set(DEFAULT_MAPPING), "a mapped layer type has no case"
+# (multi-head attention, a container of four projections, has its own tests: test_attention.py)
+assert {c.cls for c in LAYER_CASES} == set(DEFAULT_MAPPING) - {nn.MultiheadAttention}, \
+    "a mapped layer type has no case"
 
 
 def plain_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,

@@ -5,6 +5,7 @@
 """
 
 from . import metrics, rules
+from .attention import FeedbackMultiheadAttention
 from .convert import (
     after_step,
     bypassed_layers,
@@ -35,4 +36,5 @@ __all__ = [
     "Rule", "get_rule", "list_rules", "metrics", "rules",
     "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d",
     "FeedbackConvTranspose1d", "FeedbackConvTranspose2d", "FeedbackConvTranspose3d",
+    "FeedbackMultiheadAttention",
 ]

@@ -98,7 +98,10 @@ def convert(
     plan: list[tuple] = []
     unsupported: list[str] = []
     used: set[str] = set()
+    planned: list[str] = []  # a converted module's own children are its business
     for parent_name, parent in list(model.named_modules()):
+        if any(parent_name == p or parent_name.startswith(p + ".") for p in planned):
+            continue
         for child_name, child in list(parent.named_children()):
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             cls = mapping.get(type(child))
@@ -108,6 +111,7 @@ def convert(
                 continue
             used.update(p for p in layer_rules if fnmatch.fnmatchcase(name, p))
             plan.append((parent, child_name, name, child, cls, _rule_for(name, rule, layer_rules)))
+            planned.append(name)
     unused = sorted(set(layer_rules) - used)
     if unused:
         raise ValueError(f"layer_rules patterns {unused} match no convertible layer; "
@@ -144,13 +148,12 @@ def _mark_dfa(model: nn.Module) -> nn.Module:
 
 
 def _convertible(model, mapping):
-    return [(n, m) for n, m in model.named_modules() if type(m) in mapping
-            or isinstance(m, FeedbackLayer)]
+    return [(n, m) for n, m in model.named_modules() if type(m) in mapping or _converted(m)]
 
 
 def _holds_weights(module: nn.Module) -> bool:
     """Holds parameters of its own that transport weights (not elementwise, not converted)."""
-    return not isinstance(module, (FeedbackLayer, *ELEMENTWISE)) and any(
+    return not isinstance(module, ELEMENTWISE) and not _converted(module) and any(
         True for _ in module.parameters(recurse=False))
 
 
@@ -168,13 +171,23 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     unmark_output(model)
-    if isinstance(model, FeedbackLayer):
-        return model.to_module()
-    for _, parent in list(model.named_modules()):
+    if _converted(model):
+        return model.to_module()  # type: ignore[operator]
+
+    def walk(parent: nn.Module) -> None:
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, FeedbackLayer):
-                setattr(parent, child_name, child.to_module())
+            if _converted(child):
+                setattr(parent, child_name, child.to_module())  # type: ignore[operator]
+            else:
+                walk(child)
+
+    walk(model)
     return model
+
+
+def _converted(module: nn.Module) -> bool:
+    """A feedback layer, or a converted container of them (multi-head attention)."""
+    return isinstance(module, FeedbackLayer) or type(module) in FEEDBACK_CLASSES.values()
 
 
 def bypassed_layers(model: nn.Module, forward: Callable[[], object]) -> list[str]:
@@ -202,6 +215,13 @@ def bypassed_layers(model: nn.Module, forward: Callable[[], object]) -> list[str
     called: set[str] = set()
     hooks = [layer.register_forward_pre_hook(lambda m, a, name=name: called.add(name))
              for name, layer in feedback_layers(model)]
+    # a converted container (attention) runs its projections itself, or is torch's own module
+    # under no_grad: calling it counts for them
+    for name, module in model.named_modules():
+        if _converted(module) and not isinstance(module, FeedbackLayer):
+            inner = [f"{name}.{n}" if name else n for n, _ in feedback_layers(module)]
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, a, inner=inner: called.update(inner)))
     try:
         with torch.no_grad():
             forward()
