@@ -208,3 +208,16 @@ def test_no_grad_is_torchs_module():
     x = torch.randn(B, L, E, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(conv(x, x, x)[0], plain(x, x, x)[0], rtol=0, atol=0)
+
+
+def test_end_to_end_angles_reach_the_projections():
+    """backprop_angles differentiates the packed Parameter and reads each projection's rows:
+    0 with F = W, every projection present."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.TransformerEncoderLayer(E, HEADS, 16, dropout=0.0, batch_first=True),
+                        nn.Flatten(), nn.Linear(L * E, 3)).double()
+    model = na.convert(net, na.get_rule("sa", init="weight"))
+    x, y = torch.randn(4, L, E, dtype=torch.float64), torch.randint(0, 3, (4,))
+    angles = na.metrics.backprop_angles(model, lambda: F.cross_entropy(model(x), y))
+    assert set(angles) == {n for n, _ in na.feedback_layers(model)}
+    assert max(angles.values()) < 1e-4

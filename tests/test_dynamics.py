@@ -73,7 +73,27 @@ def test_curvature_estimate_is_the_top_eigenvalue_of_the_sample_gram():
     for _ in range(5):  # the same batch: power iteration converges
         layer(x).sum().backward()
     top = torch.linalg.eigvalsh(x.T @ x / len(x))[-1]
+    # five backward calls before a step: their curvatures add up, as their gradients do
+    torch.testing.assert_close(opt.state[layer.feedback]["curv_in"], 5 * top, rtol=1e-3, atol=0)
+    opt.step()  # the step resets them; one call gives the eigenvalue itself
+    opt.zero_grad()
+    layer(x).sum().backward()
     torch.testing.assert_close(opt.state[layer.feedback]["curv_in"], top, rtol=1e-6, atol=0)
+
+
+def test_angle_measurements_leave_the_curvature_alone():
+    """backprop_angles runs the rule's backward as a measurement: the recipe's curvature (which
+    adds up over a step's backward calls) must not count it."""
+    torch.manual_seed(0)
+    model = na.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), "aa")
+    opt = na.feedback_optimizer(model)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = [opt.state[layer.feedback]["curv_in"].clone() for _, layer in na.feedback_layers(model)]
+    na.metrics.backprop_angles(model, lambda: nn.functional.cross_entropy(model(x), y))
+    after = [opt.state[layer.feedback]["curv_in"] for _, layer in na.feedback_layers(model)]
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_conv_curvatures_match_the_dense_hessian():
@@ -92,6 +112,8 @@ def test_conv_curvatures_match_the_dense_hessian():
         x = torch.randn(4, conv.in_channels, 9, dtype=torch.float64)
         for _ in range(150):  # power iteration on one batch: converged
             conv(x).sum().backward()
+        opt.step()  # (the curvatures add up until a step; one more call gives its own)
+        conv(x).sum().backward()
         name = "sparse" if "sparse" in terms else "null"
 
         def loss(f, name=name, conv=conv, x=x):

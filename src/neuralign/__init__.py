@@ -25,6 +25,14 @@ from .layers import (
     FeedbackConvTranspose3d,
     FeedbackLinear,
 )
+from .recurrent import (
+    FeedbackGRU,
+    FeedbackGRUCell,
+    FeedbackLSTM,
+    FeedbackLSTMCell,
+    FeedbackRNN,
+    FeedbackRNNCell,
+)
 from .rules import Rule, get_rule, list_rules
 
 __version__ = "0.1.0"
@@ -36,5 +44,6 @@ __all__ = [
     "Rule", "get_rule", "list_rules", "metrics", "rules",
     "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d",
     "FeedbackConvTranspose1d", "FeedbackConvTranspose2d", "FeedbackConvTranspose3d",
-    "FeedbackMultiheadAttention",
+    "FeedbackMultiheadAttention", "FeedbackRNNCell", "FeedbackGRUCell", "FeedbackLSTMCell",
+    "FeedbackRNN", "FeedbackGRU", "FeedbackLSTM",
 ]

@@ -109,7 +109,12 @@ def _mean_over_processes(t: Tensor) -> Tensor:
 
 class _Observer:
     """Called by the backward: one power-iteration step for each data curvature the rule needs
-    (the input-patch Gram for sparse, the output Gram for null), written into ``state``.
+    (the input-patch Gram for sparse, the output Gram for null), added into ``state``.
+
+    The curvatures add up over the backward calls between two steps, as F's gradient does: a
+    layer called several times per step (a recurrent layer's hidden map, once per time step;
+    gradient accumulation over micro-batches) is stepped by the sum of its calls' gradients, whose
+    curvature is at most the sum of theirs. The step resets them.
 
     Under DistributedDataParallel each product ``H u`` is averaged over the processes (a small
     all-reduce per layer), so the iteration is the single process's on the global batch and
@@ -130,7 +135,7 @@ class _Observer:
                 scale = lam.clamp_min(torch.finfo(lam.dtype).tiny).view(-1, *[1] * (h.dim() - 1))
                 u = torch.where(lam.view_as(scale) > 0, h / scale, u)
             state["u_in"].copy_(u)
-            state["curv_in"].copy_(lam.max())
+            state["curv_in"].add_(lam.max())
         if self.null and y is not None:
             u = state["u_out"].to(y.dtype)
             for _ in range(iters):
@@ -138,7 +143,7 @@ class _Observer:
                 lam = h.norm()
                 u = torch.where(lam > 0, h / lam.clamp_min(torch.finfo(lam.dtype).tiny), u)
             state["u_out"].copy_(u)
-            state["curv_out"].copy_(lam * ops.overlap)
+            state["curv_out"].add_(lam * ops.overlap)
         state["observed"] += 1
 
 
@@ -252,7 +257,11 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                 layer = self._layer_of[F]
                 if layer._spec.terms and F.grad is None:
                     continue  # an activity rule with no backward since the last zero_grad
-                self._step_layer(F, layer, float(group["lr"]), self.state[F])
+                state = self.state[F]
+                self._step_layer(F, layer, float(group["lr"]), state)
+                if "curv_in" in state:  # the next step's curvatures start afresh
+                    state["curv_in"].zero_()
+                    state["curv_out"].zero_()
         return loss
 
     def _step_layer(self, F: Tensor, layer: FeedbackLayer, rate: float, state: dict) -> None:

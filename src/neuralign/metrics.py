@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .attention import Projection
 from .autograd import angle as tensor_angle
 from .convert import exact_backprop, feedback_layers
 from .layers import FeedbackLayer
@@ -49,18 +50,31 @@ def gradient_angles(model: nn.Module) -> dict[str, float]:
 def backprop_angles(model: nn.Module, closure: Callable[[], Tensor]) -> dict[str, float]:
     """End to end: ``{layer: ∠(W's gradient under its rule, W's gradient under backprop)}`` on
     the same batch. ``closure()`` runs the forward and returns the loss; it is called twice.
-    The parameters' ``.grad`` are left as they were."""
+    The parameters' ``.grad``, and the feedback recipe's curvature estimates, are left as they
+    were."""
     layers = list(feedback_layers(model))
-    weights = [layer.weight for _, layer in layers]
     if not layers:
         return {}
-    rule_grads = torch.autograd.grad(closure(), weights, allow_unused=True)
-    with exact_backprop(model):
-        bp_grads = torch.autograd.grad(closure(), weights, allow_unused=True)
+    # a projection's W is rows of its attention module's Parameter: differentiate that
+    sources = [layer._source[:2] if isinstance(layer, Projection) else (layer.weight, None)
+               for _, layer in layers]
+    params = list({id(p): p for p, _ in sources}.values())
+    observers = [layer._spec.observe for _, layer in layers]
+    for _, layer in layers:  # this backward is a measurement: the recipe does not see it
+        layer._spec.observe = None
+    try:
+        rule_grads = torch.autograd.grad(closure(), params, allow_unused=True)
+        with exact_backprop(model):
+            bp_grads = torch.autograd.grad(closure(), params, allow_unused=True)
+    finally:
+        for (_, layer), observe in zip(layers, observers, strict=True):
+            layer._spec.observe = observe
+    by_id = {id(p): (g, h) for p, g, h in zip(params, rule_grads, bp_grads, strict=True)}
     out = {}
-    for (name, _), g, h in zip(layers, rule_grads, bp_grads, strict=True):
+    for (name, _), (p, rows) in zip(layers, sources, strict=True):
+        g, h = by_id[id(p)]
         if g is not None and h is not None:
-            out[name] = angle(g, h)
+            out[name] = angle(g if rows is None else g[rows], h if rows is None else h[rows])
     return out
 
 
