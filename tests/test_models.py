@@ -7,15 +7,27 @@ import torch
 from torch import nn
 
 import neuralign as na
+from neuralign.attention import Projection
 from neuralign.models import ModelConfig, build_model, list_models
 
 # input shape per model family (the CIFAR ResNets and LeNet take images, cnn1d sequences)
-_SHAPES = {"mlp": (1, 40), "cnn1d": (1, 40), "lenet": (1, 28, 28)}
+_SHAPES = {"mlp": (1, 40), "cnn1d": (1, 40), "lenet": (1, 28, 28), "gru1d": (1, 40),
+           "transformer1d": (1, 40)}
 _REGISTERED = list_models(include_torchvision=False)
 
 
 def _convertible(model: nn.Module) -> int:
-    return sum(type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d) for m in model.modules())
+    """How many feedback layers converting ``model`` should give: one per Linear/Conv, four per
+    attention module, two per recurrent layer and direction."""
+    n = 0
+    for m in model.modules():
+        if type(m) in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d):
+            n += 1
+        elif isinstance(m, nn.MultiheadAttention):
+            n += 4
+        elif isinstance(m, nn.RNNBase):
+            n += 2 * m.num_layers * (2 if m.bidirectional else 1)
+    return n
 
 
 @pytest.mark.parametrize("name", _REGISTERED + ["resnet18"])
@@ -35,7 +47,9 @@ def test_every_model_builds_and_converts(name):
     model(x).square().mean().backward()
     for lname, layer in layers:  # the rule's gradient reached every feedback weight
         assert layer.feedback.grad is not None, lname
-        assert layer.weight.grad is not None, lname
+        # (an attention or recurrent projection's W is its module's Parameter, or rows of it)
+        weight = layer._source[0] if isinstance(layer, Projection) else layer.weight
+        assert weight.grad is not None, lname
 
 
 def test_registry_names():

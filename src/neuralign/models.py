@@ -7,6 +7,8 @@ them into feedback models with :func:`neuralign.convert`. Names:
 - ``lenet``: LeNet-5 (conv 6@5x5, pool, conv 16@5x5, pool, 120, 84), ReLU and max-pooling.
 - ``cnn1d``: the MNIST-1D authors' 1-D CNN (three stride-2 convolutions of 25 channels, then a
   linear read-out), for ``[N, C, L]`` inputs.
+- ``gru1d``: a bidirectional GRU over the positions of ``[N, C, L]`` inputs, after the
+  MNIST-1D authors' GRU; ``transformer1d``: a small patch transformer for them.
 - ``resnet20`` … ``resnet110``: the CIFAR ResNets of He et al. 2016 (§4.2): 3 stages of
   16/32/64 channels, n basic blocks each (depth 6n+2). The shortcut is **option A** by default
   (identity; when the shape changes, stride-2 subsampling and zero-padded channels: no
@@ -45,7 +47,8 @@ class ModelConfig:
         channels: ``cnn1d``: channels of its three convolutions.
         shortcut: CIFAR ResNets: ``A`` (parameter-free identity with zero padding) or ``B``
             (1x1 convolution projections).
-        kwargs: extra keyword arguments for a torchvision builder.
+        kwargs: extra keyword arguments for a torchvision builder, or the options of
+            ``gru1d`` (``hidden``) and ``transformer1d`` (``dim``, ``depth``, ``heads``, ``patch``).
         init: the forward weights' initialisation: ``default`` (each torch layer's own) or
             ``xavier_uniform`` (every Linear and Conv weight Xavier-uniform, every bias zero:
             BioTorch's benchmark models).
@@ -209,6 +212,66 @@ def _cnn1d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> 
     if len(input_shape) != 2:
         raise ValueError(f"cnn1d needs sequence inputs [C, L], the data give {input_shape}")
     return CNN1d(input_shape[0], input_shape[1], num_classes, list(cfg.channels))
+
+
+class GRU1d(nn.Module):
+    """A bidirectional GRU over a sequence's positions (one step per position, the channels as
+    its input), then a linear read-out of every step's output: after the MNIST-1D authors'
+    GRU (``model.kwargs.hidden``: 6 units per direction by default)."""
+
+    def __init__(self, in_channels: int, length: int, num_classes: int, hidden: int = 6):
+        super().__init__()
+        self.gru = nn.GRU(in_channels, hidden, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(2 * hidden * length, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.gru(x.transpose(1, 2))  # [N, C, L] -> steps [N, L, C]
+        return self.fc(out.flatten(1))
+
+
+@register_model("gru1d")
+def _gru1d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 2:
+        raise ValueError(f"gru1d needs sequence inputs [C, L], the data give {input_shape}")
+    return GRU1d(input_shape[0], input_shape[1], num_classes, **{"hidden": 6, **cfg.kwargs})
+
+
+class Transformer1d(nn.Module):
+    """A small vision-transformer-style encoder for sequences: the signal cut into patches
+    (``model.kwargs.patch``, default 4 positions), each embedded by a Linear map plus a learned
+    position embedding, ``depth`` pre-norm encoder layers (``nn.TransformerEncoderLayer``:
+    multi-head self-attention and a ReLU feed-forward block), mean pooling, a linear read-out."""
+
+    def __init__(self, in_channels: int, length: int, num_classes: int, dim: int = 32,
+                 depth: int = 2, heads: int = 4, patch: int = 4):
+        super().__init__()
+        if length % patch:
+            raise ValueError(f"transformer1d: the length {length} is not a multiple of the "
+                             f"patch {patch} (model.kwargs.patch)")
+        self.patch = patch
+        self.embed = nn.Linear(in_channels * patch, dim)
+        self.position = nn.Parameter(torch.zeros(1, length // patch, dim))
+        nn.init.normal_(self.position, std=0.02)
+        self.encoder = nn.Sequential(*[
+            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True,
+                                       norm_first=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, length = x.shape
+        tokens = x.view(n, c, length // self.patch, self.patch).permute(0, 2, 1, 3).flatten(2)
+        h = self.encoder(self.embed(tokens) + self.position)
+        return self.head(self.norm(h).mean(1))
+
+
+@register_model("transformer1d")
+def _transformer1d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
+                   ) -> nn.Module:
+    if len(input_shape) != 2:
+        raise ValueError(f"transformer1d needs sequence inputs [C, L], the data give "
+                         f"{input_shape}")
+    return Transformer1d(input_shape[0], input_shape[1], num_classes, **cfg.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
