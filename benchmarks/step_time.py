@@ -8,6 +8,8 @@ includes update noise and normalisation; with ``--feedback sgd`` an SGD step on
 
 * ``mlp``: an MLP 784-1000-1000-10 (ReLU), batch 128, and
 * ``resnet18``: ``torchvision.models.resnet18(num_classes=10)`` on 32x32 inputs, batch 64,
+* ``vit``: ``torchvision.models.vit_b_16(image_size=64, num_classes=10)`` (16 tokens of width
+  768, 12 encoder layers; every attention projection converted), batch 8,
 
 with synthetic data. The rules are interleaved round-robin (each round times every rule once,
 starting at a rotating offset) so that machine noise hits them all alike; each round gives a
@@ -66,6 +68,12 @@ def build_resnet18() -> nn.Module:
     return torchvision.models.resnet18(num_classes=10)
 
 
+def build_vit() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.vit_b_16(image_size=64, num_classes=10)
+
+
 @dataclass
 class ModelSpec:
     build: callable
@@ -79,6 +87,7 @@ class ModelSpec:
 MODELS = {
     "mlp": ModelSpec(build_mlp, (784,), 128, repeats=60, warmup=5, inner=5),
     "resnet18": ModelSpec(build_resnet18, (3, 32, 32), 64, repeats=15, warmup=2, inner=1),
+    "vit": ModelSpec(build_vit, (3, 64, 64), 8, repeats=10, warmup=2, inner=1),
 }
 
 # Targets of the issue: ratio to bp at most ...
@@ -122,9 +131,21 @@ def layer_flops(model: nn.Module, x: torch.Tensor) -> list[LayerFlops]:
             out.append(LayerFlops(name, int(macs), bool(xin.requires_grad), cin, xin.shape[0]))
         return f
 
+    def attention_hook(name):
+        def f(m, inp, y):  # four E x E projections per token, called functionally by torch
+            q = inp[0]
+            tokens = q.numel() // q.shape[-1]
+            for p in "qkvo":
+                out.append(LayerFlops(f"{name}.{p}", tokens * m.embed_dim * m.embed_dim, True,
+                                      m.embed_dim, q.shape[0]))
+        return f
+
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and \
+                not isinstance(m, nn.modules.linear.NonDynamicallyQuantizableLinear):
             hooks.append(m.register_forward_hook(hook(name)))
+        elif isinstance(m, nn.MultiheadAttention):
+            hooks.append(m.register_forward_hook(attention_hook(name)))
     try:
         with torch.enable_grad():
             y = model(x)
@@ -419,11 +440,11 @@ def main(argv=None):
     p.add_argument("--rules", default=",".join(na.list_rules()),
                    help="comma list of rules (bp, the baseline, is always added)")
     p.add_argument("--repeats", type=int, default=0,
-                   help="timed rounds (0: per model, mlp 60, resnet18 15)")
+                   help="timed rounds (0: per model, mlp 60, resnet18 15, vit 10)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed rounds first (default: per model, mlp 5, resnet18 2)")
+                   help="untimed rounds first (default: per model, mlp 5, resnet18 2, vit 2)")
     p.add_argument("--inner", type=int, default=0,
-                   help="steps per timed sample (0: per model, mlp 5, resnet18 1)")
+                   help="steps per timed sample (0: per model, mlp 5, resnet18 1, vit 1)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--lr", type=float, default=1e-3, help="forward SGD learning rate")
