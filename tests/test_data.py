@@ -168,3 +168,14 @@ def test_imagenet_image_folder(tmp_path):
     assert b.info.num_classes == 2 and b.info.input_shape == (3, 224, 224)
     x, y = next(iter(b.test))
     assert x.shape == (2, 3, 224, 224) and y.tolist() == [0, 1]
+
+
+def test_pydoc_next_character_sequences():
+    b = build_data(DataConfig(name="pydoc", num_samples=200, batch_size=50))
+    assert b.info.input_shape == (64,) and b.info.num_classes == 97
+    assert b.info.dtype == torch.int64
+    x, y = next(iter(b.train))
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (50, 64)
+    assert int(x.min()) >= 0 and int(x.max()) < 97
+    torch.testing.assert_close(x[:, 1:], y[:, :-1])  # each target is the next character
+    assert b.train.dataset_size == 200 and b.test.dataset_size > 700  # the text's last tenth

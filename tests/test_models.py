@@ -13,7 +13,7 @@ from neuralign.models import ModelConfig, build_model, list_models
 # input shape per model family (the CIFAR ResNets and LeNet take images, cnn1d sequences)
 _SHAPES = {"mlp": (1, 40), "cnn1d": (1, 40), "lenet": (1, 28, 28), "gru1d": (1, 40),
            "transformer1d": (1, 40)}
-_REGISTERED = list_models(include_torchvision=False)
+_REGISTERED = [m for m in list_models(include_torchvision=False) if m != "charlm"]  # (tokens)
 
 
 def _convertible(model: nn.Module) -> int:
@@ -120,3 +120,19 @@ def test_xavier_init_draws_every_weight_from_xavier_bound_and_zeroes_biases():
         assert torch.count_nonzero(mod.bias) == 0
     with pytest.raises(ValueError, match="valid: default, xavier_uniform"):
         build_model(ModelConfig(name="lenet", init="xavier"), (1, 28, 28), 10)
+
+
+def test_charlm_is_causal_and_trains_on_per_position_targets():
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(name="charlm", kwargs={"dim": 16, "heads": 2}), (12,), 7)
+    x = torch.randint(0, 7, (3, 12))
+    out = plain(x)
+    assert out.shape == (3, 7, 12)  # [N, vocab, T]: cross_entropy's layout
+    changed = x.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 7
+    torch.testing.assert_close(plain(changed)[..., :8], out[..., :8])  # no peeking ahead
+    model = na.convert(plain, "sa")
+    assert len(list(na.feedback_layers(model))) == 2 * (4 + 2) + 1  # attention, FF, read-out
+    y = torch.randint(0, 7, (3, 12))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert all(layer.feedback is not None for _, layer in na.feedback_layers(model))

@@ -9,6 +9,8 @@ them into feedback models with :func:`neuralign.convert`. Names:
   linear read-out), for ``[N, C, L]`` inputs.
 - ``gru1d``: a bidirectional GRU over the positions of ``[N, C, L]`` inputs, after the
   MNIST-1D authors' GRU; ``transformer1d``: a small patch transformer for them.
+- ``charlm``: a small causal transformer language model (data ``pydoc``), next-token logits
+  at every position.
 - ``resnet20`` … ``resnet110``: the CIFAR ResNets of He et al. 2016 (§4.2): 3 stages of
   16/32/64 channels, n basic blocks each (depth 6n+2). The shortcut is **option A** by default
   (identity; when the shape changes, stride-2 subsampling and zero-padded channels: no
@@ -272,6 +274,41 @@ def _transformer1d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: 
         raise ValueError(f"transformer1d needs sequence inputs [C, L], the data give "
                          f"{input_shape}")
     return Transformer1d(input_shape[0], input_shape[1], num_classes, **cfg.kwargs)
+
+
+class CharTransformer(nn.Module):
+    """A small causal transformer language model over token ids ``[N, T]``: an embedding plus a
+    learned position embedding, ``depth`` pre-norm encoder layers under a causal mask, a linear
+    read-out. It returns next-token logits for every position as ``[N, vocab, T]``, the layout
+    ``F.cross_entropy`` takes with per-position targets ``[N, T]``."""
+
+    def __init__(self, vocab: int, length: int, dim: int = 64, depth: int = 2, heads: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.zeros(1, length, dim))
+        nn.init.normal_(self.position, std=0.02)
+        self.layers = nn.ModuleList([
+            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True,
+                                       norm_first=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        h = self.embed(x) + self.position[:, :length]
+        mask = self.mask[:length, :length]
+        for layer in self.layers:
+            h = layer(h, src_mask=mask, is_causal=True)
+        return self.head(self.norm(h)).transpose(1, 2)
+
+
+@register_model("charlm")
+def _charlm(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 1:
+        raise ValueError(f"charlm needs token sequences [T], the data give {input_shape}")
+    return CharTransformer(num_classes, input_shape[0], **cfg.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

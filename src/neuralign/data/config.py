@@ -54,10 +54,13 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What a model needs to know about the data."""
+    """What a model needs to know about the data: one example's shape, the number of classes
+    (a target may also be one class per position, as for next-character prediction), and the
+    inputs' dtype (token ids are integers)."""
 
     input_shape: tuple[int, ...]
     num_classes: int
+    dtype: torch.dtype = torch.float32
 
 
 @dataclass

@@ -84,6 +84,35 @@ def _mnist1d(cfg: DataConfig):
 
 
 # ---------------------------------------------------------------------------------------------
+# pydoc: characters of Python's own documentation, for next-character prediction
+
+#: context length of a ``pydoc`` example; the vocabulary: newline, the 95 printable ASCII
+#: characters, and one id for anything else
+PYDOC_CONTEXT, PYDOC_VOCAB = 64, 97
+
+
+@register_dataset("pydoc")
+def _pydoc(cfg: DataConfig):
+    """The text of ``pydoc_data.topics`` (Python's language reference topics, shipped with
+    every CPython, so offline): sequences of 64 characters, each position's target the next
+    character. The last tenth of the text is the test set. ``num_samples`` caps the number
+    of training sequences."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    code = torch.from_numpy(np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64))
+    ids = torch.where(code == 10, 0, torch.where((code >= 32) & (code < 127), code - 31,
+                                                 PYDOC_VOCAB - 1))
+    n = (len(ids) - 1) // PYDOC_CONTEXT
+    x = ids[:n * PYDOC_CONTEXT].view(n, PYDOC_CONTEXT)
+    y = ids[1:n * PYDOC_CONTEXT + 1].view(n, PYDOC_CONTEXT)
+    split = n - n // 10
+    n_train = min(split, cfg.num_samples) if cfg.num_samples else split
+    return ((x[:n_train], y[:n_train]), (x[split:], y[split:]),
+            DataInfo((PYDOC_CONTEXT,), PYDOC_VOCAB, torch.int64))
+
+
+# ---------------------------------------------------------------------------------------------
 # synthetic
 
 

@@ -127,7 +127,7 @@ def build_network(cfg: Config, rule: na.Rule, info: DataInfo, device: torch.devi
     # a converted layer whose weight the model reads itself still trains by backprop: say so
     # (one forward in training mode, as the run will call it; random streams and buffers such
     # as batch norm's running statistics are left as they were)
-    x = torch.zeros(2, *info.input_shape, device=device)
+    x = torch.zeros(2, *info.input_shape, device=device, dtype=info.dtype)
     buffers = [b.clone() for b in model.buffers()]
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         bypassed = na.bypassed_layers(model, lambda: model(x))

@@ -317,7 +317,7 @@ class Trainer:
             hit = pred == y[:, None]
             top1 += int(hit[:, 0].sum())
             top5 += int(hit.any(dim=1).sum())
-            n += len(y)
+            n += y.numel()  # (one target per example, or per position)
         self.model.train(was_training)
         if self.world_size > 1:  # each rank saw its share of the examples
             loss_sum, top1, top5, n = distributed.all_reduce_sum(
@@ -385,9 +385,9 @@ class Trainer:
             if self.feedback_schedule is not None:
                 self.feedback_schedule.step()
             self.step += 1
-            stats.loss_sum += local * len(y)
+            stats.loss_sum += local * y.numel()
             stats.correct += int((out.detach().argmax(1) == y).sum())
-            stats.seen += len(y)
+            stats.seen += y.numel()
             self._fire("on_step_end", self.step, value)
         if self.world_size > 1:
             self._reduce_stats(stats)
