@@ -16,13 +16,11 @@ a fused path is future work.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .layers import FEEDBACK_CLASSES, FeedbackLayer
+from .layers import FEEDBACK_CLASSES, FeedbackLayer, shared_copy
 from .rules import Rule, get_rule
 
 __all__ = ["FeedbackMultiheadAttention", "Projection"]
@@ -97,9 +95,7 @@ class FeedbackMultiheadAttention(nn.MultiheadAttention):
         if type(module) is not nn.MultiheadAttention:
             raise TypeError(f"{cls.__name__}.from_module takes a MultiheadAttention, got "
                             f"{type(module).__name__}")
-        new = cls.__new__(cls)
-        new.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v
-                             for k, v in module.__dict__.items()})
+        new = shared_copy(cls, module)
         rule = get_rule(rule)
         E, b = module.embed_dim, module.in_proj_bias
         sources: list[tuple[Tensor, slice | None]]
@@ -117,9 +113,7 @@ class FeedbackMultiheadAttention(nn.MultiheadAttention):
 
     def to_module(self) -> nn.Module:
         """The plain ``nn.MultiheadAttention``, sharing this module's Parameters and state."""
-        plain = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
-        plain.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v
-                               for k, v in self.__dict__.items()})
+        plain = shared_copy(nn.MultiheadAttention, self)
         for name in ("q_feedback", "k_feedback", "v_feedback", "o_feedback"):
             plain._modules.pop(name, None)
         return plain

@@ -21,11 +21,22 @@ from .rules import INITS, Rule, get_rule
 
 __all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d",
            "FeedbackConv3d", "FeedbackConvTranspose1d", "FeedbackConvTranspose2d",
-           "FeedbackConvTranspose3d", "FEEDBACK_CLASSES", "register_layer", "init_feedback"]
+           "FeedbackConvTranspose3d", "FEEDBACK_CLASSES", "register_layer", "init_feedback",
+           "shared_copy"]
 
 #: torch layer class -> its feedback layer class (filled by :func:`register_layer`; the
 #: default mapping of :func:`neuralign.convert`).
 FEEDBACK_CLASSES: dict[type[nn.Module], type[FeedbackLayer]] = {}
+
+
+def shared_copy(cls: type, module: nn.Module, drop: tuple[str, ...] = ()) -> Any:
+    """An instance of ``cls`` sharing ``module``'s Parameters, buffers, hooks and state (its
+    registries are copied, their entries shared), without the attributes named in ``drop``:
+    how a layer becomes its feedback version, and back."""
+    new: Any = object.__new__(cls)
+    new.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v
+                         for k, v in module.__dict__.items() if k not in drop})
+    return new
 
 
 def register_layer(torch_cls: type[nn.Module], make_ops: Callable[[Any], LayerOps]):
@@ -105,18 +116,13 @@ class FeedbackLayer(nn.Module):
         if type(module) is not base:
             raise TypeError(f"{cls.__name__}.from_module takes a {base.__name__}, "
                             f"got {type(module).__name__}")
-        new = cls.__new__(cls)
-        new.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v
-                             for k, v in module.__dict__.items()})
+        new = shared_copy(cls, module)
         new._attach(get_rule(rule), generator)
         return new
 
     def to_module(self) -> nn.Module:
         """The plain torch layer, sharing this layer's Parameters, hooks and state."""
-        base = type(self).base_class()
-        plain = base.__new__(base)
-        plain.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v
-                               for k, v in self.__dict__.items() if k not in self._ADDED})
+        plain = shared_copy(type(self).base_class(), self, drop=self._ADDED)
         for name in self._FEEDBACK_TENSORS:
             plain._parameters.pop(name, None)
             plain._buffers.pop(name, None)
@@ -210,12 +216,15 @@ class FeedbackLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._exact_backprop or not torch.is_grad_enabled():
             return super().forward(x)  # no gradient (or exact backprop): the torch layer itself
+        return self._feedback_call(x, self._spec)
+
+    def _feedback_call(self, x: Tensor, spec: Spec) -> Tensor:
         bias = self.bias if isinstance(self.bias, Tensor) else None  # a Parameter, or none
         unbatched = x.dim() == self.weight.dim() - 1 and self.weight.dim() > 2
         if unbatched:  # a single unbatched conv example, as torch layers accept
             return feedback_forward(x.unsqueeze(0), self.weight, bias, self.feedback,
-                                    self._spec).squeeze(0)
-        return feedback_forward(x, self.weight, bias, self.feedback, self._spec)
+                                    spec).squeeze(0)
+        return feedback_forward(x, self.weight, bias, self.feedback, spec)
 
     # -- after the optimizer step ------------------------------------------------------------------
     @torch.no_grad()
@@ -287,11 +296,7 @@ class _FeedbackConvTranspose(FeedbackLayer):
         if tuple(padding) != cast(ConvTransposeOps, spec.ops).output_padding:
             spec = copy.copy(spec)
             spec.ops = ConvTransposeOps.from_module(m, output_padding=tuple(padding))
-        bias = self.bias if isinstance(self.bias, Tensor) else None
-        if x.dim() == self.weight.dim() - 1:  # a single unbatched example
-            return feedback_forward(x.unsqueeze(0), self.weight, bias, self.feedback,
-                                    spec).squeeze(0)
-        return feedback_forward(x, self.weight, bias, self.feedback, spec)
+        return self._feedback_call(x, spec)
 
 
 @register_layer(nn.ConvTranspose1d, ConvTransposeOps.from_module)

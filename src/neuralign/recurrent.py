@@ -16,7 +16,6 @@ LSTM's ``proj_size`` are refused with an error.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .attention import Projection
-from .layers import FEEDBACK_CLASSES
+from .layers import FEEDBACK_CLASSES, shared_copy
 from .rules import Rule, get_rule
 
 __all__ = ["FeedbackRNNCell", "FeedbackGRUCell", "FeedbackLSTMCell", "FeedbackRNN",
@@ -68,14 +67,6 @@ def _step_of(module: nn.Module) -> Callable[..., State]:
     return _rnn_step(str(module.nonlinearity))
 
 
-def _shared_copy(cls: type, module: nn.Module) -> nn.Module:
-    """An instance of ``cls`` sharing ``module``'s Parameters, buffers, hooks and state."""
-    new: nn.Module = object.__new__(cls)
-    new.__dict__.update({k: copy.copy(v) if isinstance(v, dict | set) else v
-                         for k, v in module.__dict__.items()})
-    return new
-
-
 class _Converted:
     """``from_module``/``to_module`` of a recurrent container of projections."""
 
@@ -91,7 +82,7 @@ class _Converted:
         if getattr(module, "proj_size", 0):
             raise NotImplementedError(f"{type(module).__name__} with proj_size > 0 has no "
                                       f"feedback version yet")
-        new = _shared_copy(cls, module)
+        new = shared_copy(cls, module)
         rule = get_rule(rule)
         for suffix in cls._suffixes(module):  # type: ignore[attr-defined]
             for kind in ("ih", "hh"):
@@ -103,7 +94,7 @@ class _Converted:
 
     def to_module(self) -> nn.Module:
         """The plain torch module, sharing this module's Parameters and state."""
-        plain = _shared_copy(self.torch_cls, self)  # type: ignore[arg-type]
+        plain = shared_copy(self.torch_cls, self)  # type: ignore[arg-type]
         for name in list(plain._modules):
             if name.endswith("_feedback"):
                 plain._modules.pop(name)
