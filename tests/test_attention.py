@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 import neuralign as na
 from neuralign.attention import FeedbackMultiheadAttention, Projection
+from runs import train_with_recipe
 
 E, HEADS, L, S, B = 8, 2, 4, 5, 3
 
@@ -186,17 +187,8 @@ def test_a_transformer_trains_with_every_learned_rule_and_dfa():
                             nn.Flatten(), nn.Linear(L * E, 3))
         model = na.convert(net, rule, on_unsupported="raise")
         assert sum(1 for _ in na.feedback_layers(model)) == 7  # q, k, v, o, two FF, read-out
-        opt_w = torch.optim.Adam(na.param_groups(model)["forward"], lr=1e-3)
-        opt_f = na.feedback_optimizer(model)
         x, y = torch.randn(16, L, E), torch.randint(0, 3, (16,))
-        for _ in range(5):
-            loss = nn.functional.cross_entropy(model(x), y)
-            opt_w.zero_grad()
-            opt_f.zero_grad()
-            loss.backward()
-            opt_w.step()
-            opt_f.step()
-        assert torch.isfinite(loss)
+        assert torch.isfinite(train_with_recipe(model, x, y, steps=5, lr=1e-3))
         assert na.bypassed_layers(model, lambda model=model, x=x: model(x)) == []
         if rule == "sa":
             assert max(na.metrics.weight_angles(model).values()) < 5.0

@@ -231,6 +231,18 @@ def test_autocast_bf16_with_mirror_noise_runs():
 
 
 # -- random layer configurations (hypothesis): F = W is exact backprop for any of them ----------
+def _assert_exact_with_feedback_equal_to_weight(plain, x, out):
+    """The layer converted with F = W gives autograd's (dx, dW, db) for a random output error."""
+    layer = na.convert(plain, na.get_rule("sa", init="weight"))
+    dy = torch.randn_like(out)
+    want, got = _backprop(plain, x, dy), _run(layer, x, dy)
+    for a, b in zip(want, got, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
 _conv_config = st.fixed_dictionaries({
     "dim": st.sampled_from([1, 2, 3]),
     "groups": st.sampled_from([1, 2]),
@@ -264,14 +276,7 @@ def test_any_conv_with_feedback_equal_to_weight_is_exact_backprop(c):
     out = plain(x)
     if out.numel() == 0:
         return
-    layer = na.convert(plain, na.get_rule("sa", init="weight"))
-    dy = torch.randn_like(out)
-    want, got = _backprop(plain, x, dy), _run(layer, x, dy)
-    for a, b in zip(want, got, strict=True):
-        if a is None:
-            assert b is None
-        else:
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    _assert_exact_with_feedback_equal_to_weight(plain, x, out)
 
 
 _conv_t_config = st.fixed_dictionaries({
@@ -304,14 +309,7 @@ def test_any_transposed_conv_with_feedback_equal_to_weight_is_exact_backprop(c):
         out = plain(x)
     except RuntimeError:
         return  # an output size below one: torch refuses the configuration
-    layer = na.convert(plain, na.get_rule("sa", init="weight"))
-    dy = torch.randn_like(out)
-    want, got = _backprop(plain, x, dy), _run(layer, x, dy)
-    for a, b in zip(want, got, strict=True):
-        if a is None:
-            assert b is None
-        else:
-            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+    _assert_exact_with_feedback_equal_to_weight(plain, x, out)
 
 
 def test_transposed_conv_output_size_picks_its_output_padding():
