@@ -135,3 +135,48 @@ def test_clear_errors():
         na.convert(TwoOutputs(), "dfa")(torch.randn(2, 3))
     with pytest.raises(ValueError, match="no W to copy"):
         na.get_rule("dfa", init="weight")
+
+
+class _Attend(nn.Module):
+    """Self-attention over [N, L, E] (or [L, N, E] inside when not batch_first), pooled."""
+
+    def __init__(self, batch_first):
+        super().__init__()
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):  # x: [N, L, E]
+        h = x if self.batch_first else x.transpose(0, 1)
+        h, _ = self.attn(h, h, h, need_weights=False)
+        h = h if self.batch_first else h.transpose(0, 1)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_sends_each_example_its_own_error(batch_first):
+    """Each projection's D e reaches the example whose error it is: a loss on example 0 alone
+    leaves every other example's input gradient at zero, in either layout, and example 0's
+    own gradient is not (the projections receive the examples first)."""
+    torch.manual_seed(0)
+    m = na.convert(_Attend(batch_first).double(), "dfa")
+    x = torch.randn(5, 6, 8, dtype=torch.float64, requires_grad=True)
+    m(x)[0].sum().backward()
+    assert x.grad[1:].abs().max() == 0
+    assert x.grad[0].abs().max() > 0
+    for name in "qkvo":
+        assert getattr(m.attn, f"{name}_feedback").feedback.shape == (3, 8)
+
+
+def test_a_sequence_first_layer_is_refused():
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):  # x: [N, L, 4]; fc sees [L, N, 4]; the output is [N, 2]
+            return self.head(self.fc(x.transpose(0, 1)).mean(0))
+
+    m = na.convert(SequenceFirst(), "dfa")
+    with pytest.raises(RuntimeError, match="examples first"):
+        m(torch.randn(3, 7, 4, requires_grad=True)).sum().backward()

@@ -126,9 +126,13 @@ class FeedbackMultiheadAttention(nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         batched = query.dim() == 3
-        if self.batch_first and batched:
+        # the projections see the examples first, [N, L, E] (dfa reads the first dimension as
+        # the examples); torch's attention takes [L, N, E]
+        if batched and not self.batch_first:
             query, key, value = (t.transpose(1, 0) for t in (query, key, value))
         q, k, v = self.q_feedback(query), self.k_feedback(key), self.v_feedback(value)
+        if batched:
+            q, k, v = (t.transpose(1, 0) for t in (q, k, v))
         eye = torch.eye(self.embed_dim, dtype=q.dtype, device=q.device)
         out, weights = F.multi_head_attention_forward(
             q, k, v, self.embed_dim, self.num_heads, None, None, self.bias_k, self.bias_v,
@@ -136,8 +140,10 @@ class FeedbackMultiheadAttention(nn.MultiheadAttention):
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
             use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
             v_proj_weight=eye, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        if batched:
+            out = out.transpose(1, 0)
         out = self.o_feedback(out)
-        if self.batch_first and batched:
+        if batched and not self.batch_first:
             out = out.transpose(1, 0)
         return out, weights
 

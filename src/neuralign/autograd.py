@@ -180,9 +180,12 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):
             raise missing_error()
         e = ctx.slot["e"]
         n = x.shape[0] if x.dim() > 1 else 1
-        if e.numel() % n:
-            raise RuntimeError(f"dfa: the output error has {e.shape[0]} examples, the layer's "
-                               f"input {n}")
+        if (e.shape[0] if e.dim() > 1 else 1) != n:
+            raise RuntimeError(
+                f"dfa: the model's output has {e.shape[0] if e.dim() > 1 else 1} examples on "
+                f"its first dimension, this layer's input {n} (input shape "
+                f"{tuple(x.shape)}): dfa pairs each example's output error with its input, "
+                f"so both must hold the examples first (a sequence-first layout does not)")
         D = spec.project(e.reshape(n, -1)).to(dout.dtype)
         # Each of the P positions of an example's input gets (D e) / P: what backprop would
         # send through a global average pooling followed by D. So a convolution's weight
