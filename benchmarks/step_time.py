@@ -6,7 +6,9 @@ feedback weights: by default the rules' own recipe, ``na.feedback_optimizer``, w
 includes update noise and normalisation; with ``--feedback sgd`` an SGD step on
 ``['feedback']`` and ``na.after_step``) for each rule of ``na.list_rules()`` on
 
-* ``mlp``: an MLP 784-1000-1000-10 (ReLU), batch 128, and
+* ``tiny``: an MLP 100-100-100-10 (ReLU), batch 32, where the per-call overhead of a converted
+  layer, not its products, sets the step time (the size of MNIST-1D's models),
+* ``mlp``: an MLP 784-1000-1000-10 (ReLU), batch 128,
 * ``resnet18``: ``torchvision.models.resnet18(num_classes=10)`` on 32x32 inputs, batch 64,
 * ``vit``: ``torchvision.models.vit_b_16(image_size=64, num_classes=10)`` (16 tokens of width
   768, 12 encoder layers; every attention projection converted), batch 8,
@@ -52,7 +54,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuralign as na
-from neuralign.rules import SIGN_KINDS
 
 # -- models and data -------------------------------------------------------------------------
 
@@ -60,6 +61,11 @@ from neuralign.rules import SIGN_KINDS
 def build_mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(784, 1000), nn.ReLU(), nn.Linear(1000, 1000),
                          nn.ReLU(), nn.Linear(1000, 10))
+
+
+def build_tiny() -> nn.Module:
+    return nn.Sequential(nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                         nn.Linear(100, 10))
 
 
 def build_resnet18() -> nn.Module:
@@ -85,14 +91,18 @@ class ModelSpec:
 
 
 MODELS = {
+    "tiny": ModelSpec(build_tiny, (100,), 32, repeats=60, warmup=5, inner=20),
     "mlp": ModelSpec(build_mlp, (784,), 128, repeats=60, warmup=5, inner=5),
     "resnet18": ModelSpec(build_resnet18, (3, 32, 32), 64, repeats=15, warmup=2, inner=1),
     "vit": ModelSpec(build_vit, (3, 64, 64), 8, repeats=10, warmup=2, inner=1),
 }
 
 # Targets of the issue: ratio to bp at most ...
-TARGET_NEAR_BP = {"fa": 1.03, "kp": 1.03, "sa": 1.03}
-TARGET_SIGN = 1.05
+# (issue 13: fa, usf, frsf within 3% of bp, 15% on the tiny MLP; brsf 10%; sa and kp, issue 9's,
+# within 5%; dfa at most 0.85 on resnet18; other rules within 5% of their FLOP ideal)
+TARGET_NEAR_BP = {"fa": 1.03, "usf": 1.03, "frsf": 1.03, "brsf": 1.10, "sa": 1.05, "kp": 1.05}
+TARGET_TINY = 1.15  # fa, usf, frsf on the tiny MLP (per-call overhead dominates)
+TARGET_DFA_RESNET = 0.85
 TARGET_FLOP_SLACK = 1.05  # aa, wm, ia (and any rule with extra products): FLOP ideal x 1.05
 # glibc: blocks up to 32 MiB (its maximum mmap threshold) come from the heap, which is never
 # trimmed, so freed memory is reused without page faults.
@@ -185,13 +195,15 @@ def flop_ratio(rule: na.Rule, layers: list[LayerFlops]) -> float:
     return r / bp
 
 
-def target_for(name: str, rule: na.Rule, ideal: float) -> tuple[float, str]:
-    if name in TARGET_NEAR_BP:
-        return TARGET_NEAR_BP[name], "bp+3%"
-    if rule.kind in SIGN_KINDS:
-        return TARGET_SIGN, "bp+5%"
+def target_for(model: str, name: str, rule: na.Rule, ideal: float) -> tuple[float, str]:
     if rule.kind == "bp":
         return 1.0, "-"
+    if model == "tiny" and name in ("fa", "usf", "frsf"):
+        return TARGET_TINY, f"bp+{round((TARGET_TINY - 1) * 100)}%"
+    if name in TARGET_NEAR_BP:
+        return TARGET_NEAR_BP[name], f"bp+{round((TARGET_NEAR_BP[name] - 1) * 100)}%"
+    if model == "resnet18" and rule.kind == "dfa":
+        return TARGET_DFA_RESNET, "0.85"
     return ideal * TARGET_FLOP_SLACK, "ideal+5%"
 
 
@@ -398,7 +410,7 @@ def bench_model(mname: str, rules: list[str], args, device) -> str:
         med = statistics.median(ratios)
         ideal = flop_ratio(rule, layers)
         tw = share * ideal + (1 - share)
-        target, why = target_for(r.name, rule, ideal)
+        target, why = target_for(mname, r.name, rule, ideal)
         ok = "-" if r.name == "bp" else ("yes" if med <= target else "**no**")
         m = mem.get(r.name)
         mcol = f"{m / 2**20:.1f}" if m is not None else "-"
@@ -436,15 +448,15 @@ def profile_table(runner: Runner, x, t, steps: int, rows: int) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default="mlp,resnet18", help=f"comma list of {', '.join(MODELS)}")
+    p.add_argument("--models", default="tiny,mlp,resnet18", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--rules", default=",".join(na.list_rules()),
                    help="comma list of rules (bp, the baseline, is always added)")
     p.add_argument("--repeats", type=int, default=0,
-                   help="timed rounds (0: per model, mlp 60, resnet18 15, vit 10)")
+                   help="timed rounds (0: per model, tiny 60, mlp 60, resnet18 15, vit 10)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed rounds first (default: per model, mlp 5, resnet18 2, vit 2)")
+                   help="untimed rounds first (default: per model, tiny 5, mlp 5, resnet18 2, vit 2)")
     p.add_argument("--inner", type=int, default=0,
-                   help="steps per timed sample (0: per model, mlp 5, resnet18 1, vit 1)")
+                   help="steps per timed sample (0: per model, tiny 20, mlp 5, resnet18 1, vit 1)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--lr", type=float, default=1e-3, help="forward SGD learning rate")
@@ -504,8 +516,9 @@ def main(argv=None):
         print(flush=True)
     print("FLOP ideal: sum over layers of (matmul units x forward MACs), rule / bp, counting the "
           "first layer's skipped input gradient; non-matmul work is outside it. Time-weighted "
-          "ideal: s x FLOP ideal + (1 - s). Targets: fa, kp, sa <= 1.03; usf, frsf, brsf <= 1.05; "
-          "other rules (aa, wm, ia, dfa, ...) <= FLOP ideal x 1.05. Peak: parameters + buffers + "
+          "ideal: s x FLOP ideal + (1 - s). Targets (issue 13): fa, usf, frsf <= 1.03 (tiny MLP "
+          "1.15); brsf <= 1.10; sa, kp <= 1.05 (issue 9); dfa <= 0.85 on resnet18; other rules "
+          "(aa, wm, ia, dfa elsewhere) <= FLOP ideal x 1.05. Peak: parameters + buffers + "
           "optimizer state + the step's peak allocation (torch allocator).")
 
 

@@ -180,3 +180,54 @@ def test_a_sequence_first_layer_is_refused():
     m = na.convert(SequenceFirst(), "dfa")
     with pytest.raises(RuntimeError, match="examples first"):
         m(torch.randn(3, 7, 4, requires_grad=True)).sum().backward()
+
+
+class _PerToken(nn.Module):
+    """Linear layers over [N, T, 5] tokens; logits [N, 3, T] (cross_entropy's layout)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1 = nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        return self.fc1(torch.tanh(self.fc0(x))).transpose(1, 2)
+
+
+def test_an_output_with_the_inputs_positions_sends_each_position_its_own_error():
+    """Per-token DFA (Launay et al. 2020): a layer whose input has the output's positions gets
+    D e_t at position t, with D of [outputs, in_channels]; the closed form, independently."""
+    torch.manual_seed(0)
+    m = na.convert(_PerToken().double(), "dfa")
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    t = torch.randint(0, 3, (4, 6))
+    F.cross_entropy(m(x), t).backward()
+    with torch.no_grad():
+        h = torch.tanh(m.fc0(x))
+        out = m.fc1(h)  # [N, T, 3]
+        e = (torch.softmax(out, -1) - F.one_hot(t, 3)) / t.numel()  # dL/d(logits), per token
+        D = m.fc1.feedback
+        delta = (e @ D) * (1 - h**2)  # [N, T, 7]: D e_t ⊙ f'(a_t), position by position
+    assert D.shape == (3, 7)
+    torch.testing.assert_close(m.fc0.weight.grad, delta.flatten(0, 1).T @ x.flatten(0, 1),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.fc1.weight.grad, e.flatten(0, 1).T @ h.flatten(0, 1),
+                               rtol=1e-12, atol=1e-12)
+    # a longer sequence keeps the same D (it does not depend on the positions)
+    m.zero_grad()
+    F.cross_entropy(m(torch.randn(4, 9, 5, dtype=torch.float64)), torch.randint(0, 3, (4, 9))
+                    ).backward()
+    assert torch.equal(m.fc1.feedback, D)
+
+
+def test_a_convolution_under_a_dense_output_gets_its_pixels_own_error():
+    torch.manual_seed(0)
+    m = na.convert(nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 3, 1)).double(),
+                   "dfa")
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64)
+    g = torch.randn(2, 3, 5, 5, dtype=torch.float64)  # the output error, per pixel
+    (m(x) * g).sum().backward()
+    D = m[1].feedback
+    assert D.shape == (3, 4)
+    sent = torch.einsum("nchw,ck->nkhw", g, D)  # D e at each pixel
+    expected = torch.nn.grad.conv2d_weight(x, m[0].weight.shape, sent, padding=1)
+    torch.testing.assert_close(m[0].weight.grad, expected, rtol=1e-12, atol=1e-12)

@@ -186,16 +186,31 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):
                 f"its first dimension, this layer's input {n} (input shape "
                 f"{tuple(x.shape)}): dfa pairs each example's output error with its input, "
                 f"so both must hold the examples first (a sequence-first layout does not)")
-        D = spec.project(e.reshape(n, -1)).to(dout.dtype)
-        # Each of the P positions of an example's input gets (D e) / P: what backprop would
-        # send through a global average pooling followed by D. So a convolution's weight
-        # gradient, a sum over positions, has the scale a Linear layer's would.
-        positions = x.numel() // (n * D.shape[1])
-        dx = ops.broadcast_channels(e.reshape(n, -1).to(dout.dtype).mm(D).div_(positions),
-                                    x.shape)
+        dx = _project_error(ops, spec, e.to(dout.dtype), n, x.shape)
         if spec.probe is not None:
             _record_angle(spec, dx, dout, W, xp.shape)
     return dx if need_x else None, dw if need_w else None, db, None, None
+
+
+def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Size) -> Tensor:
+    """dfa's error for an input of ``shape`` (``n`` examples) from the output error ``e``."""
+    positions = ops.positions(shape) if len(shape) > 1 else ()
+    if e.dim() > 2 and tuple(e.shape[2:]) == tuple(positions):
+        # An output with the input's positions ([N, C, *S], the layout cross_entropy takes,
+        # e.g. a language model's logits): each position gets D e_p, its own error (Launay et
+        # al. 2020's per-token DFA).
+        rows = e.flatten(2).transpose(1, 2)  # [N, P, C]
+        D = spec.project(rows.reshape(-1, e.shape[1])).to(e.dtype)
+        return ops.from_channels_last(rows.matmul(D).view(n, *positions, -1), shape)
+    # Otherwise each of the P positions of an example's input gets (D e) / P: what backprop
+    # would send through a global average pooling followed by D. So a convolution's weight
+    # gradient, a sum over positions, has the scale a Linear layer's would.
+    e = e.reshape(n, -1)
+    D = spec.project(e).to(e.dtype)
+    p = math.prod(positions)
+    v = e.mm(D).div_(p)
+    return ops.from_channels_last(v.view(n, *[1] * len(positions), -1)
+                                  .expand(n, *positions, v.shape[1]), shape)
 
 
 def feedback_forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,

@@ -3,14 +3,26 @@
 A ``dfa`` layer sends down ``D e`` instead of ``apply_T(dy, F)``, where ``e`` is the gradient of
 the loss with respect to the network's output and ``D`` a fixed random matrix (the layer's
 ``feedback`` buffer, ``[outputs, in_channels]``: the layout of a Linear map from the layer's
-input channels to the outputs, initialised as such a layer's weight). An input with P positions
-per example (a convolution's spatial positions, a Linear layer's leading dimensions beyond the
-batch) receives ``D e / P`` at each: what backprop would send through a global average pooling
-followed by D. Without the 1/P, a convolution's weight gradient, a sum over positions, would be
-P times a Linear layer's (a LeNet-5 under SGD diverged in its first steps). Whatever lies
-below (a nonlinearity, batch norm) applies its own derivative, so the layer underneath receives
-``(D e / P) ⊙ f'(a)`` at its output and updates ``outer(x, (D e / P) ⊙ f'(a))``: Nøkland's
-rule, in one ordinary backward.
+input channels to the outputs, initialised as such a layer's weight). Every layer's input must
+hold the examples on its first dimension, as the output does; a layer that sees another
+layout (sequence first) is refused in the backward.
+
+Positions, two cases:
+
+* **The output has the input's positions**: an output ``[N, C, *S]`` (the layout
+  ``cross_entropy`` takes: a language model's ``[N, vocab, T]`` logits, a segmentation map)
+  and a layer whose input has the same positions ``S`` (a Linear layer's ``[N, *S, C_in]``,
+  a convolution's ``[N, C_in, *S]``). Each position gets ``D e_s``, its own error, with ``D``
+  of ``[C, in_channels]``: the per-token DFA of Launay et al. (2020) for transformers.
+* **Otherwise** ``e`` is flattened per example (``outputs`` is its size), and each of the
+  input's P positions receives ``D e / P``: what backprop would send through a global average
+  pooling followed by D. Without the 1/P, a convolution's weight gradient, a sum over
+  positions, would be P times a Linear layer's (a LeNet-5 under SGD diverged in its first
+  steps).
+
+Whatever lies below (a nonlinearity, batch norm) applies its own derivative, so the layer
+underneath receives ``(D e / P) ⊙ f'(a)`` at its output and updates
+``outer(x, (D e / P) ⊙ f'(a))``: Nøkland's rule, in one ordinary backward.
 
 How ``e`` reaches the layers: :func:`mark_output` puts two forward hooks on the root module. The
 pre-hook opens a fresh slot for the pass (each layer's Function keeps a reference to it); the

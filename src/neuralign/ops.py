@@ -85,9 +85,14 @@ class LayerOps:
         """``out - b``: the linear output before bias, from the layer's output."""
         raise NotImplementedError
 
-    def broadcast_channels(self, v: Tensor, shape: torch.Size) -> Tensor:
-        """A per-example channel vector ``v`` (``[N, C]``) spread over every other position of
-        an input of ``shape`` (direct feedback alignment's projected error)."""
+    def positions(self, shape: torch.Size) -> torch.Size:
+        """The position dimensions of an input of ``shape``, between the examples and the
+        channels (a convolution's spatial ones, a Linear layer's leading ones)."""
+        raise NotImplementedError
+
+    def from_channels_last(self, v: Tensor, shape: torch.Size) -> Tensor:
+        """``v``, laid out ``[N, *positions, C]``, in the layout of an input of ``shape``
+        (direct feedback alignment's projected error)."""
         raise NotImplementedError
 
     #: At most how many output positions read one input position (1 for Linear): the factor
@@ -168,10 +173,11 @@ class LinearOps(LayerOps):
     def remove_bias(self, out, b):
         return out - b
 
-    def broadcast_channels(self, v, shape):
-        if len(shape) == 1:
-            return v.reshape(shape)
-        return v.view(v.shape[0], *[1] * (len(shape) - 2), v.shape[1]).expand(shape)
+    def positions(self, shape):
+        return shape[1:-1]
+
+    def from_channels_last(self, v, shape):
+        return v.reshape(shape)
 
     def forward(self, x, W, b):
         return F.linear(x, W, b)
@@ -308,8 +314,11 @@ class ConvOps(LayerOps):
     def remove_bias(self, out, b):
         return out - b.view([-1] + [1] * self.dim)
 
-    def broadcast_channels(self, v, shape):
-        return v.view(*v.shape, *[1] * self.dim).expand(shape)
+    def positions(self, shape):
+        return shape[2:]
+
+    def from_channels_last(self, v, shape):
+        return v.movedim(-1, 1)
 
     def forward(self, x, W, b):
         return self._conv(self.pad(x), W, b, self.stride, self.padding, self.dilation, self.groups)
