@@ -194,6 +194,7 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):
 
 def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Size) -> Tensor:
     """dfa's error for an input of ``shape`` (``n`` examples) from the output error ``e``."""
+    assert spec.project is not None
     positions = ops.positions(shape) if len(shape) > 1 else ()
     if e.dim() > 2 and tuple(e.shape[2:]) == tuple(positions):
         # An output with the input's positions ([N, C, *S], the layout cross_entropy takes,
