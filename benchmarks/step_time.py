@@ -227,8 +227,8 @@ class Runner:
         self.opt_w.step()
         if self.opt_f is not None:
             self.opt_f.step()
-        if not isinstance(self.opt_f, na.FeedbackOptimizer):
-            na.after_step(self.model, self.lr_f)
+            if not isinstance(self.opt_f, na.FeedbackOptimizer):  # --feedback sgd
+                na.after_step(self.model, self.lr_f)
         self.opt_w.zero_grad(set_to_none=True)
         if self.opt_f is not None:
             self.opt_f.zero_grad(set_to_none=True)
@@ -392,12 +392,12 @@ def bench_model(mname: str, rules: list[str], args, device) -> str:
 
     bp = runners[0]
     lines = [
-        f"### {mname} (batch {spec.batch}, {sum(lf.macs for lf in layers) / spec.batch / 1e6:.1f} "
+        f"### {mname} (batch {spec.batch}, {sum(lf.macs for lf in layers) / spec.batch / 1e6:.3g} "
         f"MMAC forward per example, {len(layers)} linear/conv layers)",
         "",
         f"{repeats} timed rounds x {inner} step(s) per rule after {warmup} warm-up rounds, "
         f"{elapsed:.0f} s; load average {load0:.2f} before, {load1:.2f} after; "
-        f"bp step median {statistics.median(bp.times) * 1e3:.1f} ms; "
+        f"bp step median {statistics.median(bp.times) * 1e3:.3g} ms; "
         f"bp matmul/conv share of operator time s = {share:.2f}.",
         "",
         "| rule | step ms (median) | ratio to bp (median) | IQR of ratio | FLOP ideal | "
@@ -416,7 +416,7 @@ def bench_model(mname: str, rules: list[str], args, device) -> str:
         mcol = f"{m / 2**20:.1f}" if m is not None else "-"
         mrat = f"{m / mem['bp']:.2f}" if m is not None else "-"
         lines.append(
-            f"| {r.name} | {statistics.median(r.times) * 1e3:.1f} | {med:.3f} | "
+            f"| {r.name} | {statistics.median(r.times) * 1e3:.3g} | {med:.3f} | "
             f"{quantile(ratios, 0.25):.3f}-{quantile(ratios, 0.75):.3f} | {ideal:.3f} | {tw:.3f} | "
             f"{target:.3f} ({why}) | {ok} | {mcol} | {mrat} |")
     bad = [r.name for r in runners if not torch.isfinite(torch.tensor(r.last_loss))]

@@ -97,8 +97,7 @@ def test_sign_rules_derive_feedback_from_the_current_weight(name):
         assert torch.allclose(magnitudes[0], layer.feedback_scale.expand_as(magnitudes[0]))
         assert torch.equal(magnitudes[0], magnitudes[1])
     elif name == "frsf":
-        assert torch.equal(magnitudes[0], layer.feedback_magnitude)
-        assert torch.equal(magnitudes[0], magnitudes[1])
+        assert torch.equal(magnitudes[0], magnitudes[1])  # |F0|, kept by F itself
     else:  # brsf: fresh magnitudes every batch
         assert not torch.equal(magnitudes[0], magnitudes[1])
 
@@ -275,3 +274,82 @@ def test_kind_was_called_feedback():
 
 def test_the_self_term_can_be_overridden():
     assert dict(na.get_rule("sa", self=2.0).terms) == {"self": 2.0, "decay": 1.0}
+
+
+@pytest.mark.parametrize("init", ["default", "kaiming_uniform", "xavier_uniform"])
+def test_brsf_magnitudes_are_fresh_uniform_draws(init):
+    """brsf's fast draw (16 random bits an entry, four per 64-bit word) has the distribution
+    the rule specifies, |U(-b, b)| = U(0, b) with the init's own b, independently per entry and
+    per batch: the Kolmogorov-Smirnov distance, the moments, and the correlation between
+    neighbouring entries (same word) and between batches, against their sampling error."""
+    from neuralign.layers import UNIFORM_BOUNDS
+
+    torch.manual_seed(0)
+    layer = na.convert(nn.Linear(300, 400), na.get_rule("brsf", init=init))
+    W = layer.weight.detach()
+    b = UNIFORM_BOUNDS[init](W)
+    # b is the init's own: its draw has std b / sqrt(3)
+    ref = na.layers.init_feedback(torch.empty(2000, 300) if init != "xavier_uniform"
+                                  else torch.empty(400, 300), None, init)
+    assert abs(ref.std().item() * math.sqrt(3) / b - 1) < 0.01
+    draws = []
+    for _ in range(2):
+        layer(torch.randn(2, 300, requires_grad=True)).sum().backward()
+        F = layer.feedback
+        assert torch.equal(torch.sign(F), torch.sign(W))
+        draws.append((F.abs() / b).flatten().double())
+    u, v = draws
+    n = u.numel()
+    tol = 4 / math.sqrt(n)  # four standard errors (of a correlation, of the KS distance)
+    ks = (torch.sort(u).values - torch.arange(1, n + 1, dtype=torch.float64) / n).abs().max()
+    assert ks < 1.63 / math.sqrt(n)  # KS test, 1% level
+    assert abs(u.mean() - 0.5) < tol * math.sqrt(1 / 12)
+    assert abs(u.var() - 1 / 12) < tol * math.sqrt(1 / 180)
+    assert 0 < u.min() and u.max() < 1
+    z, w = u - 0.5, v - 0.5
+    for lag in (1, 2, 3, 4):  # entries from the same 64-bit word, and from the next
+        assert abs((z[lag:] * z[:-lag]).mean() / z.var()) < tol, lag
+    assert abs((z * w).mean() / z.var()) < tol  # batch to batch
+    assert (u != v).float().mean() > 0.99
+
+
+def test_brsf_with_a_normal_init_draws_half_normal_magnitudes():
+    torch.manual_seed(0)
+    layer = na.convert(nn.Linear(300, 400), na.get_rule("brsf", init="kaiming_normal"))
+    layer(torch.randn(2, 300, requires_grad=True)).sum().backward()
+    std = math.sqrt(2 / 300)
+    m = (layer.feedback.abs() / std).flatten().double()
+    assert abs(m.mean() - math.sqrt(2 / math.pi)) < 0.01  # E|N(0, 1)|
+    assert abs(m.square().mean() - 1) < 0.01
+
+
+def test_an_frsf_checkpoint_with_its_former_magnitude_buffer_loads():
+    layer = na.convert(nn.Linear(5, 4), "frsf")
+    state = layer.state_dict()
+    state["feedback_magnitude"] = layer.feedback.abs()  # as saved before F held |F0| itself
+    fresh = na.convert(nn.Linear(5, 4), "frsf")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.feedback, layer.feedback)
+
+
+def test_random_words_are_splitmix64_seeded_by_torch():
+    """The words equal SplitMix64 (Steele et al. 2014) computed with Python integers, for the
+    seed torch's default generator gives; the same torch seed gives the same words."""
+    from neuralign.layers import random_words
+
+    M = 2**64 - 1
+
+    def splitmix64(seed, i):
+        z = (seed + i * 0x9E3779B97F4A7C15) & M
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M
+        return z ^ (z >> 31)
+
+    torch.manual_seed(3)
+    words = random_words(1000)
+    torch.manual_seed(3)
+    seed = int(torch.empty((), dtype=torch.int64).random_(-2**63, None)) & M
+    for i in (0, 1, 2, 500, 999):
+        assert int(words[i]) & M == splitmix64(seed, i)
+    torch.manual_seed(3)
+    assert torch.equal(random_words(1000), words)

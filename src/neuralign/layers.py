@@ -8,6 +8,7 @@ Parameter when the rule learns it, a buffer when it is fixed or derived from ``s
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -78,6 +79,61 @@ def init_feedback(out: Tensor, weight: Tensor | None, init: str,
     return INITS[init](out, generator)
 
 
+#: The uniform initialisations' bound ``b`` (the draw is ``U(-b, b)``), from the kernel.
+UNIFORM_BOUNDS: dict[str, Callable[[Tensor], float]] = {
+    # kaiming_uniform_ with a = sqrt(5): gain sqrt(1/3), so b = sqrt(3) gain / sqrt(fan_in)
+    "default": lambda t: 1 / math.sqrt(_fans(t)[0]),
+    "kaiming_uniform": lambda t: math.sqrt(6 / _fans(t)[0]),
+    "xavier_uniform": lambda t: math.sqrt(6 / sum(_fans(t))),
+}
+
+
+def _fans(t: Tensor) -> tuple[int, int]:
+    return nn.init._calculate_fan_in_and_fan_out(t)
+
+
+def _int64(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return c - 2**64 if c >= 2**63 else c
+
+
+# SplitMix64 (Steele, Lea & Flood 2014): the state advances by the golden gamma, each output
+# is the state through two xor-shift-multiply rounds and a final xor-shift
+_GAMMA = _int64(0x9E3779B97F4A7C15)
+_MIX = ((30, _int64(0xBF58476D1CE4E5B9)), (27, _int64(0x94D049BB133111EB)), (31, None))
+
+
+@torch.no_grad()
+def random_words(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """``n`` random 64-bit words (int64): SplitMix64's outputs for a seed drawn from torch's
+    default generator (so ``torch.manual_seed`` and its saved state govern them). A
+    counter-based generator in vectorised integer ops: every word is computed independently,
+    on all threads, where ``random_`` on CPU runs one Mersenne Twister serially (about twice
+    as slow on 2 cores)."""
+    seed = int(torch.empty((), dtype=torch.int64).random_(-2**63, None))
+    z = torch.arange(n, dtype=torch.int64, device=device).mul_(_GAMMA).add_(seed)
+    t = torch.empty_like(z)
+    for shift, mult in _MIX:  # z ^= z >>> shift (logical: the arithmetic shift, masked)
+        torch.bitwise_right_shift(z, shift, out=t).bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(t)
+        if mult is not None:
+            z.mul_(mult)  # (int64 products wrap, as the unsigned ones)
+    return z
+
+
+@torch.no_grad()
+def uniform_magnitudes(out: Tensor, bound: float) -> Tensor:
+    """``|U(-b, b)|``, that is ``U(0, b)``, drawn into ``out`` on 2^16 levels (the midpoints
+    ``(k + ½) b / 2^16``): 16 random bits an entry, four from each word of
+    :func:`random_words`. On CPU this is about 4 times faster than ``uniform_`` (a 32-bit
+    Mersenne Twister draw per entry, serial), which set brsf's cost; the 16-bit grid is far
+    finer than anything the rule depends on."""
+    n = out.numel()
+    bits = random_words((n + 3) // 4, out.device).view(torch.int16)[:n].view(out.shape)
+    torch.add(bits, 2**15 + 0.5, out=out)  # [-2^15, 2^15) -> (0, 2^16)
+    return out.mul_(bound / 2**16)
+
+
 class FeedbackLayer(nn.Module):
     """Mixin for feedback layers; put it before the torch layer class in the bases (and
     register the pair with :func:`register_layer` to have ``convert`` use it by default)."""
@@ -86,7 +142,6 @@ class FeedbackLayer(nn.Module):
     weight: Tensor
     feedback: Tensor
     feedback_scale: Tensor
-    feedback_magnitude: Tensor
     dfa_seed: Tensor
     rule: Rule
     _spec: Spec
@@ -130,7 +185,7 @@ class FeedbackLayer(nn.Module):
         return plain
 
     _ADDED = ("rule", "_spec", "_exact_backprop")
-    _FEEDBACK_TENSORS = ("feedback", "feedback_scale", "feedback_magnitude", "feedback_norm",
+    _FEEDBACK_TENSORS = ("feedback", "feedback_scale", "feedback_norm",
                          "dfa_seed")
 
     def _attach(self, rule: Rule, generator: torch.Generator | None) -> None:
@@ -155,8 +210,7 @@ class FeedbackLayer(nn.Module):
         if rule.kind == "usf":
             self.register_buffer("feedback_scale", F0.std())
             derive = self._derive_usf
-        elif rule.kind == "frsf":
-            self.register_buffer("feedback_magnitude", F0.abs())
+        elif rule.kind == "frsf":  # F keeps |F0|: each step only sets its signs
             derive = self._derive_frsf
         elif rule.kind == "brsf":
             derive = self._derive_brsf
@@ -180,11 +234,16 @@ class FeedbackLayer(nn.Module):
 
     @torch.no_grad()
     def _derive_frsf(self, W: Tensor) -> Tensor:
-        return torch.copysign(self.feedback_magnitude, W, out=self.feedback)
+        return torch.copysign(self.feedback, W, out=self.feedback)  # |F| stays |F0|
 
     @torch.no_grad()
     def _derive_brsf(self, W: Tensor) -> Tensor:
-        F = init_feedback(self.feedback, W, self.rule.init)  # fresh magnitudes every batch
+        F = self.feedback  # fresh magnitudes every batch
+        bound = UNIFORM_BOUNDS.get(self.rule.init)
+        if bound is None:
+            init_feedback(F, W, self.rule.init)
+        else:
+            uniform_magnitudes(F, bound(F))
         return torch.copysign(F, W, out=F)
 
     @torch.no_grad()
@@ -205,6 +264,8 @@ class FeedbackLayer(nn.Module):
         return self.feedback
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # frsf kept |F0| in a buffer of its own before F held it (both are in the checkpoint)
+        state_dict.pop(prefix + "feedback_magnitude", None)
         saved = state_dict.get(prefix + "feedback")
         if self.rule.kind == "dfa" and saved is not None and saved.shape != self.feedback.shape:
             self.feedback = self.feedback.new_empty(saved.shape)  # D not yet made here
@@ -219,12 +280,10 @@ class FeedbackLayer(nn.Module):
         return self._feedback_call(x, self._spec)
 
     def _feedback_call(self, x: Tensor, spec: Spec) -> Tensor:
-        bias = self.bias if isinstance(self.bias, Tensor) else None  # a Parameter, or none
-        unbatched = x.dim() == self.weight.dim() - 1 and self.weight.dim() > 2
-        if unbatched:  # a single unbatched conv example, as torch layers accept
-            return feedback_forward(x.unsqueeze(0), self.weight, bias, self.feedback,
-                                    spec).squeeze(0)
-        return feedback_forward(x, self.weight, bias, self.feedback, spec)
+        W = self.weight
+        if W.dim() > 2 and x.dim() == W.dim() - 1:  # one unbatched conv example, as torch takes
+            return feedback_forward(x.unsqueeze(0), W, self.bias, self.feedback, spec).squeeze(0)
+        return feedback_forward(x, W, self.bias, self.feedback, spec)
 
     # -- after the optimizer step ------------------------------------------------------------------
     @torch.no_grad()
