@@ -280,10 +280,10 @@ class FeedbackLayer(nn.Module):
         return self._feedback_call(x, self._spec)
 
     def _feedback_call(self, x: Tensor, spec: Spec) -> Tensor:
-        W = self.weight
+        W, b = self.weight, cast(Tensor | None, self.bias)  # (a Parameter or None)
         if W.dim() > 2 and x.dim() == W.dim() - 1:  # one unbatched conv example, as torch takes
-            return feedback_forward(x.unsqueeze(0), W, self.bias, self.feedback, spec).squeeze(0)
-        return feedback_forward(x, W, self.bias, self.feedback, spec)
+            return feedback_forward(x.unsqueeze(0), W, b, self.feedback, spec).squeeze(0)
+        return feedback_forward(x, W, b, self.feedback, spec)
 
     # -- after the optimizer step ------------------------------------------------------------------
     @torch.no_grad()
