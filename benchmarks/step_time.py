@@ -219,9 +219,11 @@ class Runner:
     lr_f: float
     times: list = field(default_factory=list)
     last_loss: float = float("nan")
+    forward: nn.Module | None = None  # torch.compile(model) under --compile
+    graph_breaks: int | None = None
 
     def step(self, x, t):
-        out = self.model(x)
+        out = (self.forward or self.model)(x)
         loss = F.cross_entropy(out, t)
         loss.backward()
         self.opt_w.step()
@@ -235,7 +237,8 @@ class Runner:
         return loss
 
 
-def make_runner(name, base, device, lr, lr_f, momentum, feedback="recipe") -> Runner:
+def make_runner(name, base, device, lr, lr_f, momentum, feedback="recipe", compile_x=None
+                ) -> Runner:
     model = na.convert(copy.deepcopy(base), name).to(device).train()
     groups = na.param_groups(model)
     opt_w = torch.optim.SGD(groups["forward"], lr=lr, momentum=momentum)
@@ -243,7 +246,15 @@ def make_runner(name, base, device, lr, lr_f, momentum, feedback="recipe") -> Ru
     if groups["feedback"]:
         opt_f = na.feedback_optimizer(model) if feedback == "recipe" else torch.optim.SGD(
             groups["feedback"], lr=lr_f, momentum=momentum)
-    return Runner(name, model, opt_w, opt_f, lr_f)
+    runner = Runner(name, model, opt_w, opt_f, lr_f)
+    if compile_x is not None:  # --compile: inductor on the model (forward and backward)
+        runner.graph_breaks = torch._dynamo.explain(model)(compile_x).graph_break_count
+        # dynamo caches compiled graphs on code objects, and the models of all rules share
+        # theirs (Sequential.forward, ...): the guards of every rule would be checked at every
+        # call. A code object of its own per rule keeps each one's cache to itself.
+        own = eval(compile("lambda x: model(x)", f"<{name}>", "eval"), {"model": model})
+        runner.forward = torch.compile(own)
+    return runner
 
 
 def sync(device):
@@ -354,7 +365,8 @@ def bench_model(mname: str, rules: list[str], args, device) -> str:
     t = torch.randint(0, 10, (spec.batch,), generator=gen).to(device)
     layers = layer_flops(base.to(device), x)
     names = ["bp"] + [r for r in rules if r != "bp"]
-    runners = [make_runner(n, base, device, args.lr, args.lr_f, args.momentum, args.feedback)
+    runners = [make_runner(n, base, device, args.lr, args.lr_f, args.momentum, args.feedback,
+                           x if args.compile else None)
                for n in names]
     load0 = os.getloadavg()[0]
     t_start = time.perf_counter()
@@ -401,8 +413,9 @@ def bench_model(mname: str, rules: list[str], args, device) -> str:
         f"bp matmul/conv share of operator time s = {share:.2f}.",
         "",
         "| rule | step ms (median) | ratio to bp (median) | IQR of ratio | FLOP ideal | "
-        "time-weighted ideal | target | meets | peak MiB | peak / bp |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "time-weighted ideal | target | meets | peak MiB | peak / bp |"
+        + (" graph breaks |" if args.compile else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""),
     ]
     for r in runners:
         rule = na.get_rule(r.name)
@@ -418,7 +431,8 @@ def bench_model(mname: str, rules: list[str], args, device) -> str:
         lines.append(
             f"| {r.name} | {statistics.median(r.times) * 1e3:.3g} | {med:.3f} | "
             f"{quantile(ratios, 0.25):.3f}-{quantile(ratios, 0.75):.3f} | {ideal:.3f} | {tw:.3f} | "
-            f"{target:.3f} ({why}) | {ok} | {mcol} | {mrat} |")
+            f"{target:.3f} ({why}) | {ok} | {mcol} | {mrat} |"
+            + (f" {r.graph_breaks} |" if args.compile else ""))
     bad = [r.name for r in runners if not torch.isfinite(torch.tensor(r.last_loss))]
     if bad:
         lines += ["", f"Warning: non-finite loss at the end for {', '.join(bad)}."]
@@ -469,6 +483,9 @@ def main(argv=None):
                         "meaningless)")
     p.add_argument("--momentum", type=float, default=0.0,
                    help="SGD momentum (both optimizers; 0 is plain SGD)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every model (inductor; the optimizer steps stay eager) "
+                        "and report each one's graph breaks (torch._dynamo.explain)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument("--no-share", action="store_true",
                    help="skip profiling bp's matmul share (time-weighted ideal shows nan)")
@@ -488,6 +505,8 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:  # every rule's layers recompile the same frames: room for all of them
+        torch._dynamo.config.recompile_limit = 256
     device = torch.device(args.device)
     models = [m for m in args.models.split(",") if m]
     rules = [r for r in args.rules.split(",") if r]

@@ -110,8 +110,8 @@ def random_words(n: int, device: torch.device | str = "cpu") -> Tensor:
     counter-based generator in vectorised integer ops: every word is computed independently,
     on all threads, where ``random_`` on CPU runs one Mersenne Twister serially (about twice
     as slow on 2 cores)."""
-    seed = int(torch.empty((), dtype=torch.int64).random_(-2**63, None))
-    z = torch.arange(n, dtype=torch.int64, device=device).mul_(_GAMMA).add_(seed)
+    seed = torch.randint(2**62, ())  # (a tensor: no host sync, and torch.compile traces it)
+    z = torch.arange(n, dtype=torch.int64, device=device).mul_(_GAMMA).add_(seed.to(device))
     t = torch.empty_like(z)
     for shift, mult in _MIX:  # z ^= z >>> shift (logical: the arithmetic shift, masked)
         torch.bitwise_right_shift(z, shift, out=t).bitwise_and_((1 << (64 - shift)) - 1)
@@ -128,9 +128,13 @@ def uniform_magnitudes(out: Tensor, bound: float) -> Tensor:
     :func:`random_words`. On CPU this is about 4 times faster than ``uniform_`` (a 32-bit
     Mersenne Twister draw per entry, serial), which set brsf's cost; the 16-bit grid is far
     finer than anything the rule depends on."""
-    n = out.numel()
+    if torch.compiler.is_compiling():
+        # inductor lowers rand to its own parallel generator; it miscompiles the wrapping
+        # int64 products of random_words (torch 2.14: heap corruption, index overflow)
+        return torch.mul(torch.rand_like(out), bound, out=out)
+    n = out.numel()  # four little-endian int16 lanes per word, [-2^15, 2^15), no pass at all
     bits = random_words((n + 3) // 4, out.device).view(torch.int16)[:n].view(out.shape)
-    torch.add(bits, 2**15 + 0.5, out=out)  # [-2^15, 2^15) -> (0, 2^16)
+    torch.add(bits, 2**15 + 0.5, out=out)
     return out.mul_(bound / 2**16)
 
 
