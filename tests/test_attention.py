@@ -21,7 +21,8 @@ E, HEADS, L, S, B = 8, 2, 4, 5, 3
 MODULES = [dict(), dict(batch_first=True), dict(kdim=5, vdim=3), dict(bias=False),
            dict(add_bias_kv=True), dict(add_zero_attn=True), dict(add_bias_kv=True, bias=False)]
 CALLS = [dict(), dict(need_weights=False), dict(average_attn_weights=False),
-         dict(attn_mask="bool2d"), dict(attn_mask="float3d", need_weights=False),
+         dict(attn_mask="bool2d"), dict(attn_mask="bool2d", need_weights=False),
+         dict(attn_mask="float3d", need_weights=False),
          dict(key_padding_mask=True), dict(attn_mask="causal", is_causal=True, need_weights=False),
          dict(self_attention=True), dict(unbatched=True)]
 
@@ -98,6 +99,35 @@ def test_forward_and_gradients_with_feedback_equal_to_weight_are_torch(module_kw
     got = torch.autograd.grad(conv(*xs, **kwargs)[0], unique + conv_params, dy)
     for a, b in zip(want, got, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+def _fused(module_kwargs: dict, call: dict) -> bool:
+    """Whether the converted module runs the attention itself (no torch function, no identity
+    projections): batched, no weights returned, no key padding, bias_kv or zero attention."""
+    return (call.get("need_weights") is False and not call.get("unbatched")
+            and not call.get("key_padding_mask") and not module_kwargs.get("add_bias_kv")
+            and not module_kwargs.get("add_zero_attn"))
+
+
+def test_the_cases_run_both_paths(monkeypatch):
+    """The equality cases above cover the fused path and torch's: the fused ones run without
+    F.multi_head_attention_forward, the others with it."""
+    import neuralign.attention as attention
+
+    calls = []
+    original = attention.F.multi_head_attention_forward
+    monkeypatch.setattr(attention.F, "multi_head_attention_forward",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    fused = 0
+    for param in CASES:
+        module_kwargs, call = param.values
+        plain, conv = _pair(module_kwargs, "fa")
+        inputs, kwargs = _inputs(plain, call, torch.Generator().manual_seed(1))
+        calls.clear()
+        conv(*inputs, **kwargs)
+        assert bool(calls) != _fused(module_kwargs, call), param.id
+        fused += _fused(module_kwargs, call)
+    assert fused >= 8
 
 
 def _through(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, Fb: torch.Tensor):

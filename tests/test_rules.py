@@ -276,8 +276,9 @@ def test_the_self_term_can_be_overridden():
     assert dict(na.get_rule("sa", self=2.0).terms) == {"self": 2.0, "decay": 1.0}
 
 
-@pytest.mark.parametrize("init", ["default", "kaiming_uniform", "xavier_uniform"])
-def test_brsf_magnitudes_are_fresh_uniform_draws(init):
+@pytest.mark.parametrize("init,shape", [("default", (400, 300)), ("kaiming_uniform", (400, 300)),
+                                        ("xavier_uniform", (400, 300)), ("default", (40, 50))])
+def test_brsf_magnitudes_are_fresh_uniform_draws(init, shape):
     """brsf's fast draw (16 random bits an entry, four per 64-bit word) has the distribution
     the rule specifies, |U(-b, b)| = U(0, b) with the init's own b, independently per entry and
     per batch: the Kolmogorov-Smirnov distance, the moments, and the correlation between
@@ -285,16 +286,16 @@ def test_brsf_magnitudes_are_fresh_uniform_draws(init):
     from neuralign.layers import UNIFORM_BOUNDS
 
     torch.manual_seed(0)
-    layer = na.convert(nn.Linear(300, 400), na.get_rule("brsf", init=init))
+    layer = na.convert(nn.Linear(shape[1], shape[0]), na.get_rule("brsf", init=init))
     W = layer.weight.detach()
     b = UNIFORM_BOUNDS[init](W)
     # b is the init's own: its draw has std b / sqrt(3)
-    ref = na.layers.init_feedback(torch.empty(2000, 300) if init != "xavier_uniform"
-                                  else torch.empty(400, 300), None, init)
+    ref = na.layers.init_feedback(torch.empty(2000, shape[1]) if init != "xavier_uniform"
+                                  else torch.empty(shape), None, init)
     assert abs(ref.std().item() * math.sqrt(3) / b - 1) < 0.01
     draws = []
     for _ in range(2):
-        layer(torch.randn(2, 300, requires_grad=True)).sum().backward()
+        layer(torch.randn(2, shape[1], requires_grad=True)).sum().backward()
         F = layer.feedback
         assert torch.equal(torch.sign(F), torch.sign(W))
         draws.append((F.abs() / b).flatten().double())

@@ -10,8 +10,11 @@ Parameters), and runs torch's own attention between them: ``F.multi_head_attenti
 with identity projections, so masks, ``add_bias_kv``, ``add_zero_attn``, dropout, ``need_weights``
 and ``is_causal`` behave exactly as torch's. The attention itself (softmax(QKᵀ/√d)V, through
 ``scaled_dot_product_attention`` where torch uses it) keeps its ordinary backward: it holds no
-weights. The identity projections cost four E×E products per token (forward and backward);
-a fused path is future work.
+weights. Where torch would return no weights and nothing needs its general path (no
+``key_padding_mask``, ``add_bias_kv`` or ``add_zero_attn``), the module runs the attention
+itself (heads split, ``scaled_dot_product_attention``, heads merged), as torch does between its
+projections; otherwise torch's function runs with identity projections, at the cost of four
+E×E products per token.
 """
 
 from __future__ import annotations
@@ -131,21 +134,62 @@ class FeedbackMultiheadAttention(nn.MultiheadAttention):
         if batched and not self.batch_first:
             query, key, value = (t.transpose(1, 0) for t in (query, key, value))
         q, k, v = self.q_feedback(query), self.k_feedback(key), self.v_feedback(value)
-        if batched:
-            q, k, v = (t.transpose(1, 0) for t in (q, k, v))
-        eye = torch.eye(self.embed_dim, dtype=q.dtype, device=q.device)
-        out, weights = F.multi_head_attention_forward(
-            q, k, v, self.embed_dim, self.num_heads, None, None, self.bias_k, self.bias_v,
-            self.add_zero_attn, self.dropout, eye, None, training=self.training,
-            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
-            use_separate_proj_weight=True, q_proj_weight=eye, k_proj_weight=eye,
-            v_proj_weight=eye, average_attn_weights=average_attn_weights, is_causal=is_causal)
-        if batched:
-            out = out.transpose(1, 0)
+        mask = self._fused_mask(q, k, attn_mask, is_causal) if (
+            batched and not need_weights and key_padding_mask is None and self.bias_k is None
+            and not self.add_zero_attn) else False
+        if mask is not False:
+            out, weights = self._attend(q, k, v, mask, is_causal and mask is None), None
+        else:
+            if batched:
+                q, k, v = (t.transpose(1, 0) for t in (q, k, v))
+            eye = torch.eye(self.embed_dim, dtype=q.dtype, device=q.device)
+            out, weights = F.multi_head_attention_forward(
+                q, k, v, self.embed_dim, self.num_heads, None, None, self.bias_k, self.bias_v,
+                self.add_zero_attn, self.dropout, eye, None, training=self.training,
+                key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, use_separate_proj_weight=True, q_proj_weight=eye,
+                k_proj_weight=eye, v_proj_weight=eye,
+                average_attn_weights=average_attn_weights, is_causal=is_causal)
+            if batched:
+                out = out.transpose(1, 0)
         out = self.o_feedback(out)
         if batched and not self.batch_first:
             out = out.transpose(1, 0)
         return out, weights
+
+
+    # -- the fused path: the attention alone, without torch's (identity) projections ------------
+    def _fused_mask(self, q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool
+                    ) -> Tensor | None | bool:
+        """The mask for :meth:`_attend` (None: none, or causal), or False where the fused path
+        does not apply (a mask of another shape: torch's path raises its own error)."""
+        if attn_mask is None:
+            return False if is_causal else None  # (torch refuses the causal hint without a mask)
+        if is_causal:  # torch drops the mask for the causal hint when no weights are returned
+            return None
+        n, length, source = q.shape[0], q.shape[1], k.shape[1]
+        if attn_mask.shape not in ((length, source), (n * self.num_heads, length, source)):
+            return False
+        mask = F._canonical_mask(mask=attn_mask, mask_name="attn_mask", other_type=None,
+                                 other_name="", target_type=q.dtype, check_other=False)
+        assert mask is not None
+        return mask.view(n, self.num_heads, length, source) if mask.dim() == 3 else mask
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool
+                ) -> Tensor:
+        """softmax(q kᵀ/√d + mask) v per head, through ``scaled_dot_product_attention``, on
+        projected ``[N, L, E]`` inputs: what torch's attention does between its projections
+        when it returns no weights."""
+        n, length, E = q.shape
+        heads = self.num_heads
+
+        def split(t: Tensor) -> Tensor:  # [N, L, E] -> [N, heads, L, E / heads]
+            return t.view(n, t.shape[1], heads, E // heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(q), split(k), split(v), attn_mask=mask, is_causal=causal,
+            dropout_p=self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(n, length, E)
 
 
 # convert maps the torch module to this one (not a FeedbackLayer: a container of four)

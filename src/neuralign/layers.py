@@ -127,12 +127,16 @@ def uniform_magnitudes(out: Tensor, bound: float) -> Tensor:
     ``(k + ½) b / 2^16``): 16 random bits an entry, four from each word of
     :func:`random_words`. On CPU this is about 4 times faster than ``uniform_`` (a 32-bit
     Mersenne Twister draw per entry, serial), which set brsf's cost; the 16-bit grid is far
-    finer than anything the rule depends on."""
+    finer than anything the rule depends on. Below 2^15 entries, and under ``torch.compile``,
+    the draw is torch's own (``uniform_``; inductor's ``rand``)."""
+    n = out.numel()
+    if n < 2**15:  # below this size the dozen small ops cost more than the serial draw
+        return out.uniform_(0, bound)
     if torch.compiler.is_compiling():
         # inductor lowers rand to its own parallel generator; it miscompiles the wrapping
         # int64 products of random_words (torch 2.14: heap corruption, index overflow)
         return torch.mul(torch.rand_like(out), bound, out=out)
-    n = out.numel()  # four little-endian int16 lanes per word, [-2^15, 2^15), no pass at all
+    # four little-endian int16 lanes per word, [-2^15, 2^15): a view, no pass at all
     bits = random_words((n + 3) // 4, out.device).view(torch.int16)[:n].view(out.shape)
     torch.add(bits, 2**15 + 0.5, out=out)
     return out.mul_(bound / 2**16)
