@@ -19,6 +19,8 @@ E×E products per token.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -160,7 +162,7 @@ class FeedbackMultiheadAttention(nn.MultiheadAttention):
 
     # -- the fused path: the attention alone, without torch's (identity) projections ------------
     def _fused_mask(self, q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool
-                    ) -> Tensor | None | bool:
+                    ) -> Tensor | None | Literal[False]:
         """The mask for :meth:`_attend` (None: none, or causal), or False where the fused path
         does not apply (a mask of another shape: torch's path raises its own error)."""
         if attn_mask is None:
