@@ -340,3 +340,29 @@ def test_transposed_conv_output_size_picks_its_output_padding():
                                atol=1e-12)
     with torch.no_grad():  # no gradient: the torch layer itself
         torch.testing.assert_close(layer(x, output_size=size), want_out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", [r for r in na.list_rules() if r != "bp"])
+def test_no_rule_keeps_an_activation_that_backprop_does_not(rule):
+    """What the forward saves for the backward, beyond parameter-sized tensors, is what plain
+    backprop saves: no rule keeps an extra activation-sized tensor (aa's amp folds into the
+    kernel instead of keeping the layer's output)."""
+    def saved_activations(model, x):
+        sizes = []
+
+        def pack(t):
+            if not isinstance(t, nn.Parameter) and t.shape[:1] == x.shape[:1]:
+                sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        return sorted(sizes)
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 5))
+    model = na.convert(copy.deepcopy(plain), rule)
+    if na.param_groups(model)["feedback"]:
+        na.feedback_optimizer(model)  # the recipe's backward, as trained
+    x = torch.randn(9, 6, requires_grad=True)
+    assert saved_activations(model, x) == saved_activations(plain, x)

@@ -172,8 +172,10 @@ class Rule:
 
     @property
     def uses_output(self) -> bool:
-        """The backward needs the layer's real output ``y`` (activity terms on real data)."""
-        return self.noise is None and any(t in self.terms for t in ("amp", "null"))
+        """The backward needs the layer's real output ``y``: null on real data. (amp alone
+        does not: its share folds into the kernel, ``outer(x, x (sparse F − amp W)ᵀ)``, so no
+        activation-sized output is kept from the forward.)"""
+        return self.noise is None and "null" in self.terms
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:

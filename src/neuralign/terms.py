@@ -71,7 +71,8 @@ def grad(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
 
 
 def rule_grad(
-    coeffs: Mapping[str, float], ops: LayerOps, xp: Tensor, W: Tensor, F: Tensor, y: Tensor, n: int,
+    coeffs: Mapping[str, float], ops: LayerOps, xp: Tensor, W: Tensor, F: Tensor, y: Tensor | None,
+    n: int,
     base: Tensor | None = None,
 ) -> Tensor:
     """``Σ_t c_t ∇_F R_t``, merged: the fewest kernel-sized products.
@@ -82,28 +83,36 @@ def rule_grad(
         xp: the (possibly noise) input, already padded by ``ops.pad``.
         W: the forward kernel.
         F: the feedback kernel, in ``W``'s layout.
-        y: ``apply(x, W)`` for that input, before bias.
+        y: ``apply(x, W)`` for that input, before bias, or None (amp then folds into the
+            kernel; null needs it).
         n: number of samples the activity terms average over (:meth:`~neuralign.ops.LayerOps.num_samples`).
         base: a kernel-shaped tensor added to the result, left unchanged (Kolen-Pollack's task
             share), or None.
 
     amp shares ``x`` with sparse and ``y`` with null: with null present, amp joins null as
     ``outer(null·apply_T(y, F) − amp·x, y)``; otherwise it joins sparse as
-    ``outer(x, sparse·apply(x, F) − amp·y)``.
+    ``outer(x, sparse·apply(x, F) − amp·y)``, or, without ``y``, as
+    ``outer(x, apply(x, sparse·F − amp·W))``.
     """
     amp, null, sparse = (coeffs.get(t, 0.0) / n for t in ACTIVITY_TERMS)
     g = None
     if null:
+        assert y is not None, "null needs the output y"
         u = ops.pad(ops.pad_T(ops.core_T(y, F, xp.shape)))
         u = u.mul_(null) if not amp else torch.add(u.mul_(null), xp, alpha=-amp)
         h = ops.core_outer(u, y)
         g = h if g is None else g.add_(h)
         amp = 0.0
     if sparse or amp:
-        v = ops.core(xp, F).mul_(sparse) if sparse else None
-        if amp:
-            assert y is not None  # amp needs the output (the backward passes it)
-            v = y * -amp if v is None else v.sub_(y, alpha=amp)
+        v: Tensor | None
+        if amp and y is None:  # amp on the data, the output not kept: x (sparse F − amp W)ᵀ
+            K = torch.mul(W, -amp) if not sparse else torch.sub(F, W, alpha=amp / sparse)
+            v = ops.core(xp, K) if not sparse else ops.core(xp, K).mul_(sparse)
+        else:
+            v = ops.core(xp, F).mul_(sparse) if sparse else None
+            if amp:
+                assert y is not None
+                v = y * -amp if v is None else v.sub_(y, alpha=amp)
         assert v is not None
         h = ops.core_outer(xp, v)
         g = h if g is None else g.add_(h)
