@@ -346,7 +346,8 @@ def test_transposed_conv_output_size_picks_its_output_padding():
 def test_no_rule_keeps_an_activation_that_backprop_does_not(rule):
     """What the forward saves for the backward, beyond parameter-sized tensors, is what plain
     backprop saves: no rule keeps an extra activation-sized tensor (aa's amp folds into the
-    kernel instead of keeping the layer's output)."""
+    kernel instead of keeping the layer's output, here larger than W: 9 x 7 against 7 x 6 and
+    5 x 7)."""
     def saved_activations(model, x):
         sizes = []
 

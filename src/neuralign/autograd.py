@@ -94,7 +94,10 @@ class FeedbackFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, feedback, spec):
         output = spec.ops.forward(x, weight, bias)
         ctx.spec = spec
-        keep_out = ctx.needs_input_grad[3] and spec.rule.uses_output
+        # The output is kept for null, and for amp where it is smaller than W (else amp folds
+        # into a W-sized kernel in the backward): never an activation larger than both.
+        keep_out = ctx.needs_input_grad[3] and (spec.rule.uses_output or (
+            spec.rule.amp_on_data and output.numel() < weight.numel()))
         # Derived feedback is not saved: the backward derives it from the saved W, so writing
         # the buffer in place can never invalidate another pending graph.
         ctx.save_for_backward(x, weight, bias,

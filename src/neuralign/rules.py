@@ -172,10 +172,14 @@ class Rule:
 
     @property
     def uses_output(self) -> bool:
-        """The backward needs the layer's real output ``y``: null on real data. (amp alone
-        does not: its share folds into the kernel, ``outer(x, x (sparse F − amp W)ᵀ)``, so no
-        activation-sized output is kept from the forward.)"""
+        """The backward needs the layer's real output ``y``: null on real data."""
         return self.noise is None and "null" in self.terms
+
+    @property
+    def amp_on_data(self) -> bool:
+        """amp on real data: the backward reads ``y`` if the forward kept it, else folds amp
+        into the kernel, ``outer(x, x (sparse F − amp W)ᵀ)`` (a W-sized temporary instead)."""
+        return self.noise is None and "amp" in self.terms
 
     # -- (de)serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
