@@ -156,18 +156,13 @@ class LinearOps(LayerOps):
     def apply_T(self, y, K, shape=None):
         return y.matmul(K)
 
-    def backward(self, dy, xp, K, mask):
-        if dy.dim() != 2:
-            return super().backward(dy, xp, K, mask)
-        need_x, need_w, need_b = mask  # [N, features]: the products without reshapes
-        return (dy.mm(K) if need_x else None, dy.t().mm(xp) if need_w else None,
-                dy.sum(0) if need_b else None)
-
     def core_outer(self, xp, y):
+        if y.dim() == 2:  # [N, features]: no reshapes (a few µs a call on small layers)
+            return y.t().mm(xp)
         return y.reshape(-1, y.shape[-1]).t().mm(xp.reshape(-1, xp.shape[-1]))
 
     def bias_grad(self, dy):
-        return dy.reshape(-1, dy.shape[-1]).sum(0)
+        return dy.sum(0) if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1]).sum(0)
 
     def patch_gram(self, xp, u):
         x2 = xp.reshape(-1, xp.shape[-1])

@@ -339,8 +339,8 @@ register("kp", "Kolen-Pollack: F gets W's task gradient plus decay; F - W -> 0 w
          f"(gradient 2e-3 F); {_RATE}", terms={"decay": 2e-3}, kp=True, rate=0.1)
 register("dfa", "Direct feedback alignment: each layer sends down D e, the network's output error "
          "e through a fixed random D (outputs x in_channels, shared over positions: each of an "
-         "input's P positions receives D e / P; where the output [N, C, *S] has the input's "
-         "positions S, each position receives its own D e_s).",
+         "input's P positions receives D e / P; where the output has the input's positions, "
+         "as a language model's per-token logits, each position receives its own D e).",
          "Nøkland 2016", kind="dfa")
 register("usf", "Uniform sign-concordant feedback: F = s sign(W), s the std of F's init.",
          "Liao, Leibo & Poggio 2016; Xiao et al. 2018", kind="usf")
