@@ -206,6 +206,8 @@ class _Interrupt(Callback):
     ("ia", ["optim.schedule.name=cosine", "optim.schedule.warmup_epochs=0.5"]),
     ("brsf", []),  # fresh random magnitudes every batch: the RNG state must be restored
     ("dfa", []),  # D is made at the first backward: a fresh model must load it
+    # Ŵ and the phase counter live in the checkpoint; phases draw from the restored RNG
+    ("sa", ["rule.estimate={method: rdd, samples: 300, every: 3}"]),
     ("wm", ["rule.update_noise=0.1", "optim.name=sgd", "feedback_optim.name=sgd",
             "optim.lr=0.05", "feedback_optim.lr=0.01"]),
 ])

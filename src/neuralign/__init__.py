@@ -4,7 +4,7 @@
 >>> model = na.convert(torch.nn.Sequential(torch.nn.Linear(4, 3)), "sa")
 """
 
-from . import metrics, rules
+from . import estimate, metrics, rules
 from .attention import FeedbackMultiheadAttention
 from .convert import (
     after_step,
@@ -41,7 +41,7 @@ __all__ = [
     "convert", "revert", "feedback_layers", "bypassed_layers", "param_groups", "exact_backprop",
     "after_step",
     "feedback_optimizer", "FeedbackOptimizer",
-    "Rule", "get_rule", "list_rules", "metrics", "rules",
+    "Rule", "get_rule", "list_rules", "metrics", "rules", "estimate",
     "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d",
     "FeedbackConvTranspose1d", "FeedbackConvTranspose2d", "FeedbackConvTranspose3d",
     "FeedbackMultiheadAttention", "FeedbackRNNCell", "FeedbackGRUCell", "FeedbackLSTMCell",

@@ -44,6 +44,8 @@ class Spec:
             gradient (the recipe's curvature estimate), or None.
         loaded: called after the layer's state dict was loaded (the recipe's Kolen-Pollack
             state follows the loaded F and W), or None.
+        self_weight: for a rule with an estimator, ``self_weight() -> Ŵ``, what the self term
+            reads instead of W; None reads W.
     """
 
     ops: LayerOps
@@ -56,6 +58,7 @@ class Spec:
     kp: bool | None = None
     observe: Callable | None = None
     loaded: Callable[[], None] | None = None
+    self_weight: Callable[[], Tensor] | None = None
 
     def __post_init__(self):
         self.reset()
@@ -148,7 +151,9 @@ class FeedbackFunction(torch.autograd.Function):
                 y = None if out is None else (out if b is None else ops.remove_bias(out, b))
                 y = y if y is None else y.to(dout.dtype)
             n = ops.num_samples(x, dout, W)
-            df = terms.rule_grad(spec.terms, ops, src, W, F, y, n, base=dw if kp else None)
+            W_self = spec.self_weight().to(F.dtype) if spec.self_weight is not None else None
+            df = terms.rule_grad(spec.terms, ops, src, W, F, y, n, base=dw if kp else None,
+                                 W_self=W_self)
             if spec.observe is not None:
                 spec.observe(ops, src, y, n)
         return dx, dw if need_w else None, db, df, None

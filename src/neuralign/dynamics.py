@@ -53,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from .convert import feedback_layers
+from .estimate import estimate_layer
 from .layers import FeedbackLayer
 from .terms import ACTIVITY_TERMS
 
@@ -258,6 +259,12 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                 if layer._spec.terms and F.grad is None:
                     continue  # an activity rule with no backward since the last zero_grad
                 state = self.state[F]
+                est = layer.rule.estimate
+                if est is not None:  # an estimation phase every `every` steps, the first now
+                    if state.get("estimate_steps", 0) % est.every == 0:
+                        state["estimate_trials"] = state.get("estimate_trials", 0) + \
+                            estimate_layer(layer, self.generator)
+                    state["estimate_steps"] = state.get("estimate_steps", 0) + 1
                 self._step_layer(F, layer, float(group["lr"]), state)
                 if "curv_in" in state:  # the next step's curvatures start afresh
                     state["curv_in"].zero_()
@@ -267,6 +274,8 @@ class FeedbackOptimizer(torch.optim.Optimizer):
     def _step_layer(self, F: Tensor, layer: FeedbackLayer, rate: float, state: dict) -> None:
         rule = layer.rule
         W = layer.weight.detach()
+        # the self term's W: the layer's, or the estimate of it (neuralign.estimate)
+        W_self = W if rule.estimate is None else layer.weight_estimate
         c = rule.terms
         decay, self_ = c.get("decay", 0.0), c.get("self", 0.0)
         g_act = F.grad if layer._spec.terms else None
@@ -291,20 +300,20 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             # no curvature (e.g. amp or self alone): a step of `rate` times F's norm
             g = torch.zeros_like(F) if g_act is None else g_act.clone()
             if self_:
-                g.sub_(W, alpha=self_)
+                g.sub_(W_self, alpha=self_)
             s = rate * F.norm() / g.norm().clamp_min(torch.finfo(F.dtype).tiny)
             X.sub_(g * s)
         elif isinstance(kappa, float):
             s = rate / kappa
             if g_act is None and not rule.kp and self_ and self_ == decay:
-                X.lerp_(W, rate)  # sa: F ← F + rate·(W − F), one pass
+                X.lerp_(W_self, rate)  # sa: F ← F + rate·(W − F), one pass
             else:
                 if decay:
                     X.mul_(1.0 - s * decay)
                 if g_act is not None:
                     X.add_(g_act, alpha=-s)
                 if self_:
-                    X.add_(W, alpha=s * self_)
+                    X.add_(W_self, alpha=s * self_)
         else:  # a data curvature (a 0-d tensor): no host synchronisation
             s = rate / kappa.clamp_min(torch.finfo(kappa.dtype).tiny)
             s = s.to(F.dtype)
@@ -313,7 +322,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             if g_act is not None:
                 X.addcmul_(g_act, s, value=-1.0)
             if self_:
-                X.addcmul_(W, s * self_)
+                X.addcmul_(W_self, s * self_)
         sigma = rule.update_noise
         if sigma:
             eps = torch.randn(F.shape, generator=self.generator, device=F.device, dtype=F.dtype)

@@ -150,6 +150,7 @@ class FeedbackLayer(nn.Module):
     weight: Tensor
     feedback: Tensor
     feedback_scale: Tensor
+    weight_estimate: Tensor
     dfa_seed: Tensor
     rule: Rule
     _spec: Spec
@@ -193,7 +194,7 @@ class FeedbackLayer(nn.Module):
         return plain
 
     _ADDED = ("rule", "_spec", "_exact_backprop")
-    _FEEDBACK_TENSORS = ("feedback", "feedback_scale", "feedback_norm",
+    _FEEDBACK_TENSORS = ("feedback", "feedback_scale", "feedback_norm", "weight_estimate",
                          "dfa_seed")
 
     def _attach(self, rule: Rule, generator: torch.Generator | None) -> None:
@@ -229,9 +230,16 @@ class FeedbackLayer(nn.Module):
         if rule.normalize:
             norm = F0.norm() if rule.normalize is True else torch.tensor(float(rule.normalize))
             self.register_buffer("feedback_norm", norm.to(F0))
-        self._spec = Spec(ops_for(self), rule, derive=derive)
+        self_weight = None
+        if rule.estimate is not None:  # Ŵ for the self term, from neuralign.estimate's phases
+            self.register_buffer("weight_estimate", torch.zeros_like(W, requires_grad=False))
+            self_weight = self._weight_estimate
+        self._spec = Spec(ops_for(self), rule, derive=derive, self_weight=self_weight)
         if derive is not None:
             derive(W.detach())
+
+    def _weight_estimate(self) -> Tensor:
+        return self.weight_estimate
 
     # -- sign-symmetric feedback, derived in place from the W of the step -------------------------
     @torch.no_grad()

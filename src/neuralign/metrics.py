@@ -12,7 +12,7 @@ from .autograd import angle as tensor_angle
 from .convert import exact_backprop, feedback_layers
 from .layers import FeedbackLayer
 
-__all__ = ["angle", "weight_angles", "record_gradient_angles", "gradient_angles",
+__all__ = ["angle", "weight_angles", "estimate_errors", "record_gradient_angles", "gradient_angles",
            "backprop_angles", "fixed_point", "feedback_lags", "norms"]
 
 
@@ -26,6 +26,18 @@ def weight_angles(model: nn.Module) -> dict[str, float]:
     Layers whose feedback is not in W's layout (dfa) have no weight angle and are left out."""
     return {name: angle(layer.weight, layer.current_feedback())
             for name, layer in feedback_layers(model) if layer.feedback.shape == layer.weight.shape}
+
+
+def estimate_errors(model: nn.Module) -> dict[str, tuple[float, float]]:
+    """``{layer: (∠(Ŵ, W) in degrees, ‖Ŵ − W‖ / ‖W‖)}`` for the layers whose rule estimates W
+    (:mod:`neuralign.estimate`): how good the estimate the self term reads is, measured with
+    the W the estimator never sees."""
+    out = {}
+    for name, layer in feedback_layers(model):
+        if getattr(layer.rule, "estimate", None) is not None:
+            W, est = layer.weight.detach(), layer.weight_estimate
+            out[name] = (angle(est, W), float((est - W).norm() / W.norm().clamp_min(1e-30)))
+    return out
 
 
 def record_gradient_angles(model: nn.Module, enabled: bool = True) -> None:

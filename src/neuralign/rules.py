@@ -69,6 +69,53 @@ class MirrorNoise:
             raise ValueError(f"mirror noise std must be a positive number, got {self.std!r}")
 
 
+#: How a rule's non-local term (``self``) gets W: the layer's own, or an estimate made at
+#: the synapse (:mod:`neuralign.estimate`).
+ESTIMATORS = ("exact", "rdd", "perturb")
+
+
+@dataclass(frozen=True)
+class WeightEstimate:
+    """Weight estimation: the ``self`` term reads an estimate Ŵ of W, made by simulated units
+    from what a synapse can observe (activities, spikes, drives), instead of W itself.
+
+    Args:
+        method: ``'exact'`` (W itself), ``'rdd'`` (regression discontinuity on thresholded
+            noisy spiking units) or ``'perturb'`` (input perturbation and regression).
+        samples: trials per estimation phase (the estimation budget).
+        every: optimizer steps between estimation phases (the first runs before the first
+            step).
+        noise: std of the noise that drives the upstream units (rdd: around their threshold;
+            perturb: the injected input noise).
+        window: rdd: half-width of the window around the threshold whose trials enter a unit's
+            fit, in units of ``noise``.
+        drive_noise: std of the downstream drive's own noise, on top of the upstream units'
+            effect (what the estimate must see through).
+    """
+
+    method: str = "exact"
+    samples: int = 2000
+    every: int = 100
+    noise: float = 1.0
+    window: float = 0.5
+    drive_noise: float = 0.1
+
+    def __post_init__(self):
+        _valid("weight estimator", self.method, ESTIMATORS)
+        for name in ("samples", "every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"estimate {name} must be an integer >= 1, got {v!r}")
+        for name, low in (("noise", 0.0), ("window", 0.0), ("drive_noise", -1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+                    or not v > low:
+                raise ValueError(f"estimate {name} must be a number > {max(low, 0):g}"
+                                 f"{' or 0' if low < 0 else ''}, got {v!r}")
+        if self.drive_noise < 0:
+            raise ValueError(f"estimate drive_noise must be >= 0, got {self.drive_noise!r}")
+
+
 @dataclass(frozen=True)
 class Rule:
     """A learning rule for the feedback weights.
@@ -87,6 +134,9 @@ class Rule:
             fraction of the way to the rule's fixed point covered per step along its stiffest
             direction, in (0, 1]. Only the recipe reads it; an optimizer of your own over
             ``param_groups(model)["feedback"]`` has its own learning rate.
+        estimate: where the ``self`` term's W comes from: None (or ``'exact'``) for W
+            itself, else a :class:`WeightEstimate`, its method's name (``'rdd'``,
+            ``'perturb'``) or a dict of its fields.
         name: a label (the catalog name for named rules).
     """
 
@@ -98,6 +148,7 @@ class Rule:
     normalize: bool | float = False
     init: str = "default"
     rate: float = 0.1
+    estimate: WeightEstimate | None = None
     name: str = "custom"
     feedback: InitVar[str | None] = None  # the deprecated name of ``kind``
 
@@ -123,6 +174,26 @@ class Rule:
             object.__setattr__(self, "noise", MirrorNoise(**self.noise))
         elif self.noise is not None and not isinstance(self.noise, MirrorNoise):
             raise TypeError(f"noise must be a MirrorNoise, a dict or None, got {self.noise!r}")
+        estimate = self.estimate
+        if isinstance(estimate, str):
+            estimate = WeightEstimate(method=estimate)
+        elif isinstance(estimate, Mapping):
+            unknown = set(estimate) - {f.name for f in dataclasses.fields(WeightEstimate)}
+            if unknown:
+                raise ValueError(f"unknown estimate keys {sorted(unknown)}; valid: "
+                                 f"{', '.join(f.name for f in dataclasses.fields(WeightEstimate))}")
+            estimate = WeightEstimate(**estimate)
+        elif estimate is not None and not isinstance(estimate, WeightEstimate):
+            raise TypeError(f"estimate must be a WeightEstimate, a method name, a dict or None, "
+                            f"got {estimate!r}")
+        if estimate is not None and estimate.method == "exact":
+            estimate = None
+        object.__setattr__(self, "estimate", estimate)
+        if estimate is not None and not self.terms.get("self"):
+            raise ValueError(
+                f"estimate={estimate.method!r} replaces W in the self term, and this rule has "
+                "none (Kolen-Pollack's share is W's own update, built from activities: nothing "
+                "to estimate); use a rule with self, e.g. sa")
         _valid("feedback kind", self.kind, FEEDBACK_KINDS)
         _valid("feedback init", self.init, FEEDBACK_INITS)
         if not (isinstance(self.update_noise, int | float) and self.update_noise >= 0):
@@ -153,7 +224,8 @@ class Rule:
 
     def __hash__(self):
         return hash((tuple(sorted(self.terms.items())), self.kind, self.kp, self.noise,
-                     self.update_noise, self.normalize, self.init, self.rate, self.name))
+                     self.update_noise, self.normalize, self.init, self.rate, self.estimate,
+                     self.name))
 
     def __reduce__(self):  # the terms mapping is read-only, and pickles as a dict
         return (Rule.from_dict, (self.to_dict(),))
@@ -187,6 +259,7 @@ class Rule:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["terms"] = dict(self.terms)
         d["noise"] = dataclasses.asdict(self.noise) if self.noise else None
+        d["estimate"] = dataclasses.asdict(self.estimate) if self.estimate else None
         return d
 
     @classmethod

@@ -73,7 +73,7 @@ def grad(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
 def rule_grad(
     coeffs: Mapping[str, float], ops: LayerOps, xp: Tensor, W: Tensor, F: Tensor, y: Tensor | None,
     n: int,
-    base: Tensor | None = None,
+    base: Tensor | None = None, W_self: Tensor | None = None,
 ) -> Tensor:
     """``Σ_t c_t ∇_F R_t``, merged: the fewest kernel-sized products.
 
@@ -88,6 +88,7 @@ def rule_grad(
         n: number of samples the activity terms average over (:meth:`~neuralign.ops.LayerOps.num_samples`).
         base: a kernel-shaped tensor added to the result, left unchanged (Kolen-Pollack's task
             share), or None.
+        W_self: what the self term reads in place of ``W`` (an estimate Ŵ), or None for W.
 
     amp shares ``x`` with sparse and ``y`` with null: with null present, amp joins null as
     ``outer(null·apply_T(y, F) − amp·x, y)``; otherwise it joins sparse as
@@ -121,6 +122,8 @@ def rule_grad(
     # The elementwise terms: each a single pass over the kernel, with no extra temporary
     # (on weight-bound models every pass over F costs a few percent of a step).
     decay, self_ = coeffs.get("decay", 0.0), coeffs.get("self", 0.0)
+    if W_self is not None:
+        W = W_self  # (the activity terms above used the real W: it is the forward's)
     if base is not None:  # the first elementwise op writes a fresh tensor; base stays as it is
         if g is not None:
             g.add_(base)

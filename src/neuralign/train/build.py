@@ -30,7 +30,7 @@ def build_rule(cfg) -> na.Rule:
     """The :class:`neuralign.Rule` of a :class:`RuleConfig` (``name: custom`` builds one from
     ``terms`` and the switches)."""
     overrides: dict[str, Any] = {}
-    for key in ("noise_std", "noise_dist", "update_noise", "normalize", "init", "kp"):
+    for key in ("noise_std", "noise_dist", "update_noise", "normalize", "init", "kp", "estimate"):
         value = getattr(cfg, key)
         if value is not None:
             overrides[key] = value

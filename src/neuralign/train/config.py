@@ -60,6 +60,9 @@ class RuleConfig:
         init: initialisation of F: ``default``, ``kaiming_uniform``, ``kaiming_normal``,
             ``xavier_uniform``, ``xavier_normal`` or ``weight`` (F starts equal to W).
         kp: add W's task gradient to F's (Kolen-Pollack's switch; for ``custom`` rules).
+        estimate: where the self term's W comes from: ``exact`` (W itself), ``rdd`` or
+            ``perturb`` (an estimate Ŵ, neuralign.estimate), or a mapping of the estimator's
+            fields, e.g. ``{method: rdd, samples: 4000, every: 100}``.
         layers: module-name glob -> rule name, e.g. ``{fc: bp}`` keeps the read-out exact.
         on_unsupported: what ``convert`` does with layer types it cannot convert:
             ``warn``, ``ignore`` or ``raise``.
@@ -75,6 +78,7 @@ class RuleConfig:
     normalize: bool | float | None = None
     init: str | None = None
     kp: bool | None = None
+    estimate: str | dict[str, Any] | None = None
     layers: dict[str, str] = field(default_factory=dict)
     on_unsupported: str = "warn"
 

@@ -1,0 +1,148 @@
+"""Weight estimation: the ``self`` term's W, estimated at the synapse (Route II of Kunin et al.).
+
+Symmetric alignment's ``self`` term needs W at the feedback synapse. That is biologically
+plausible only if a process there can estimate W from what it observes. Two estimators give
+a learned feedback layer an estimate Ŵ of its W (the buffer ``weight_estimate``), and a rule
+with ``estimate=`` reads Ŵ in its ``self`` term wherever it would read W. Each estimator sees
+only the upstream units' activity and the downstream units' drive, never W: the layer's map
+is reached only through ``drive(s)``, the downstream drive that activity ``s`` causes (what a
+downstream neuron's membrane potential shows). The estimation phase runs every
+``estimate.every`` steps of the feedback recipe, on ``estimate.samples`` trials, with the
+network's input switched off: the units are driven by noise alone.
+
+``rdd``: regression discontinuity (Lansdell & Kording 2018/2023, "Spiking allows neurons to
+estimate their causal effect"; Guerguiev, Kording & Richards 2020, "Spike-based causal inference
+for weight alignment"). Each upstream unit is a thresholded noisy unit: its drive ``z`` is noise
+of std ``noise`` around its threshold and it spikes (``s = 1``) when ``z`` exceeds it. The
+downstream drive is ``y = W s + ε`` (ε of std ``drive_noise``). A unit's causal effect on each
+downstream unit is the jump of ``y`` at the unit's threshold: on the trials where ``z`` falls
+within ``window · noise`` of threshold, ``y`` is fitted by a line on each side (regressors
+1, z, s, s·z, in one least-squares fit per unit), and the coefficient of ``s`` is the estimate.
+Because the fit is linear in ``y``, it is ``Σ_t c_t y_tᵀ`` with weights ``c`` that depend on the
+unit's own trials only: one matrix product for all units (``ops.outer``), vectorised over
+units, no loop. We use thresholded noisy units rather than leaky integrate-and-fire ones:
+Lansdell & Kording's estimator needs only the drive's crossing of threshold and the effect of
+the resulting spike, which this unit has; the membrane dynamics between spikes set how often
+a unit lands near threshold (here: the noise's share within the window), not the estimator.
+
+``perturb``: perturbation. Noise ``ξ`` of std ``noise`` is injected as the layer's input and the
+downstream drive ``y = W ξ + ε`` regressed on it: ``Ŵ = E[y ξᵀ] / σ²``. This is weight mirror's
+``amp`` term on mirror noise, read as an estimator: wm's amp gradient is ``−E[y ξᵀ] = −σ² W``,
+so where weight mirror moves F along it, ``perturb`` takes it, divided by σ², as Ŵ.
+
+For convolutions both estimators run on an input of the kernel's extent, and each kernel entry
+averages the estimates of every (input, output) position pair it connects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .ops import LayerOps
+from .rules import WeightEstimate
+
+__all__ = ["rdd", "perturb", "estimate", "input_shape", "estimate_layer", "estimate_weights"]
+
+Drive = Callable[[Tensor], Tensor]
+
+
+def input_shape(ops: LayerOps, kernel_shape: torch.Size) -> tuple[int, ...]:
+    """An input of one example that every kernel entry reads: a Linear layer's features; a
+    convolution's (or transposed convolution's) channels over its dilated kernel extent."""
+    meta = torch.empty(kernel_shape, device="meta")
+    channels = ops.in_channels(meta)
+    dim = len(kernel_shape) - 2
+    if dim <= 0:
+        return (channels,)
+    dilation = getattr(ops, "dilation", (1,) * dim)
+    return (channels, *[d * (k - 1) + 1 for d, k in zip(dilation, kernel_shape[2:], strict=True)])
+
+
+def _pair_counts(ops: LayerOps, shape: tuple[int, ...], out: Tensor) -> Tensor:
+    """Per kernel entry, how many (input, output) position pairs of one example it connects."""
+    ones_in = torch.ones((1, *shape), dtype=out.dtype, device=out.device)
+    ones_out = torch.ones((1, *out.shape[1:]), dtype=out.dtype, device=out.device)
+    return ops.outer(ones_in, ones_out).clamp_min(1)
+
+
+def _measure(drive: Drive, s: Tensor, est: WeightEstimate, generator) -> Tensor:
+    y = drive(s)
+    if est.drive_noise:
+        y = y + est.drive_noise * torch.randn(y.shape, generator=generator, dtype=y.dtype,
+                                              device=y.device)
+    return y
+
+
+def rdd(ops: LayerOps, drive: Drive, kernel_shape: torch.Size, est: WeightEstimate,
+        generator: torch.Generator | None = None, dtype=torch.float32,
+        device: torch.device | str = "cpu") -> Tensor:
+    """Ŵ by regression discontinuity on ``est.samples`` trials of thresholded noisy units
+    (module docstring), in the kernel's layout."""
+    shape = input_shape(ops, kernel_shape)
+    z = torch.randn((est.samples, *shape), generator=generator, dtype=dtype, device=device)
+    z.mul_(est.noise)  # each unit's drive relative to its threshold
+    s = (z > 0).to(dtype)
+    y = _measure(drive, s, est, generator)
+    w = (z.abs() < est.window * est.noise).to(dtype)  # the trials near threshold
+    X = torch.stack([torch.ones_like(z), z, s, s * z], dim=-1)  # [T, *units, 4]
+    Xw = X * w.unsqueeze(-1)
+    G = torch.einsum("t...a,t...b->...ab", Xw, X)  # per unit: Xᵀ W X, [*units, 4, 4]
+    ridge = 1e-6 * est.samples * torch.eye(4, dtype=dtype, device=device)
+    e_s = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=dtype, device=device)
+    row = torch.linalg.solve(G + ridge, e_s.expand(G.shape[:-1]))  # (G⁻¹)'s s row (G symmetric)
+    c = (Xw * row).sum(-1)  # [T, *units]: the jump = Σ_t c_t y_t
+    return ops.outer(c, y) / _pair_counts(ops, shape, y)
+
+
+def perturb(ops: LayerOps, drive: Drive, kernel_shape: torch.Size, est: WeightEstimate,
+            generator: torch.Generator | None = None, dtype=torch.float32,
+            device: torch.device | str = "cpu") -> Tensor:
+    """Ŵ = E[y ξᵀ] / σ² from ``est.samples`` perturbations ``ξ`` (module docstring)."""
+    shape = input_shape(ops, kernel_shape)
+    xi = torch.randn((est.samples, *shape), generator=generator, dtype=dtype, device=device)
+    xi.mul_(est.noise)
+    y = _measure(drive, xi, est, generator)
+    return ops.outer(xi, y) / (_pair_counts(ops, shape, y) * est.samples * est.noise ** 2)
+
+
+ESTIMATORS = {"rdd": rdd, "perturb": perturb}
+
+
+def estimate(ops: LayerOps, drive: Drive, kernel_shape: torch.Size, est: WeightEstimate,
+             generator: torch.Generator | None = None, dtype=torch.float32,
+             device: torch.device | str = "cpu") -> Tensor:
+    """Ŵ by ``est.method`` (``rdd`` or ``perturb``)."""
+    if est.method not in ESTIMATORS:
+        raise ValueError(f"no estimator {est.method!r}; valid: {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[est.method](ops, drive, kernel_shape, est, generator, dtype, device)
+
+
+@torch.no_grad()
+def estimate_layer(layer, generator: torch.Generator | None = None) -> int:
+    """One estimation phase for a feedback layer whose rule has an estimator: its
+    ``weight_estimate`` becomes a fresh Ŵ. Returns the phase's cost in trials.
+
+    Here, and only here, the layer's W enters: as the simulated physics of the synapse, inside
+    ``drive`` (the downstream drive that upstream activity causes). The estimators receive
+    ``drive``, never W."""
+    est = layer.rule.estimate
+    ops, W = layer._spec.ops, layer.weight.detach()
+
+    def drive(s: Tensor) -> Tensor:
+        return ops.apply(s, W)
+
+    layer.weight_estimate.copy_(estimate(ops, drive, W.shape, est, generator, W.dtype, W.device))
+    return est.samples
+
+
+def estimate_weights(model: torch.nn.Module, generator: torch.Generator | None = None) -> int:
+    """One estimation phase for every feedback layer of ``model`` whose rule has an
+    estimator (the feedback recipe runs them every ``estimate.every`` steps itself; with an
+    optimizer of your own, call this on that schedule). Returns the trials used."""
+    from .convert import feedback_layers
+
+    return sum(estimate_layer(layer, generator) for _, layer in feedback_layers(model)
+               if getattr(layer.rule, "estimate", None) is not None)
