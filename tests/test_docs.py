@@ -65,8 +65,8 @@ def test_every_public_name_has_a_docstring():
 
 
 def _pages() -> list[Path]:
-    return [DOCS / "getting-started.md", *sorted((DOCS / "concepts").glob("*.md")),
-            *sorted((DOCS / "guides").glob("*.md"))]
+    return [DOCS / "getting-started.md", DOCS / "weight-estimation.md",
+            *sorted((DOCS / "concepts").glob("*.md")), *sorted((DOCS / "guides").glob("*.md"))]
 
 
 @pytest.mark.parametrize("page", [pytest.param(p, marks=pytest.mark.slow) if p.stem == "experiments"

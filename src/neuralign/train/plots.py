@@ -55,7 +55,8 @@ def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") 
     kinds = [("weight_angle", "weight angle ∠(W, F)", "degrees"),
              ("gradient_angle", "local gradient angle", "degrees"),
              ("backprop_angle", "end-to-end angle vs backprop", "degrees"),
-             ("feedback_lag", "lag ‖F − F*‖ / ‖F*‖", "relative distance (log)")]
+             ("feedback_lag", "lag ‖F − F*‖ / ‖F*‖", "relative distance (log)"),
+             ("estimate_angle", "weight estimate ∠(Ŵ, W)", "degrees")]
     keys = sorted({k for h in history for k in h})
     present = [(k, t, u) for k, t, u in kinds
                if any(_finite(_col(history, c)) for c in keys if c.startswith(k + "/"))]

@@ -499,6 +499,15 @@ class Trainer:
             m[f"backprop_angle/{name}"] = tr["_bp"].get(name, nan)
         for name in self.layer_names:
             m[f"feedback_lag/{name}"] = lags.get(name, nan)
+        estimates = na.metrics.estimate_errors(self.model)
+        if estimates:  # rules with weight estimation: Ŵ against W, and the phases' cost
+            m["estimate_angle"] = mean({k: a for k, (a, _) in estimates.items()})
+            m["estimate_error"] = mean({k: e for k, (_, e) in estimates.items()})
+            fo = self.feedback_optimizer
+            m["estimate_trials"] = float(sum(
+                st.get("estimate_trials", 0) for st in fo.state.values())) if fo else nan
+            for name in self.layer_names:
+                m[f"estimate_angle/{name}"] = estimates.get(name, (nan, nan))[0]
         return m
 
     def _feedback_lags(self) -> dict[str, float]:

@@ -1,0 +1,89 @@
+"""Weight estimation: the estimate's error and cost against its budget.
+
+For each estimator (``rdd``, ``perturb``) and budget (trials per estimation phase), one
+estimation phase on
+
+* a single ``nn.Linear(100, 50)`` with torch's initialisation, and
+* each layer of a trained network: the default MNIST-1D CNN (``neuralign train``'s default
+  model) trained with backprop for a few epochs, so the weights have left their initialisation,
+
+reporting the angle ∠(Ŵ, W), the relative error ‖Ŵ − W‖/‖W‖ (median over repeats with
+different seeds) and the phase's wall time. The estimators never see W; this script does, to
+measure them.
+
+    python benchmarks/weight_estimation.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import neuralign as na
+from neuralign import estimate
+from neuralign.ops import ops_for
+from neuralign.rules import WeightEstimate
+
+
+def measure(layer: nn.Module, method: str, samples: int, repeats: int) -> tuple[float, ...]:
+    ops, W = ops_for(layer), layer.weight.detach()
+
+    def drive(s):
+        return ops.apply(s, W)
+
+    angles, errors, times = [], [], []
+    for seed in range(repeats):
+        est = WeightEstimate(method, samples=samples)
+        t0 = time.perf_counter()
+        W_hat = estimate.estimate(ops, drive, W.shape, est, torch.Generator().manual_seed(seed))
+        times.append(time.perf_counter() - t0)
+        angles.append(na.metrics.angle(W_hat, W))
+        errors.append(float((W_hat - W).norm() / W.norm()))
+    return statistics.median(angles), statistics.median(errors), statistics.median(times)
+
+
+def trained_cnn(epochs: int) -> nn.Module:
+    from neuralign.train import Trainer, load_config
+
+    cfg = load_config(None, ["rule.name=bp", f"train.epochs={epochs}", "train.runs_dir=/tmp",
+                             "train.name=weight-estimation-bp", "train.progress=false"])
+    trainer = Trainer(cfg)
+    trainer.fit()
+    return trainer.model
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--budgets", default="500,2000,8000,32000")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=10, help="backprop epochs of the trained CNN")
+    p.add_argument("--threads", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    torch.manual_seed(0)
+    layers = [("Linear(100, 50), at init", nn.Linear(100, 50))]
+    model = trained_cnn(args.epochs)
+    layers += [(f"MNIST-1D CNN `{name}` ({type(m).__name__}, W {tuple(m.weight.shape)}), "
+                f"trained", m) for name, m in model.named_modules()
+               if isinstance(m, nn.Linear | nn.Conv1d)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
+          f"{args.repeats} phases; angle in degrees, relative error, ms per phase\n")
+    print("| layer | trials | rdd angle | rdd error | rdd ms | perturb angle | perturb error "
+          "| perturb ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, layer in layers:
+        for T in budgets:
+            r = measure(layer, "rdd", T, args.repeats)
+            q = measure(layer, "perturb", T, args.repeats)
+            print(f"| {label} | {T} | {r[0]:.1f} | {r[1]:.3f} | {r[2] * 1e3:.1f} | {q[0]:.1f} | "
+                  f"{q[1]:.3f} | {q[2] * 1e3:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
