@@ -4,6 +4,7 @@ term reads Ŵ, bad settings are refused."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -134,3 +135,10 @@ def test_the_rule_round_trips_and_the_config_takes_it(tmp_path):
     assert build_rule(cfg.rule).estimate == WeightEstimate("rdd", samples=40)
     with pytest.raises(ConfigError, match="estimator"):
         build_rule(load_config(None, ["rule.name=sa", "rule.estimate=spikes"]).rule)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs" / "estimate")
+                                        .glob("*.yaml")), ids=lambda p: p.stem)
+def test_the_estimate_configs_load(path):
+    rule = build_rule(load_config(path).rule)
+    assert rule.name == "sa" and rule.estimate.method == path.stem.split("_")[1]
