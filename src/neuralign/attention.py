@@ -159,7 +159,6 @@ class FeedbackMultiheadAttention(nn.MultiheadAttention):
             out = out.transpose(1, 0)
         return out, weights
 
-
     # -- the fused path: the attention alone, without torch's (identity) projections ------------
     def _fused_mask(self, q: Tensor, k: Tensor, attn_mask: Tensor | None, is_causal: bool
                     ) -> Tensor | None | Literal[False]:
