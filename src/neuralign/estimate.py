@@ -87,13 +87,20 @@ def rdd(ops: LayerOps, drive: Drive, kernel_shape: torch.Size, est: WeightEstima
     s = (z > 0).to(dtype)
     y = _measure(drive, s, est, generator)
     w = (z.abs() < est.window * est.noise).to(dtype)  # the trials near threshold
-    X = torch.stack([torch.ones_like(z), z, s, s * z], dim=-1)  # [T, *units, 4]
-    Xw = X * w.unsqueeze(-1)
-    G = torch.einsum("t...a,t...b->...ab", Xw, X)  # per unit: Xᵀ W X, [*units, 4, 4]
-    ridge = 1e-6 * est.samples * torch.eye(4, dtype=dtype, device=device)
+    # Per unit, the normal equations of the fit with regressors (1, z, s, s·z) on the trials
+    # near threshold. With s ∈ {0, 1}, the 4 × 4 Gram matrix Σ_t w x xᵀ has six distinct
+    # sums: Σ w z^k and Σ w s z^k for k = 0, 1, 2 (no [trials, units, 4] tensor).
+    ws = w * s
+    a0, a1, a2 = w.sum(0), (w * z).sum(0), (w * z * z).sum(0)
+    b0, b1, b2 = ws.sum(0), (ws * z).sum(0), (ws * z * z).sum(0)
+    G = torch.stack([torch.stack(r, -1) for r in ((a0, a1, b0, b1), (a1, a2, b1, b2),
+                                                  (b0, b1, b0, b1), (b1, b2, b1, b2))], -2)
+    G = G + 1e-6 * est.samples * torch.eye(4, dtype=dtype, device=device)  # (a ridge)
     e_s = torch.tensor([0.0, 0.0, 1.0, 0.0], dtype=dtype, device=device)
-    row = torch.linalg.solve(G + ridge, e_s.expand(G.shape[:-1]))  # (G⁻¹)'s s row (G symmetric)
-    c = (Xw * row).sum(-1)  # [T, *units]: the jump = Σ_t c_t y_t
+    r = torch.linalg.solve(G, e_s.expand(G.shape[:-1]))  # (G⁻¹)'s s row (G is symmetric)
+    # c_t = w_t (r0 + r1 z_t + r2 s_t + r3 s_t z_t): the jump is Σ_t c_t y_t
+    r0, r1, r2, r3 = r.unbind(-1)
+    c = w * (r0 + r1 * z) + ws * (r2 + r3 * z)
     return ops.outer(c, y) / _pair_counts(ops, shape, y)
 
 
