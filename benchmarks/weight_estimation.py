@@ -47,12 +47,16 @@ def measure(layer: nn.Module, method: str, samples: int, repeats: int) -> tuple[
 
 
 def trained_cnn(epochs: int) -> nn.Module:
+    import tempfile
+
     from neuralign.train import Trainer, load_config
 
-    cfg = load_config(None, ["rule.name=bp", f"train.epochs={epochs}", "train.runs_dir=/tmp",
-                             "train.name=weight-estimation-bp", "train.progress=false"])
-    trainer = Trainer(cfg)
-    trainer.fit()
+    with tempfile.TemporaryDirectory() as runs:
+        cfg = load_config(None, ["rule.name=bp", f"train.epochs={epochs}",
+                                 f"train.runs_dir={runs}", "train.name=bp",
+                                 "train.progress=false"])
+        trainer = Trainer(cfg)
+        trainer.fit()
     return trainer.model
 
 
