@@ -110,9 +110,10 @@ def test_the_estimate_is_in_the_state_dict_and_reverts_away():
     (dict(estimate={"method": "rdd", "samples": 0}), "samples must be an integer >= 1"),
     (dict(estimate={"method": "rdd", "samples": 2.5}), "samples must be an integer >= 1"),
     (dict(estimate={"method": "rdd", "every": 0}), "every must be an integer >= 1"),
-    (dict(estimate={"method": "rdd", "window": -1}), "window must be a number > 0"),
-    (dict(estimate={"method": "rdd", "noise": math.inf}), "noise must be a number > 0"),
-    (dict(estimate={"method": "rdd", "drive_noise": -0.1}), "drive_noise must be"),
+    (dict(estimate={"method": "rdd", "window": -1}), "window must be a finite number > 0"),
+    (dict(estimate={"method": "rdd", "noise": math.inf}), "noise must be a finite number > 0"),
+    (dict(estimate={"method": "rdd", "noise": 0}), "noise must be a finite number > 0"),
+    (dict(estimate={"method": "rdd", "drive_noise": -0.1}), "drive_noise must be a finite number >= 0"),
     (dict(estimate={"method": "rdd", "budget": 3}), "unknown estimate keys"),
     (dict(estimate=3), "estimate must be a WeightEstimate"),
 ])

@@ -106,14 +106,12 @@ class WeightEstimate:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"estimate {name} must be an integer >= 1, got {v!r}")
-        for name, low in (("noise", 0.0), ("window", 0.0), ("drive_noise", -1.0)):
+        for name, zero_ok in (("noise", False), ("window", False), ("drive_noise", True)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
-                    or not v > low:
-                raise ValueError(f"estimate {name} must be a number > {max(low, 0):g}"
-                                 f"{' or 0' if low < 0 else ''}, got {v!r}")
-        if self.drive_noise < 0:
-            raise ValueError(f"estimate drive_noise must be >= 0, got {self.drive_noise!r}")
+                    or v < 0 or (v == 0 and not zero_ok):
+                raise ValueError(f"estimate {name} must be a finite number "
+                                 f"{'>= 0' if zero_ok else '> 0'}, got {v!r}")
 
 
 @dataclass(frozen=True)
