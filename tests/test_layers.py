@@ -243,17 +243,21 @@ def _assert_exact_with_feedback_equal_to_weight(plain, x, out):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
-_conv_config = st.fixed_dictionaries({
+# what every convolution case draws (the ordinary and the transposed ones add their own)
+_CONV_COMMON = {
     "dim": st.sampled_from([1, 2, 3]),
     "groups": st.sampled_from([1, 2]),
     "per_group_in": st.integers(1, 2),
     "per_group_out": st.integers(1, 2),
     "kernel": st.integers(1, 3),
-    "stride": st.integers(1, 2),
     "dilation": st.integers(1, 2),
+    "bias": st.booleans(),
+}
+_conv_config = st.fixed_dictionaries({
+    **_CONV_COMMON,
+    "stride": st.integers(1, 2),
     "padding": st.sampled_from([0, 1, 2, "same", "valid"]),
     "padding_mode": st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
-    "bias": st.booleans(),
     "size": st.integers(5, 8),
 })
 
@@ -280,16 +284,10 @@ def test_any_conv_with_feedback_equal_to_weight_is_exact_backprop(c):
 
 
 _conv_t_config = st.fixed_dictionaries({
-    "dim": st.sampled_from([1, 2, 3]),
-    "groups": st.sampled_from([1, 2]),
-    "per_group_in": st.integers(1, 2),
-    "per_group_out": st.integers(1, 2),
-    "kernel": st.integers(1, 3),
+    **_CONV_COMMON,
     "stride": st.integers(1, 3),
-    "dilation": st.integers(1, 2),
     "padding": st.integers(0, 2),
     "output_padding": st.integers(0, 2),
-    "bias": st.booleans(),
     "size": st.integers(2, 5),
 })
 

@@ -115,16 +115,17 @@ def perturb(ops: LayerOps, drive: Drive, kernel_shape: torch.Size, est: WeightEs
     return ops.outer(xi, y) / (_pair_counts(ops, shape, y) * est.samples * est.noise ** 2)
 
 
-ESTIMATORS = {"rdd": rdd, "perturb": perturb}
+#: The estimators by method name (rules.ESTIMATORS adds "exact", which needs none).
+METHODS = {"rdd": rdd, "perturb": perturb}
 
 
 def estimate(ops: LayerOps, drive: Drive, kernel_shape: torch.Size, est: WeightEstimate,
              generator: torch.Generator | None = None, dtype=torch.float32,
              device: torch.device | str = "cpu") -> Tensor:
     """Ŵ by ``est.method`` (``rdd`` or ``perturb``)."""
-    if est.method not in ESTIMATORS:
-        raise ValueError(f"no estimator {est.method!r}; valid: {', '.join(ESTIMATORS)}")
-    return ESTIMATORS[est.method](ops, drive, kernel_shape, est, generator, dtype, device)
+    if est.method not in METHODS:
+        raise ValueError(f"no estimator {est.method!r}; valid: {', '.join(METHODS)}")
+    return METHODS[est.method](ops, drive, kernel_shape, est, generator, dtype, device)
 
 
 @torch.no_grad()
