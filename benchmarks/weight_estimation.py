@@ -1,6 +1,7 @@
 """Weight estimation: the estimate's error and cost against its budget.
 
-For each estimator (``rdd``, ``perturb``) and budget (trials per estimation phase), one
+For each estimator (``rdd`` on thresholded units, ``rdd`` on leaky integrate-and-fire units,
+``perturb``) and budget (trials per estimation phase), one
 estimation phase on
 
 * a single ``nn.Linear(100, 50)`` with torch's initialisation, and
@@ -28,8 +29,13 @@ from neuralign import estimate
 from neuralign.ops import ops_for
 from neuralign.rules import WeightEstimate
 
+#: column label -> (method, unit)
+ESTIMATORS = {"rdd": ("rdd", "threshold"), "rdd lif": ("rdd", "lif"),
+              "perturb": ("perturb", "threshold")}
 
-def measure(layer: nn.Module, method: str, samples: int, repeats: int) -> tuple[float, ...]:
+
+def measure(layer: nn.Module, method: str, unit: str, samples: int,
+            repeats: int) -> tuple[float, ...]:
     ops, W = ops_for(layer), layer.weight.detach()
 
     def drive(s):
@@ -37,7 +43,7 @@ def measure(layer: nn.Module, method: str, samples: int, repeats: int) -> tuple[
 
     angles, errors, times = [], [], []
     for seed in range(repeats):
-        est = WeightEstimate(method, samples=samples)
+        est = WeightEstimate(method, samples=samples, unit=unit)
         t0 = time.perf_counter()
         W_hat = estimate.estimate(ops, drive, W.shape, est, torch.Generator().manual_seed(seed))
         times.append(time.perf_counter() - t0)
@@ -78,15 +84,16 @@ def main(argv=None):
                if isinstance(m, nn.Linear | nn.Conv1d)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
           f"{args.repeats} phases; angle in degrees, relative error, ms per phase\n")
-    print("| layer | trials | rdd angle | rdd error | rdd ms | perturb angle | perturb error "
-          "| perturb ms |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layer | trials | " + " | ".join(f"{e} angle | {e} error | {e} ms"
+                                             for e in ESTIMATORS) + " |")
+    print("|---|---|" + "---|---|---|" * len(ESTIMATORS))
     for label, layer in layers:
         for T in budgets:
-            r = measure(layer, "rdd", T, args.repeats)
-            q = measure(layer, "perturb", T, args.repeats)
-            print(f"| {label} | {T} | {r[0]:.1f} | {r[1]:.3f} | {r[2] * 1e3:.1f} | {q[0]:.1f} | "
-                  f"{q[1]:.3f} | {q[2] * 1e3:.1f} |", flush=True)
+            cells = []
+            for method, unit in ESTIMATORS.values():
+                a, e, t = measure(layer, method, unit, T, args.repeats)
+                cells.append(f"{a:.1f} | {e:.3f} | {t * 1e3:.1f}")
+            print(f"| {label} | {T} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

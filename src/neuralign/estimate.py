@@ -12,18 +12,24 @@ network's input switched off: the units are driven by noise alone.
 
 ``rdd``: regression discontinuity (Lansdell & Kording 2018/2023, "Spiking allows neurons to
 estimate their causal effect"; Guerguiev, Kording & Richards 2020, "Spike-based causal inference
-for weight alignment"). Each upstream unit is a thresholded noisy unit: its drive ``z`` is noise
-of std ``noise`` around its threshold and it spikes (``s = 1``) when ``z`` exceeds it. The
-downstream drive is ``y = W s + ε`` (ε of std ``drive_noise``). A unit's causal effect on each
-downstream unit is the jump of ``y`` at the unit's threshold: on the trials where ``z`` falls
-within ``window · noise`` of threshold, ``y`` is fitted by a line on each side (regressors
-1, z, s, s·z, in one least-squares fit per unit), and the coefficient of ``s`` is the estimate.
-Because the fit is linear in ``y``, it is ``Σ_t c_t y_tᵀ`` with weights ``c`` that depend on the
-unit's own trials only: one matrix product for all units (``ops.outer``), vectorised over
-units, no loop. We use thresholded noisy units rather than leaky integrate-and-fire ones:
-Lansdell & Kording's estimator needs only the drive's crossing of threshold and the effect of
-the resulting spike, which this unit has; the membrane dynamics between spikes set how often
-a unit lands near threshold (here: the noise's share within the window), not the estimator.
+for weight alignment"). Each trial gives every upstream unit a running variable ``z`` (its drive
+relative to threshold) and spikes, and the downstream drive is ``y = W n + ε`` (n the spike
+counts, ε of std ``drive_noise``). A unit's causal effect on each downstream unit is the jump of
+``y`` at the unit's threshold: on the trials where ``z`` falls within ``window · noise`` of
+threshold, ``y`` is fitted by a line on each side (regressors 1, z, s, s·z with s = [z > 0], in
+one least-squares fit per unit), and the coefficient of ``s`` is the estimate. Because the fit
+is linear in ``y``, it is ``Σ_t c_t y_tᵀ`` with weights ``c`` that depend on the unit's own
+trials only: one matrix product for all units (``ops.outer``), vectorised over units, no loop.
+The units (``unit``):
+
+- ``threshold``: a noisy drive ``z`` of std ``noise`` around threshold, and one spike when it
+  exceeds it. The estimator needs only this: a threshold crossing and the resulting spike's
+  effect.
+- ``lif``: leaky integrate-and-fire neurons driven by noise, simulated for ``steps`` time steps
+  per trial (Lansdell & Kording's windows; Guerguiev et al.'s 30 ms at 1 ms steps, membrane time
+  constant ``tau``). ``z`` is the maximum over the window of the membrane potential without
+  resets, and a unit may spike more than once. The extra spikes far from threshold are noise in
+  every other unit's fit, so ``lif`` needs more trials than ``threshold`` for the same error.
 
 ``perturb``: perturbation. Noise ``ξ`` of std ``noise`` is injected as the layer's input and the
 downstream drive ``y = W ξ + ε`` regressed on it: ``Ŵ = E[y ξᵀ] / σ²``. This is weight mirror's
@@ -36,6 +42,7 @@ averages the estimates of every (input, output) position pair it connects.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -76,16 +83,61 @@ def _measure(drive: Drive, s: Tensor, est: WeightEstimate, generator) -> Tensor:
     return y
 
 
+def _threshold_units(shape: tuple[int, ...], est: WeightEstimate, generator, dtype,
+                     device) -> tuple[Tensor, Tensor]:
+    """Thresholded noisy units: per trial, a drive ``z`` of std ``noise`` around threshold
+    (threshold at 0) and one spike where it exceeds it. Returns (z, spikes)."""
+    z = torch.randn((est.samples, *shape), generator=generator, dtype=dtype, device=device)
+    z.mul_(est.noise)
+    return z, (z > 0).to(dtype)
+
+
+def _lif_units(shape: tuple[int, ...], est: WeightEstimate, generator, dtype,
+               device) -> tuple[Tensor, Tensor]:
+    """Leaky integrate-and-fire units, every trial a window of ``est.steps`` time steps, all
+    trials and units at once (the loop is over time steps only). Threshold at 0; the membrane
+    relaxes with time constant ``tau`` towards a mean drive one ``noise`` below threshold,
+    driven by white noise scaled so that its stationary std is ``noise``, and a spike resets it
+    one ``noise`` below the mean (Guerguiev et al.'s threshold 1, rest 0, reset −1, in units of
+    the noise). Each trial starts from the stationary distribution.
+
+    Returns the running variable of Lansdell & Kording: ``z``, the maximum over the window of
+    the drive ``u`` (the membrane potential without resets), and the spike counts. Until its
+    first spike a unit's membrane is ``u``, so it spiked in the window exactly when ``z > 0``;
+    just above threshold it spiked once (after the reset the membrane stays below ``u``)."""
+    a = 1.0 / est.tau
+    mean = -est.noise
+    kick = est.noise * math.sqrt(a * (2.0 - a))  # the stationary std is then `noise`
+    full = (est.samples, *shape)
+    u = torch.randn(full, generator=generator, dtype=dtype, device=device)
+    u.mul_(est.noise).add_(mean)
+    v = u.clone()
+    z = torch.full(full, -math.inf, dtype=dtype, device=device)
+    counts = torch.zeros(full, dtype=dtype, device=device)
+    reset = torch.tensor(mean - est.noise, dtype=dtype, device=device)
+    for _ in range(est.steps):
+        xi = torch.randn(full, generator=generator, dtype=dtype, device=device).mul_(kick)
+        u.add_(mean - u, alpha=a).add_(xi)
+        v.add_(mean - v, alpha=a).add_(xi)
+        torch.maximum(z, u, out=z)
+        spike = v > 0
+        counts.add_(spike)
+        v = torch.where(spike, reset, v)
+    return z, counts
+
+
+UNITS = {"threshold": _threshold_units, "lif": _lif_units}
+
+
 def rdd(ops: LayerOps, drive: Drive, kernel_shape: torch.Size, est: WeightEstimate,
         generator: torch.Generator | None = None, dtype=torch.float32,
         device: torch.device | str = "cpu") -> Tensor:
-    """Ŵ by regression discontinuity on ``est.samples`` trials of thresholded noisy units
-    (module docstring), in the kernel's layout."""
+    """Ŵ by regression discontinuity on ``est.samples`` trials of the spiking units
+    ``est.unit`` (module docstring), in the kernel's layout."""
     shape = input_shape(ops, kernel_shape)
-    z = torch.randn((est.samples, *shape), generator=generator, dtype=dtype, device=device)
-    z.mul_(est.noise)  # each unit's drive relative to its threshold
-    s = (z > 0).to(dtype)
-    y = _measure(drive, s, est, generator)
+    z, spikes = UNITS[est.unit](shape, est, generator, dtype, device)
+    y = _measure(drive, spikes, est, generator)
+    s = (z > 0).to(dtype)  # spiked in the trial
     w = (z.abs() < est.window * est.noise).to(dtype)  # the trials near threshold
     # Per unit, the normal equations of the fit with regressors (1, z, s, s·z) on the trials
     # near threshold. With s ∈ {0, 1}, the 4 × 4 Gram matrix Σ_t w x xᵀ has six distinct

@@ -72,6 +72,9 @@ class MirrorNoise:
 #: How a rule's non-local term (``self``) gets W: the layer's own, or an estimate made at
 #: the synapse (:mod:`neuralign.estimate`).
 ESTIMATORS = ("exact", "rdd", "perturb")
+#: The spiking units of the ``rdd`` estimator: thresholded noisy units, or leaky
+#: integrate-and-fire neurons simulated over a window of time steps.
+SPIKING_UNITS = ("threshold", "lif")
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,12 @@ class WeightEstimate:
             fit, in units of ``noise``.
         drive_noise: std of the downstream drive's own noise, on top of the upstream units'
             effect (what the estimate must see through).
+        unit: rdd's upstream units: ``'threshold'`` (a noisy drive, one spike when it exceeds
+            threshold) or ``'lif'`` (leaky integrate-and-fire neurons, simulated for ``steps``
+            time steps per trial).
+        steps: lif: time steps per trial, the window over which a unit's maximum drive and
+            its spikes are taken (Guerguiev et al.: 30 steps of 1 ms).
+        tau: lif: the membrane time constant in time steps (Guerguiev et al.: 10 ms).
     """
 
     method: str = "exact"
@@ -99,10 +108,17 @@ class WeightEstimate:
     noise: float = 1.0
     window: float = 0.5
     drive_noise: float = 0.1
+    unit: str = "threshold"
+    steps: int = 30
+    tau: float = 10.0
 
     def __post_init__(self):
         _valid("weight estimator", self.method, ESTIMATORS)
-        for name in ("samples", "every"):
+        _valid("spiking unit", self.unit, SPIKING_UNITS)
+        if self.unit != "threshold" and self.method != "rdd":
+            raise ValueError(f"unit={self.unit!r} is a spiking unit of the rdd estimator; "
+                             f"method {self.method!r} has none (leave unit at 'threshold')")
+        for name in ("samples", "every", "steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"estimate {name} must be an integer >= 1, got {v!r}")
@@ -112,6 +128,10 @@ class WeightEstimate:
                     or v < 0 or (v == 0 and not zero_ok):
                 raise ValueError(f"estimate {name} must be a finite number "
                                  f"{'>= 0' if zero_ok else '> 0'}, got {v!r}")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, int | float) \
+                or not math.isfinite(self.tau) or self.tau < 1:
+            raise ValueError(f"estimate tau is a membrane time constant in time steps, a finite "
+                             f"number >= 1, got {self.tau!r}")
 
 
 @dataclass(frozen=True)
