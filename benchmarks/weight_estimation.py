@@ -12,7 +12,7 @@ reporting the angle ∠(Ŵ, W), the relative error ‖Ŵ − W‖/‖W‖ (media
 different seeds) and the phase's wall time. The estimators never see W; this script does, to
 measure them.
 
-    python benchmarks/weight_estimation.py --threads 2
+    python benchmarks/weight_estimation.py --threads 2 --plot error-vs-budget.png
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--epochs", type=int, default=10, help="backprop epochs of the trained CNN")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--plot", help="also draw the angle against the budget into this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,13 +88,36 @@ def main(argv=None):
     print("| layer | trials | " + " | ".join(f"{e} angle | {e} error | {e} ms"
                                              for e in ESTIMATORS) + " |")
     print("|---|---|" + "---|---|---|" * len(ESTIMATORS))
+    angles: dict[tuple[str, str], list[float]] = {}
     for label, layer in layers:
         for T in budgets:
             cells = []
-            for method, unit in ESTIMATORS.values():
+            for name, (method, unit) in ESTIMATORS.items():
                 a, e, t = measure(layer, method, unit, T, args.repeats)
+                angles.setdefault((label, name), []).append(a)
                 cells.append(f"{a:.1f} | {e:.3f} | {t * 1e3:.1f}")
             print(f"| {label} | {T} | " + " | ".join(cells) + " |", flush=True)
+    if args.plot:
+        plot(angles, budgets, args.plot)
+
+
+def plot(angles: dict[tuple[str, str], list[float]], budgets: list[int], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(label for label, _ in angles))
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels), 3.2), sharey=True)
+    for ax, label in zip(axes, labels, strict=True):
+        for name in ESTIMATORS:
+            ax.loglog(budgets, angles[label, name], marker="o", label=name)
+        ax.set_title(label.rsplit(", ", 1)[0].replace("MNIST-1D CNN ", ""), fontsize=7)
+        ax.set_xlabel("trials per phase")
+    axes[0].set_ylabel("∠(Ŵ, W), degrees")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,8 @@ def test_sign_rules_derive_feedback_from_the_current_weight(name):
         magnitudes.append(F.abs().clone())
         with torch.no_grad():
             layer.weight.neg_()  # the next step must follow the new signs
-    if name == "usf":
-        assert torch.allclose(magnitudes[0], layer.feedback_scale.expand_as(magnitudes[0]))
+    if name == "usf":  # one scale for every entry, kept by F itself
+        assert torch.all(magnitudes[0] == magnitudes[0].flatten()[0]) and magnitudes[0].min() > 0
         assert torch.equal(magnitudes[0], magnitudes[1])
     elif name == "frsf":
         assert torch.equal(magnitudes[0], magnitudes[1])  # |F0|, kept by F itself
@@ -324,11 +324,15 @@ def test_brsf_with_a_normal_init_draws_half_normal_magnitudes():
     assert abs(m.square().mean() - 1) < 0.01
 
 
-def test_an_frsf_checkpoint_with_its_former_magnitude_buffer_loads():
-    layer = na.convert(nn.Linear(5, 4), "frsf")
+@pytest.mark.parametrize("name,former", [("frsf", "feedback_magnitude"),
+                                         ("usf", "feedback_scale")])
+def test_a_sign_rule_checkpoint_with_its_former_magnitude_buffer_loads(name, former):
+    layer = na.convert(nn.Linear(5, 4), name)
     state = layer.state_dict()
-    state["feedback_magnitude"] = layer.feedback.abs()  # as saved before F held |F0| itself
-    fresh = na.convert(nn.Linear(5, 4), "frsf")
+    state[former] = layer.feedback.abs()  # as saved before F held its magnitudes itself
+    if name == "usf":
+        state[former] = state[former][0, 0]  # (usf kept one scale)
+    fresh = na.convert(nn.Linear(5, 4), name)
     fresh.load_state_dict(state)
     assert torch.equal(fresh.feedback, layer.feedback)
 

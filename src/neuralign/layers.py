@@ -149,7 +149,6 @@ class FeedbackLayer(nn.Module):
     # what the torch layer and this mixin give every feedback layer (for type checkers)
     weight: Tensor
     feedback: Tensor
-    feedback_scale: Tensor
     weight_estimate: Tensor
     dfa_seed: Tensor
     rule: Rule
@@ -194,7 +193,7 @@ class FeedbackLayer(nn.Module):
         return plain
 
     _ADDED = ("rule", "_spec", "_exact_backprop")
-    _FEEDBACK_TENSORS = ("feedback", "feedback_scale", "feedback_norm", "weight_estimate",
+    _FEEDBACK_TENSORS = ("feedback", "feedback_norm", "weight_estimate",
                          "dfa_seed")
 
     def _attach(self, rule: Rule, generator: torch.Generator | None) -> None:
@@ -216,11 +215,11 @@ class FeedbackLayer(nn.Module):
             return
         F0 = init_feedback(torch.empty_like(W, requires_grad=False), W, rule.init, generator)
         derive = None
-        if rule.kind == "usf":
-            self.register_buffer("feedback_scale", F0.std())
-            derive = self._derive_usf
-        elif rule.kind == "frsf":  # F keeps |F0|: each step only sets its signs
-            derive = self._derive_frsf
+        if rule.kind == "usf":  # F holds the scale, std(F0), in every entry
+            F0.fill_(F0.std())
+            derive = self._derive_signs
+        elif rule.kind == "frsf":  # F holds |F0|
+            derive = self._derive_signs
         elif rule.kind == "brsf":
             derive = self._derive_brsf
         if rule.learns:
@@ -242,17 +241,13 @@ class FeedbackLayer(nn.Module):
         return self.weight_estimate
 
     # -- sign-symmetric feedback, derived in place from the W of the step -------------------------
-    @torch.no_grad()
     # One pass each, no temporary: copysign(m, W) = |m| sign(W), except that an exactly zero
-    # weight gives +|m| (as +0.0) or -|m| (as -0.0) where sign(0) would give 0.
-    def _derive_usf(self, W: Tensor) -> Tensor:
-        return torch.copysign(self.feedback_scale.expand_as(W), W, out=self.feedback)
+    # weight gives +|m| (as +0.0) or -|m| (as -0.0) where sign(0) would give 0. F keeps its
+    # magnitudes (usf: the scale, frsf: |F0|), so each step only sets its signs. Called in
+    # the backward (W detached rather than a no_grad context: the same, for less per call).
+    def _derive_signs(self, W: Tensor) -> Tensor:
+        return torch.copysign(self.feedback, W.detach(), out=self.feedback)
 
-    @torch.no_grad()
-    def _derive_frsf(self, W: Tensor) -> Tensor:
-        return torch.copysign(self.feedback, W, out=self.feedback)  # |F| stays |F0|
-
-    @torch.no_grad()
     def _derive_brsf(self, W: Tensor) -> Tensor:
         F = self.feedback  # fresh magnitudes every batch
         bound = UNIFORM_BOUNDS.get(self.rule.init)
@@ -260,7 +255,7 @@ class FeedbackLayer(nn.Module):
             init_feedback(F, W, self.rule.init)
         else:
             uniform_magnitudes(F, bound(F))
-        return torch.copysign(F, W, out=F)
+        return torch.copysign(F, W.detach(), out=F)
 
     @torch.no_grad()
     def current_feedback(self) -> Tensor:
@@ -280,8 +275,10 @@ class FeedbackLayer(nn.Module):
         return self.feedback
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # frsf kept |F0| in a buffer of its own before F held it (both are in the checkpoint)
+        # frsf kept |F0| (usf its scale) in a buffer of its own before F held it (F is in the
+        # checkpoint too)
         state_dict.pop(prefix + "feedback_magnitude", None)
+        state_dict.pop(prefix + "feedback_scale", None)
         saved = state_dict.get(prefix + "feedback")
         if self.rule.kind == "dfa" and saved is not None and saved.shape != self.feedback.shape:
             self.feedback = self.feedback.new_empty(saved.shape)  # D not yet made here
