@@ -207,7 +207,7 @@ def bypassed_layers(model: nn.Module, forward: Callable[[], object]) -> list[str
         The qualified names of the feedback layers whose forward did not run, in module
         order; empty when every converted layer ran.
 
-    Example:
+    Examples:
         >>> model = na.convert(net, "sa")
         >>> na.bypassed_layers(model, lambda: model(x))
         []
@@ -235,7 +235,7 @@ def feedback_layers(model: nn.Module) -> Iterator[tuple[str, FeedbackLayer]]:
     """``(qualified name, layer)`` for every feedback layer of ``model``, in module order
     (the name is ``""`` for a bare converted layer).
 
-    Example:
+    Examples:
         >>> [name for name, _ in na.feedback_layers(model)]
         ['0', '2']
     """
@@ -252,7 +252,7 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
         learned feedback weights (F of wm, ia, sa, aa, kp and custom rules), ``forward``
         everything else (weights, biases, normalisation layers).
 
-    Example:
+    Examples:
         >>> groups = na.param_groups(model)
         >>> opt_w = torch.optim.SGD(groups["forward"], lr=0.1)
     """
@@ -269,7 +269,7 @@ def exact_backprop(model: nn.Module):
     with no rule work and no gradient for F. The previous state is restored on exit. It is the
     reference of :func:`neuralign.metrics.backprop_angles`.
 
-    Example:
+    Examples:
         >>> with na.exact_backprop(model):
         ...     loss_fn(model(x), y).backward()   # backprop's gradients
     """

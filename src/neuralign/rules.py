@@ -362,7 +362,7 @@ def list_rules() -> list[str]:
     """Names of the catalog's rules, sorted (``bp`` included; rules added with
     :func:`register` too).
 
-    Example:
+    Examples:
         >>> na.list_rules()[:4]
         ['aa', 'bp', 'brsf', 'dfa']
     """
@@ -383,7 +383,7 @@ def get_rule(name: str | Rule, **overrides) -> Rule:
     Raises:
         ValueError: an unknown name (the valid ones are listed), term or field.
 
-    Example:
+    Examples:
         >>> dict(na.get_rule("wm", decay=0.5, noise_std=0.5).terms)
         {'amp': 1.0, 'decay': 0.5}
     """
