@@ -324,3 +324,58 @@ def test_recipe_keeps_training_finite_under_any_forward_optimizer(rule, net, for
         lag = na.metrics.feedback_lags(model, lambda: model(x[:128]))
         mean = sum(lag.values()) / len(lag)
         assert mean < 0.6 * sum(lag0.values()) / len(lag0), (lag0, lag)
+
+
+def _activity_mlp(rule):
+    torch.manual_seed(0)
+    return na.convert(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), rule)
+
+
+@pytest.mark.parametrize("rule", ["aa", "wm", "ia"])
+def test_the_recipe_writes_each_step_s_f_grad_into_the_last_one_s_memory(rule):
+    """zero_grad keeps the F.grad it drops and the next backward writes into it (a Linear
+    layer's product takes ``out=``): the same values as in fresh memory, bit for bit."""
+    kept, fresh = _activity_mlp(rule), _activity_mlp(rule)
+    opts = [na.feedback_optimizer(m) for m in (kept, fresh)]
+    ptrs = []
+    for step in range(3):
+        x = torch.randn(8, 20, generator=torch.Generator().manual_seed(step))
+        for m, opt in zip((kept, fresh), opts, strict=True):
+            opt.zero_grad()
+            if m is fresh:
+                opt._spares.clear()  # nothing kept: the backward takes fresh memory
+            torch.manual_seed(step)  # (the same mirror noise)
+            m(x).sum().backward()
+        for a, b in zip(kept, fresh, strict=True):
+            if hasattr(a, "feedback"):
+                assert torch.equal(a.feedback.grad, b.feedback.grad)
+        ptrs.append([m.feedback.grad.data_ptr() for m in (kept[0], kept[2])])
+        for opt in opts:
+            opt.step()
+    assert ptrs[0] == ptrs[1] == ptrs[2]
+    assert torch.equal(kept[2].feedback, fresh[2].feedback)
+
+
+@pytest.mark.parametrize("hold", ["reference", "view"])
+def test_a_kept_f_grad_that_the_caller_still_holds_is_not_overwritten(hold):
+    model = _activity_mlp("aa")
+    opt = na.feedback_optimizer(model)
+    model(torch.randn(8, 20)).sum().backward()
+    grad = model[2].feedback.grad
+    held = grad if hold == "reference" else grad.view(-1)
+    before, ptr = held.clone(), grad.data_ptr()
+    del grad
+    opt.zero_grad()
+    model(torch.randn(8, 20)).sum().backward()
+    assert torch.equal(held, before)  # the caller's tensor keeps last step's values
+    assert model[2].feedback.grad.data_ptr() != ptr
+
+
+def test_a_released_recipe_keeps_no_f_grad():
+    model = _activity_mlp("aa")
+    opt = na.feedback_optimizer(model)
+    model(torch.randn(8, 20)).sum().backward()
+    opt.zero_grad()
+    assert opt._spares
+    opt.release()
+    assert not opt._spares and model[2]._spec.spare is None

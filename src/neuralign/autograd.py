@@ -46,6 +46,9 @@ class Spec:
             state follows the loaded F and W), or None.
         self_weight: for a rule with an estimator, ``self_weight() -> Ŵ``, what the self term
             reads instead of W; None reads W.
+        spare: ``spare() -> Tensor | None``: memory of F's shape that the backward may write
+            F's gradient into (the recipe hands back last step's ``F.grad``, so that a fresh
+            weight-sized tensor is not allocated and faulted in every step), or None.
     """
 
     ops: LayerOps
@@ -59,6 +62,7 @@ class Spec:
     observe: Callable | None = None
     loaded: Callable[[], None] | None = None
     self_weight: Callable[[], Tensor] | None = None
+    spare: Callable[[], Tensor | None] | None = None
 
     def __post_init__(self):
         self.reset()
@@ -66,7 +70,7 @@ class Spec:
     def reset(self) -> None:
         """Back to the rule's own backward: every term in ``F.grad``, no observer."""
         self.terms, self.kp = dict(self.rule.terms), self.rule.kp
-        self.observe = self.loaded = None
+        self.observe = self.loaded = self.spare = None
 
 
 def mirror_noise(x: Tensor, rule: Rule) -> Tensor:
@@ -153,10 +157,18 @@ class FeedbackFunction(torch.autograd.Function):
             n = ops.num_samples(x, dout, W)
             W_self = spec.self_weight().to(F.dtype) if spec.self_weight is not None else None
             df = terms.rule_grad(spec.terms, ops, src, W, F, y, n, base=dw if kp else None,
-                                 W_self=W_self)
+                                 W_self=W_self, out=_spare(spec))
             if spec.observe is not None:
                 spec.observe(ops, src, y, n)
         return dx, dw if need_w else None, db, df, None
+
+
+def _spare(spec: Spec) -> Tensor | None:
+    """The recipe's kept memory for F's gradient, if any (not under torch.compile: taking it
+    is a side effect on the recipe's state, which dynamo would refuse with a graph break)."""
+    if spec.spare is None or torch.compiler.is_compiling():
+        return None
+    return spec.spare()
 
 
 def _cast(dtype, *tensors):

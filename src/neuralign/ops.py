@@ -77,6 +77,13 @@ class LayerOps:
         examples and positions: the weight gradient when ``y`` is the output's gradient."""
         raise NotImplementedError
 
+    def core_outer_into(self, xp: Tensor, y: Tensor, out: Tensor) -> Tensor:
+        """:meth:`core_outer`, written into ``out`` (kernel-shaped, the products' dtype) where
+        the product can be: kept memory instead of a fresh kernel-sized tensor every step.
+        Returns the result, which this default computes fresh (a copy into ``out`` would cost
+        a pass and, on resnet18's convolutions, saved nothing measurable)."""
+        return self.core_outer(xp, y)
+
     def bias_grad(self, dy: Tensor) -> Tensor:
         """The bias gradient: ``dy`` summed over everything but the output channels."""
         raise NotImplementedError
@@ -160,6 +167,13 @@ class LinearOps(LayerOps):
         if y.dim() == 2:  # [N, features]: no reshapes (a few µs a call on small layers)
             return y.t().mm(xp)
         return y.reshape(-1, y.shape[-1]).t().mm(xp.reshape(-1, xp.shape[-1]))
+
+    def core_outer_into(self, xp, y, out):
+        if type(self).core_outer is not LinearOps.core_outer:  # a subclass's own map
+            return super().core_outer_into(xp, y, out)
+        if y.dim() != 2:
+            y, xp = y.reshape(-1, y.shape[-1]), xp.reshape(-1, xp.shape[-1])
+        return torch.mm(y.t(), xp, out=out)
 
     def bias_grad(self, dy):
         return dy.sum(0) if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1]).sum(0)

@@ -73,7 +73,7 @@ def grad(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
 def rule_grad(
     coeffs: Mapping[str, float], ops: LayerOps, xp: Tensor, W: Tensor, F: Tensor, y: Tensor | None,
     n: int,
-    base: Tensor | None = None, W_self: Tensor | None = None,
+    base: Tensor | None = None, W_self: Tensor | None = None, out: Tensor | None = None,
 ) -> Tensor:
     """``Σ_t c_t ∇_F R_t``, merged: the fewest kernel-sized products.
 
@@ -89,6 +89,9 @@ def rule_grad(
         base: a kernel-shaped tensor added to the result, left unchanged (Kolen-Pollack's task
             share), or None.
         W_self: what the self term reads in place of ``W`` (an estimate Ŵ), or None for W.
+        out: kernel-shaped memory the result may be written into (the recipe's kept
+            ``F.grad``), or None for a fresh tensor. Used only where an activity term makes
+            the first product and ``out`` has the products' dtype.
 
     amp shares ``x`` with sparse and ``y`` with null: with null present, amp joins null as
     ``outer(null·apply_T(y, F) − amp·x, y)``; otherwise it joins sparse as
@@ -97,11 +100,17 @@ def rule_grad(
     """
     amp, null, sparse = (coeffs.get(t, 0.0) / n for t in ACTIVITY_TERMS)
     g = None
+
+    def outer(a: Tensor, b: Tensor) -> Tensor:  # the first kernel-sized product: into `out`
+        if g is None and out is not None and out.dtype == a.dtype == b.dtype:
+            return ops.core_outer_into(a, b, out)
+        return ops.core_outer(a, b)
+
     if null:
         assert y is not None, "null needs the output y"
         u = ops.pad(ops.pad_T(ops.core_T(y, F, xp.shape)))
         u = u.mul_(null) if not amp else torch.add(u.mul_(null), xp, alpha=-amp)
-        h = ops.core_outer(u, y)
+        h = outer(u, y)
         g = h if g is None else g.add_(h)
         amp = 0.0
     if sparse or amp:
@@ -115,7 +124,7 @@ def rule_grad(
                 assert y is not None
                 v = y * -amp if v is None else v.sub_(y, alpha=amp)
         assert v is not None
-        h = ops.core_outer(xp, v)
+        h = outer(xp, v)
         g = h if g is None else g.add_(h)
     if g is not None and g.dtype != F.dtype:  # under autocast: accumulate in F's own dtype
         g = g.to(F.dtype)
