@@ -122,6 +122,16 @@ def test_xavier_init_draws_every_weight_from_xavier_bound_and_zeroes_biases():
         build_model(ModelConfig(name="lenet", init="xavier"), (1, 28, 28), 10)
 
 
+def test_lenet_takes_batch_norm_and_refuses_other_options():
+    m = build_model(ModelConfig(name="lenet", kwargs={"batch_norm": True}), (1, 28, 28), 10)
+    norms = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm1d | nn.BatchNorm2d)]
+    assert [n.num_features for n in norms] == [6, 16, 120, 84]
+    assert all(n.num_batches_tracked == 0 for n in norms)  # the size probe moved nothing
+    assert m(torch.randn(4, 1, 28, 28)).shape == (4, 10)
+    with pytest.raises(ValueError, match="lenet has no option width.*valid: batch_norm"):
+        build_model(ModelConfig(name="lenet", kwargs={"width": 3}), (1, 28, 28), 10)
+
+
 def test_charlm_is_causal_and_trains_on_per_position_targets():
     torch.manual_seed(0)
     plain = build_model(ModelConfig(name="charlm", kwargs={"dim": 16, "heads": 2}), (12,), 7)

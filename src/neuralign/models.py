@@ -4,7 +4,8 @@ Builders make ordinary ``torch.nn`` models (``nn.Linear``/``nn.Conv*`` layers); 
 them into feedback models with :func:`neuralign.convert`. Names:
 
 - ``mlp``: flatten, then ``Linear`` + ReLU per hidden width (``ModelConfig.widths``).
-- ``lenet``: LeNet-5 (conv 6@5x5, pool, conv 16@5x5, pool, 120, 84), ReLU and max-pooling.
+- ``lenet``: LeNet-5 (conv 6@5x5, pool, conv 16@5x5, pool, 120, 84), ReLU and max-pooling
+  (``model.kwargs.batch_norm``: batch norm after each hidden ReLU).
 - ``cnn1d``: the MNIST-1D authors' 1-D CNN (three stride-2 convolutions of 25 channels, then a
   linear read-out), for ``[N, C, L]`` inputs.
 - ``gru1d``: a bidirectional GRU over the positions of ``[N, C, L]`` inputs, after the
@@ -50,7 +51,8 @@ class ModelConfig:
         shortcut: CIFAR ResNets: ``A`` (parameter-free identity with zero padding) or ``B``
             (1x1 convolution projections).
         kwargs: extra keyword arguments for a torchvision builder, or the options of
-            ``gru1d`` (``hidden``) and ``transformer1d`` (``dim``, ``depth``, ``heads``, ``patch``).
+            ``gru1d`` (``hidden``), ``transformer1d`` (``dim``, ``depth``, ``heads``, ``patch``)
+            and ``lenet`` (``batch_norm``).
         init: the forward weights' initialisation: ``default`` (each torch layer's own) or
             ``xavier_uniform`` (every Linear and Conv weight Xavier-uniform, every bias zero:
             BioTorch's benchmark models).
@@ -158,19 +160,30 @@ def _mlp(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn
 
 
 class LeNet(nn.Module):
-    """LeNet-5 with ReLU and max-pooling, for ``[N, C, H, W]`` images (28x28 or larger)."""
+    """LeNet-5 with ReLU and max-pooling, for ``[N, C, H, W]`` images (28x28 or larger).
+    ``batch_norm``: batch normalisation after each hidden layer's ReLU, as in Guerguiev et
+    al.'s 2020 network (convolution, ReLU, batch norm, pooling). It shifts the module indices
+    after the first layer (the second convolution is ``features.4``)."""
 
-    def __init__(self, in_channels: int, num_classes: int, size: tuple[int, int]):
+    def __init__(self, in_channels: int, num_classes: int, size: tuple[int, int],
+                 batch_norm: bool = False):
         super().__init__()
+
+        def relu(channels: int, conv: bool) -> list[nn.Module]:
+            if not batch_norm:
+                return [nn.ReLU()]
+            return [nn.ReLU(), nn.BatchNorm2d(channels) if conv else nn.BatchNorm1d(channels)]
+
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, 6, 5, padding=2), *relu(6, True), nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, 5), *relu(16, True), nn.MaxPool2d(2),
         )
-        with torch.no_grad():
-            n = self.features(torch.zeros(1, in_channels, *size)).numel()
+        with torch.no_grad():  # (in eval mode: the probe must not move batch norm's statistics)
+            n = self.features.eval()(torch.zeros(1, in_channels, *size)).numel()
+        self.features.train()
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(n, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
-            nn.Linear(84, num_classes),
+            nn.Flatten(), nn.Linear(n, 120), *relu(120, False), nn.Linear(120, 84),
+            *relu(84, False), nn.Linear(84, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +194,11 @@ class LeNet(nn.Module):
 def _lenet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if len(input_shape) != 3:
         raise ValueError(f"lenet needs image inputs [C, H, W], the data give {input_shape}")
-    return LeNet(input_shape[0], num_classes, tuple(input_shape[1:]))
+    unknown = set(cfg.kwargs) - {"batch_norm"}
+    if unknown:
+        raise ValueError(f"lenet has no option {', '.join(sorted(unknown))} "
+                         f"(model.kwargs); valid: batch_norm")
+    return LeNet(input_shape[0], num_classes, tuple(input_shape[1:]), **cfg.kwargs)
 
 
 class CNN1d(nn.Module):
