@@ -379,3 +379,25 @@ def test_a_released_recipe_keeps_no_f_grad():
     assert opt._spares
     opt.release()
     assert not opt._spares and model[2]._spec.spare is None
+
+
+def test_sa_layers_stepped_together_match_the_per_layer_step_bit_for_bit():
+    """The recipe steps every plain sa layer in one foreach call; layers with anything more
+    (an estimator, update noise, another rate) keep the per-layer step."""
+    def model():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        return na.convert(m, "sa", layer_rules={"4": na.get_rule("sa", update_noise=0.1)})
+    together, alone = model(), model()
+    opts = [na.feedback_optimizer(m, generator=torch.Generator().manual_seed(1))
+            for m in (together, alone)]
+    assert set(opts[0]._lerp) == {together[0].feedback, together[2].feedback}
+    opts[1]._lerp.clear()  # every layer through the per-layer step
+    for step in range(3):
+        for m, opt in zip((together, alone), opts, strict=True):
+            with torch.no_grad():
+                for i in (0, 2, 4):
+                    m[i].weight.add_(0.01 * (step + 1))  # as if W had just taken its step
+            opt.step()
+    for i in (0, 2, 4):
+        assert torch.equal(together[i].feedback, alone[i].feedback)

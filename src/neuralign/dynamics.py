@@ -218,6 +218,8 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         super().__init__(groups or [{"params": [], "layer": "", "lr": 0.0}], {})
         self.generator = generator
         self._spares: dict[Tensor, Tensor] = {}  # last step's F.grad, for the next backward
+        # sa-like layers whose whole step is F ← F + rate·(W − F): stepped together
+        self._lerp: dict[Tensor, Tensor] = {}
         for F, layer in self._layer_of.items():
             self._take_over(F, layer)
 
@@ -226,6 +228,12 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         """Point the layer's backward at the recipe; initialise its state when ``fresh``."""
         rule, spec, state = layer.rule, layer._spec, self.state[F]
         activity = {t: c for t, c in rule.terms.items() if t in ACTIVITY_TERMS}
+        c = rule.terms
+        if not (activity or rule.kp or rule.estimate is not None or rule.update_noise
+                or rule.normalize) and c.get("self", 0.0) == c.get("decay", 0.0) != 0.0:
+            self._lerp[F] = layer.weight  # (its step: see _step_layer's sa branch)
+        else:
+            self._lerp.pop(F, None)
         spec.terms, spec.kp = activity, False
         spec.observe = spec.loaded = None
         if not activity:
@@ -262,6 +270,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             layer._spec.reset()
             F.requires_grad_(True)
         self._spares.clear()
+        self._lerp.clear()
 
     # -- F.grad's memory -------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -299,8 +308,15 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        lerps: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         for group in self.param_groups:
             for F in group["params"]:
+                W = self._lerp.get(F)
+                if W is not None:  # one foreach call for them all below (a few µs a layer)
+                    Fs, Ws = lerps.setdefault(float(group["lr"]), ([], []))
+                    Fs.append(F)
+                    Ws.append(W)
+                    continue
                 layer = self._layer_of[F]
                 if layer._spec.terms and F.grad is None:
                     continue  # an activity rule with no backward since the last zero_grad
@@ -315,6 +331,8 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                 if "curv_in" in state:  # the next step's curvatures start afresh
                     state["curv_in"].zero_()
                     state["curv_out"].zero_()
+        for rate, (Fs, Ws) in lerps.items():
+            torch._foreach_lerp_(Fs, Ws, rate)
         return loss
 
     def _step_layer(self, F: Tensor, layer: FeedbackLayer, rate: float, state: dict) -> None:
