@@ -121,6 +121,24 @@ def test_phases_run_every_so_many_steps_and_count_their_trials():
     assert set(errors) == {"0", "2"} and all(0 < a < 90 for a, _ in errors.values())
 
 
+def test_memory_mixes_each_phase_into_the_previous_estimate():
+    """memory m: the first phase takes its estimate whole, each later one keeps m of the
+    previous: Ŵ₂ = m·Ŵ₁ + (1 − m)·(phase 2's own estimate)."""
+    def phases(memory):
+        torch.manual_seed(0)
+        layer = na.convert(nn.Linear(8, 5), na.get_rule("sa", estimate={
+            "method": "perturb", "samples": 300, "memory": memory}))
+        g = torch.Generator().manual_seed(3)
+        out = []
+        for _ in range(2):
+            estimate.estimate_layer(layer, g)
+            out.append(layer.weight_estimate.clone())
+        return out
+    fresh, kept = phases(0.0), phases(0.75)
+    assert torch.equal(kept[0], fresh[0])
+    torch.testing.assert_close(kept[1], 0.75 * fresh[0] + 0.25 * fresh[1])
+
+
 def test_the_estimate_is_in_the_state_dict_and_reverts_away():
     model = na.convert(nn.Sequential(nn.Linear(3, 2)), na.get_rule("sa", estimate="rdd"))
     assert "0.weight_estimate" in model.state_dict()
@@ -142,6 +160,8 @@ def test_the_estimate_is_in_the_state_dict_and_reverts_away():
     (dict(estimate={"method": "perturb", "unit": "lif"}), "spiking unit of the rdd estimator"),
     (dict(estimate={"method": "rdd", "unit": "lif", "steps": 0}), "steps must be an integer >= 1"),
     (dict(estimate={"method": "rdd", "unit": "lif", "tau": 0.5}), "tau is a membrane time constant"),
+    (dict(estimate={"method": "rdd", "memory": 1.0}), r"memory is the share .* in \[0, 1\)"),
+    (dict(estimate={"method": "rdd", "memory": -0.1}), r"memory is the share"),
     (dict(estimate=3), "estimate must be a WeightEstimate"),
 ])
 def test_bad_settings_are_refused(bad, match):

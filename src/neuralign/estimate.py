@@ -183,7 +183,8 @@ def estimate(ops: LayerOps, drive: Drive, kernel_shape: torch.Size, est: WeightE
 @torch.no_grad()
 def estimate_layer(layer, generator: torch.Generator | None = None) -> int:
     """One estimation phase for a feedback layer whose rule has an estimator: its
-    ``weight_estimate`` becomes a fresh Ŵ. Returns the phase's cost in trials.
+    ``weight_estimate`` becomes a fresh Ŵ (with ``estimate.memory``, a mix of the previous
+    one and the fresh one). Returns the phase's cost in trials.
 
     Here, and only here, the layer's W enters: as the simulated physics of the synapse, inside
     ``drive`` (the downstream drive that upstream activity causes). The estimators receive
@@ -194,7 +195,12 @@ def estimate_layer(layer, generator: torch.Generator | None = None) -> int:
     def drive(s: Tensor) -> Tensor:
         return ops.apply(s, W)
 
-    layer.weight_estimate.copy_(estimate(ops, drive, W.shape, est, generator, W.dtype, W.device))
+    fresh = estimate(ops, drive, W.shape, est, generator, W.dtype, W.device)
+    kept = layer.weight_estimate
+    if est.memory and bool(kept.any()):  # (all zeros: no phase yet)
+        kept.lerp_(fresh, 1.0 - est.memory)
+    else:
+        kept.copy_(fresh)
     return est.samples
 
 

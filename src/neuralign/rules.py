@@ -100,6 +100,10 @@ class WeightEstimate:
         steps: lif: time steps per trial, the window over which a unit's maximum drive and
             its spikes are taken (Guerguiev et al.: 30 steps of 1 ms).
         tau: lif: the membrane time constant in time steps (Guerguiev et al.: 10 ms).
+        memory: the share of the previous estimate each phase keeps, in [0, 1):
+            ``Ŵ ← memory·Ŵ + (1 − memory)·(the phase's estimate)``, an estimate carried over
+            between phases as Guerguiev et al.'s online fit is. The first phase takes its
+            estimate whole; 0 (the default) starts afresh every phase.
     """
 
     method: str = "exact"
@@ -111,6 +115,7 @@ class WeightEstimate:
     unit: str = "threshold"
     steps: int = 30
     tau: float = 10.0
+    memory: float = 0.0
 
     def __post_init__(self):
         _valid("weight estimator", self.method, ESTIMATORS)
@@ -132,6 +137,10 @@ class WeightEstimate:
                 or not math.isfinite(self.tau) or self.tau < 1:
             raise ValueError(f"estimate tau is a membrane time constant in time steps, a finite "
                              f"number >= 1, got {self.tau!r}")
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int | float) \
+                or not 0 <= self.memory < 1:
+            raise ValueError(f"estimate memory is the share of the previous estimate kept, in "
+                             f"[0, 1), got {self.memory!r}")
 
 
 @dataclass(frozen=True)
