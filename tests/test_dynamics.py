@@ -401,3 +401,15 @@ def test_sa_layers_stepped_together_match_the_per_layer_step_bit_for_bit():
             opt.step()
     for i in (0, 2, 4):
         assert torch.equal(together[i].feedback, alone[i].feedback)
+
+
+def test_only_layers_that_write_into_kept_memory_keep_their_f_grad():
+    """A convolution's product cannot be written into given memory: its F.grad is freed at
+    zero_grad as torch's would be, not kept alive for nothing."""
+    torch.manual_seed(0)
+    model = na.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 4)), "aa")
+    opt = na.feedback_optimizer(model)
+    model(torch.randn(5, 2, 4, 4)).sum().backward()
+    opt.zero_grad()
+    assert list(opt._spares) == [model[2].feedback]
+    assert model[0]._spec.spare is None and model[0].feedback.grad is None

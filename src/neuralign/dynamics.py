@@ -56,6 +56,7 @@ from torch import Tensor, nn
 from .convert import feedback_layers
 from .estimate import estimate_layer
 from .layers import FeedbackLayer
+from .ops import LayerOps
 from .terms import ACTIVITY_TERMS
 
 __all__ = ["FeedbackOptimizer", "feedback_optimizer", "curvature"]
@@ -239,7 +240,8 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         if not activity:
             F.requires_grad_(False)
             F.grad = None
-        else:
+        elif type(spec.ops).core_outer_into is not LayerOps.core_outer_into:
+            # the layer family writes its products into given memory (Linear): keep F.grad's
             spec.spare = lambda F=F: self._spare(F)
         sparse, null = "sparse" in activity, "null" in activity
         if sparse or null:
@@ -282,9 +284,10 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         benchmarks/step_time.py, aa's step went from 2.2 to 2.0 times backprop's (15.7 to
         13.3 ms). Only a Linear layer's product writes into the kept memory (``out=``)."""
         if set_to_none:
-            for F in self._layer_of:
+            for F, layer in self._layer_of.items():
                 g = F.grad
-                if g is not None and g._base is None and g.layout == torch.strided:
+                if g is not None and layer._spec.spare is not None and g._base is None \
+                        and g.layout == torch.strided:
                     self._spares[F] = g
         super().zero_grad(set_to_none)
 
