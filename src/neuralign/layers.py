@@ -247,11 +247,12 @@ class FeedbackLayer(nn.Module):
     # the backward, per call: W detached rather than a no_grad context, and the buffer read
     # from _buffers rather than through nn.Module's attribute lookup (the same, for 2 µs less).
     def _derive_signs(self, W: Tensor) -> Tensor:
-        F: Tensor = self._buffers["feedback"]  # type: ignore[assignment]  (always a tensor)
+        F: Tensor = self._buffers["feedback"]  # type: ignore[assignment]
         return torch.copysign(F, W.detach(), out=F)
 
     def _derive_brsf(self, W: Tensor) -> Tensor:
-        F: Tensor = self._buffers["feedback"]  # type: ignore[assignment]  (fresh magnitudes)
+        # fresh magnitudes every batch
+        F: Tensor = self._buffers["feedback"]  # type: ignore[assignment]
         bound = UNIFORM_BOUNDS.get(self.rule.init)
         if bound is None:
             init_feedback(F, W, self.rule.init)
