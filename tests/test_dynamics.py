@@ -382,8 +382,8 @@ def test_a_released_recipe_keeps_no_f_grad():
 
 
 def test_sa_layers_stepped_together_match_the_per_layer_step_bit_for_bit():
-    """The recipe steps every plain sa layer in one foreach call; layers with anything more
-    (an estimator, update noise, another rate) keep the per-layer step."""
+    """The recipe steps every plain sa layer in one foreach call per rate; layers with
+    anything more (an estimator, update noise, normalisation) keep the per-layer step."""
     def model():
         torch.manual_seed(0)
         m = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
