@@ -114,7 +114,6 @@ def _lif_units(shape: tuple[int, ...], est: WeightEstimate, generator, dtype,
     v = u.clone()
     z = torch.full(full, -math.inf, dtype=dtype, device=device)
     counts = torch.zeros(full, dtype=dtype, device=device)
-    reset = torch.tensor(mean - est.noise, dtype=dtype, device=device)
     for _ in range(est.steps):
         xi = torch.randn(full, generator=generator, dtype=dtype, device=device).mul_(kick)
         u.add_(mean - u, alpha=a).add_(xi)
@@ -122,7 +121,7 @@ def _lif_units(shape: tuple[int, ...], est: WeightEstimate, generator, dtype,
         torch.maximum(z, u, out=z)
         spike = v > 0
         counts.add_(spike)
-        v = torch.where(spike, reset, v)
+        v.masked_fill_(spike, mean - est.noise)  # the reset, in place
     return z, counts
 
 
