@@ -277,12 +277,15 @@ def test_the_self_term_can_be_overridden():
 
 
 @pytest.mark.parametrize("init,shape", [("default", (400, 300)), ("kaiming_uniform", (400, 300)),
-                                        ("xavier_uniform", (400, 300)), ("default", (40, 50))])
+                                        ("xavier_uniform", (400, 300)), ("default", (600, 500)),
+                                        ("default", (40, 50))])
 def test_brsf_magnitudes_are_fresh_uniform_draws(init, shape):
-    """brsf's fast draw (16 random bits an entry, four per 64-bit word) has the distribution
-    the rule specifies, |U(-b, b)| = U(0, b) with the init's own b, independently per entry and
-    per batch: the Kolmogorov-Smirnov distance, the moments, and the correlation between
-    neighbouring entries (same word) and between batches, against their sampling error."""
+    """brsf's fast draw (one random byte an entry, eight per 64-bit word) has the distribution
+    the rule specifies, |U(-b, b)| = U(0, b) with the init's own b, on 256 levels (the bins'
+    midpoints), independently per entry and per batch: every value on the grid, a chi-square
+    test of the 256 levels, the moments, and the correlation between neighbouring entries
+    (same word, next word) and between batches, against their sampling error. (600, 500) is
+    drawn by the hash (2^15 words and more), the others by torch's own draw."""
     from neuralign.layers import UNIFORM_BOUNDS
 
     torch.manual_seed(0)
@@ -301,17 +304,46 @@ def test_brsf_magnitudes_are_fresh_uniform_draws(init, shape):
         draws.append((F.abs() / b).flatten().double())
     u, v = draws
     n = u.numel()
-    tol = 4 / math.sqrt(n)  # four standard errors (of a correlation, of the KS distance)
-    ks = (torch.sort(u).values - torch.arange(1, n + 1, dtype=torch.float64) / n).abs().max()
-    assert ks < 1.63 / math.sqrt(n)  # KS test, 1% level
+    level = u * 256 - 0.5  # the level k of (k + 1/2) / 256
+    k = level.round()
+    assert (level - k).abs().max() < 1e-3 and k.min() >= 0 and k.max() <= 255
+    counts = torch.bincount(k.long(), minlength=256).double()
+    chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum().item()
+    dof = 255  # its 0.1% critical value, by Wilson & Hilferty's cube-root normal approximation
+    assert chi2 < dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
+    tol = 4 / math.sqrt(n)  # four standard errors (of a correlation)
     assert abs(u.mean() - 0.5) < tol * math.sqrt(1 / 12)
-    assert abs(u.var() - 1 / 12) < tol * math.sqrt(1 / 180)
-    assert 0 < u.min() and u.max() < 1
+    assert abs(u.var() - (1 - 2**-16) / 12) < tol * math.sqrt(1 / 180)
     z, w = u - 0.5, v - 0.5
-    for lag in (1, 2, 3, 4):  # entries from the same 64-bit word, and from the next
+    for lag in (1, 2, 3, 7, 8, 9):  # entries from the same 64-bit word, and from the next
         assert abs((z[lag:] * z[:-lag]).mean() / z.var()) < tol, lag
     assert abs((z * w).mean() / z.var()) < tol  # batch to batch
     assert (u != v).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("shape", [(50, 40), (2**15 - 1, 8), (2**15 + 1, 8), (1000, 999)])
+def test_uniform_magnitudes_come_from_the_hash_on_cpu_from_2_to_the_15_words(shape):
+    """Below 2^15 words the bytes are torch's full-range int64 draw, from there SplitMix64's
+    words (random_words): both seeded by torch's generator, so a seed repeats the draw; each
+    byte s gives (s + 128.5) b / 256."""
+    from neuralign.layers import HASH_FROM, UniformMagnitudes, random_words
+
+    draw = UniformMagnitudes(0.3)
+    out = torch.empty(shape)
+    n = out.numel()
+    words = (n + 7) // 8
+    for seed in (5, 6):  # twice: the second call reuses the memory the first one kept
+        torch.manual_seed(seed)
+        got = draw(out).clone()
+        torch.manual_seed(seed)
+        if words >= HASH_FROM:
+            w = random_words(words)
+        else:
+            w = torch.empty(words, dtype=torch.int64).random_(-2**63, None)
+        s = w.view(torch.int8)[:n].view(shape).double()
+        assert torch.allclose(got.double(), (s + 128.5) * 0.3 / 256, rtol=0, atol=1e-6)
+        torch.manual_seed(seed)
+        assert torch.equal(draw(out), got)
 
 
 def test_brsf_with_a_normal_init_draws_half_normal_magnitudes():
@@ -358,3 +390,10 @@ def test_random_words_are_splitmix64_seeded_by_torch():
         assert int(words[i]) & M == splitmix64(seed, i)
     torch.manual_seed(3)
     assert torch.equal(random_words(1000), words)
+    # in the kept workspace, whose counter made for 1000 words serves 600 too
+    torch.manual_seed(3)
+    assert torch.equal(random_words(1000, workspace=True), words)
+    torch.manual_seed(3)
+    short = random_words(600)
+    torch.manual_seed(3)
+    assert torch.equal(random_words(600, workspace=True), short)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
 import torch
@@ -103,16 +105,41 @@ _GAMMA = _int64(0x9E3779B97F4A7C15)
 _MIX = ((30, _int64(0xBF58476D1CE4E5B9)), (27, _int64(0x94D049BB133111EB)), (31, None))
 
 
+class _Workspace(threading.local):
+    """The hash's memory on CPU, kept per thread between calls: fresh megabytes every step
+    cost more in page faults than the hash itself (0.5 against 0.2 ms a million entries)."""
+
+    counter: Tensor | None = None  # i * gamma: its first n serve every smaller n
+    scratch: Tensor | None = None  # z and its shifted copy
+
+    def take(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        if self.counter is None or self.counter.numel() < n:
+            self.counter = torch.arange(n, dtype=torch.int64).mul_(_GAMMA)
+            self.scratch = torch.empty(2 * n, dtype=torch.int64)
+        assert self.scratch is not None
+        return self.counter[:n], self.scratch[:n], self.scratch[n:2 * n]
+
+
+_WORKSPACE = _Workspace()
+
+
 @torch.no_grad()
-def random_words(n: int, device: torch.device | str = "cpu") -> Tensor:
+def random_words(n: int, device: torch.device | str = "cpu", *,
+                 workspace: bool = False) -> Tensor:
     """``n`` random 64-bit words (int64): SplitMix64's outputs for a seed drawn from torch's
     default generator (so ``torch.manual_seed`` and its saved state govern them). A
     counter-based generator in vectorised integer ops: every word is computed independently,
-    on all threads, where ``random_`` on CPU runs one Mersenne Twister serially (about twice
-    as slow on 2 cores)."""
+    on all threads, where ``random_`` on CPU runs one Mersenne Twister serially.
+
+    ``workspace=True`` (CPU only) computes in memory kept per thread, with the counter made
+    once: the words are then a view of it, valid until the next such call."""
     seed = torch.randint(2**62, ())  # (a tensor: no host sync, and torch.compile traces it)
-    z = torch.arange(n, dtype=torch.int64, device=device).mul_(_GAMMA).add_(seed.to(device))
-    t = torch.empty_like(z)
+    if workspace:
+        counter, z, t = _WORKSPACE.take(n)
+        torch.add(counter, seed, out=z)
+    else:
+        z = torch.arange(n, dtype=torch.int64, device=device).mul_(_GAMMA).add_(seed.to(device))
+        t = torch.empty_like(z)
     for shift, mult in _MIX:  # z ^= z >>> shift (logical: the arithmetic shift, masked)
         torch.bitwise_right_shift(z, shift, out=t).bitwise_and_((1 << (64 - shift)) - 1)
         z.bitwise_xor_(t)
@@ -121,25 +148,47 @@ def random_words(n: int, device: torch.device | str = "cpu") -> Tensor:
     return z
 
 
-@torch.no_grad()
-def uniform_magnitudes(out: Tensor, bound: float) -> Tensor:
-    """``|U(-b, b)|``, that is ``U(0, b)``, drawn into ``out`` on 2^16 levels (the midpoints
-    ``(k + ½) b / 2^16``): 16 random bits an entry, four from each word of
-    :func:`random_words`. On CPU this is about 4 times faster than ``uniform_`` (a 32-bit
-    Mersenne Twister draw per entry, serial), which set brsf's cost; the 16-bit grid is far
-    finer than anything the rule depends on. Below 2^15 entries, and under ``torch.compile``,
-    the draw is torch's own (``uniform_``; inductor's ``rand``)."""
-    n = out.numel()
-    if n < 2**15:  # below this size the dozen small ops cost more than the serial draw
-        return out.uniform_(0, bound)
-    if torch.compiler.is_compiling():
-        # inductor lowers rand to its own parallel generator; it miscompiles the wrapping
-        # int64 products of random_words (torch 2.14: heap corruption, index overflow)
-        return torch.mul(torch.rand_like(out), bound, out=out)
-    # four little-endian int16 lanes per word, [-2^15, 2^15): a view, no pass at all
-    bits = random_words((n + 3) // 4, out.device).view(torch.int16)[:n].view(out.shape)
-    torch.add(bits, 2**15 + 0.5, out=out)
-    return out.mul_(bound / 2**16)
+#: From this many words up (2^18 bytes), on CPU, the hash's dozen vectorised ops cost less
+#: than torch's serial draw (a 64-bit Mersenne Twister word: 2.5 ns, against the hash's 1.2)
+HASH_FROM = 2**15
+
+
+class UniformMagnitudes:
+    """Draws ``|U(-b, b)|``, that is ``U(0, b)``, into a tensor, on 256 levels: the midpoints
+    ``(k + ½) b / 256`` of 256 equal bins, from one random byte an entry, eight from each
+    64-bit word. The grid is as fine as a bfloat16's mantissa; the mean is exact and the
+    variance ``b²/12 (1 - 2^-16)``. The words are :func:`random_words` on CPU from
+    ``HASH_FROM`` words up, else torch's own full-range ``random_`` (a parallel Philox draw
+    on GPU) into memory kept for the next call. On CPU a draw costs a fifth of ``uniform_``'s
+    (a 32-bit Mersenne Twister draw per entry, run serially, which set brsf's cost). Under
+    ``torch.compile`` the draw is inductor's ``rand`` (continuous)."""
+
+    def __init__(self, bound: float):
+        self.bound = bound
+        self.step = bound / 256
+        # byte s in [-128, 128) -> (s + 128.5) step, in one pass: offset + step * s, the
+        # offset a 0-dim tensor made once (a CPU scalar, which any device's op takes)
+        self.offset = torch.tensor(128.5 * self.step)
+        self._words: Tensor | None = None  # torch's draw: the words and their bytes as out
+        self._bytes: Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, out: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            # inductor lowers rand to its own parallel generator; it miscompiles the wrapping
+            # int64 products of random_words (torch 2.14: heap corruption, index overflow)
+            return torch.mul(torch.rand_like(out), self.bound, out=out)
+        n = out.numel()
+        words = (n + 7) // 8
+        if words >= HASH_FROM and out.device.type == "cpu":
+            s = random_words(words, workspace=True).view(torch.int8)[:n].view(out.shape)
+        else:
+            s = self._bytes  # type: ignore[assignment]
+            if s is None or s.shape != out.shape or s.device != out.device:
+                self._words = torch.empty(words, dtype=torch.int64, device=out.device)
+                s = self._bytes = self._words.view(torch.int8)[:n].view(out.shape)
+            self._words.random_(-2**63, None)  # type: ignore[union-attr]
+        return torch.add(self.offset, s, alpha=self.step, out=out)
 
 
 class FeedbackLayer(nn.Module):
@@ -220,8 +269,10 @@ class FeedbackLayer(nn.Module):
             derive = self._derive_signs
         elif rule.kind == "frsf":  # F holds |F0|
             derive = self._derive_signs
-        elif rule.kind == "brsf":
-            derive = self._derive_brsf
+        elif rule.kind == "brsf":  # fresh magnitudes every batch
+            bound = UNIFORM_BOUNDS.get(rule.init)
+            draw = UniformMagnitudes(bound(F0)) if bound is not None else self._draw_init
+            derive = partial(self._derive_brsf, draw)
         if rule.learns:
             self.feedback = nn.Parameter(F0)
         else:
@@ -250,15 +301,12 @@ class FeedbackLayer(nn.Module):
         F: Tensor = self._buffers["feedback"]  # type: ignore[assignment]
         return torch.copysign(F, W.detach(), out=F)
 
-    def _derive_brsf(self, W: Tensor) -> Tensor:
-        # fresh magnitudes every batch
+    def _derive_brsf(self, draw: Callable[[Tensor], Tensor], W: Tensor) -> Tensor:
         F: Tensor = self._buffers["feedback"]  # type: ignore[assignment]
-        bound = UNIFORM_BOUNDS.get(self.rule.init)
-        if bound is None:
-            init_feedback(F, W, self.rule.init)
-        else:
-            uniform_magnitudes(F, bound(F))
-        return torch.copysign(F, W.detach(), out=F)
+        return torch.copysign(draw(F), W.detach(), out=F)
+
+    def _draw_init(self, F: Tensor) -> Tensor:  # brsf with an init that is not uniform
+        return init_feedback(F, self.weight.detach(), self.rule.init)
 
     @torch.no_grad()
     def current_feedback(self) -> Tensor:
