@@ -326,7 +326,7 @@ def test_uniform_magnitudes_come_from_the_hash_on_cpu_from_2_to_the_15_words(sha
     """Below 2^15 words the bytes are torch's full-range int64 draw, from there SplitMix64's
     words (random_words): both seeded by torch's generator, so a seed repeats the draw; each
     byte s gives (s + 128.5) b / 256."""
-    from neuralign.layers import HASH_FROM, UniformMagnitudes, random_words
+    from neuralign.draws import HASH_FROM, UniformMagnitudes, random_words
 
     draw = UniformMagnitudes(0.3)
     out = torch.empty(shape)
@@ -369,10 +369,69 @@ def test_a_sign_rule_checkpoint_with_its_former_magnitude_buffer_loads(name, for
     assert torch.equal(fresh.feedback, layer.feedback)
 
 
+@pytest.mark.parametrize("dist", ["normal", "uniform"])
+def test_mirror_noise_from_the_hash_is_the_box_muller_of_its_words(dist):
+    """From NOISE_HASH_FROM entries up, on CPU, the noise is made from random_words (seeded
+    by torch): the top 24 bits of each 32-bit half as a uniform (k + 1/2) / 2^24, and for
+    normals the Box-Muller transform of pairs, computed here in float64 from the same words.
+    Its sample has the distribution's moments and is independent across the pairs' halves."""
+    from neuralign.draws import NOISE_HASH_FROM, noise_like, random_words
+
+    m = NOISE_HASH_FROM // 3 + 2
+    n, std = 3 * m, 0.7  # (odd: the last pair's cosine is dropped)
+    assert n % 2 == 1 and n >= NOISE_HASH_FROM
+    x = torch.empty(3, m)
+    torch.manual_seed(1)
+    got = noise_like(x, dist, std)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    torch.manual_seed(1)
+    h = (n + 1) // 2
+    k = random_words(h if dist == "normal" else (n + 1) // 2).view(torch.int32).double()
+    k = torch.div(k, 256, rounding_mode="floor")  # the top 24 bits, [-2^23, 2^23)
+    if dist == "normal":
+        u = (k[:h] + 2**23 + 0.5) / 2**24
+        theta = 2 * math.pi * (k[h:] + 0.5) / 2**24
+        r = std * torch.sqrt(-2 * torch.log(u))
+        want = torch.cat([r * torch.sin(theta), r * torch.cos(theta)])[:n]
+    else:
+        w = std * math.sqrt(3)
+        want = (k[:n] + 0.5) * 2 * w / 2**24
+    torch.testing.assert_close(got.flatten().double(), want, rtol=0, atol=2e-5 * std)
+    assert got.isfinite().all()
+    z = got.flatten().double() / std
+    tol = 4 / math.sqrt(n)  # four standard errors
+    assert abs(z.mean()) < tol and abs(z.var() - 1) < tol * (math.sqrt(2) if dist == "normal"
+                                                             else math.sqrt(0.8))
+    if dist == "normal":
+        assert abs(z.pow(4).mean() - 3) < tol * math.sqrt(96)  # kurtosis: Var(z^4) = 96
+        a, b = z[:n - h], z[h:]  # the sine and the cosine of the same pairs
+        assert abs((a * b).mean()) < tol and abs((a * a * b * b).mean() - 1) < tol * 3
+    else:
+        assert z.abs().max() <= math.sqrt(3) * (1 + 1e-6)
+    torch.manual_seed(1)
+    assert torch.equal(noise_like(x, dist, std), got)
+
+
+def test_box_muller_is_finite_and_exact_at_the_extreme_words():
+    """The smallest radius word gives u = 2^-25 exactly (not 0: no infinite noise), the
+    largest u = 1 - 2^-25 (rounded in float32 to at most 1: a radius of 0 at worst)."""
+    from neuralign.draws import box_muller
+
+    lo, hi = -2**23, 2**23 - 1
+    bits = torch.tensor([lo, hi, 0, lo, lo, hi], dtype=torch.int32)  # radii, then angles
+    out = box_muller(bits.clone(), 1.0, torch.empty(6))
+    assert out.isfinite().all()
+    r = math.sqrt(-2 * math.log(2**-25))  # 5.887, the largest radius
+    theta = 2 * math.pi * (lo + 0.5) / 2**24
+    assert out[3].item() == pytest.approx(r * math.cos(theta), rel=1e-5)
+    assert out[0].item() == pytest.approx(r * math.sin(theta), rel=1e-4, abs=1e-5)
+    assert abs(out[1].item()) < 1e-3 and abs(out[4].item()) < 1e-3  # u near 1: radius near 0
+
+
 def test_random_words_are_splitmix64_seeded_by_torch():
     """The words equal SplitMix64 (Steele et al. 2014) computed with Python integers, for the
     seed torch's default generator gives; the same torch seed gives the same words."""
-    from neuralign.layers import random_words
+    from neuralign.draws import random_words
 
     M = 2**64 - 1
 

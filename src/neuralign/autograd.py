@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import terms
 from .dfa import DFAState, missing_error
+from .draws import noise_like
 from .ops import LayerOps
 from .rules import Rule
 
@@ -77,10 +78,7 @@ def mirror_noise(x: Tensor, rule: Rule) -> Tensor:
     """Fresh noise of ``x``'s shape: normal, or uniform with the same std."""
     noise = rule.noise
     assert noise is not None
-    if noise.dist == "normal":
-        return torch.randn_like(x).mul_(noise.std)
-    half_width = noise.std * math.sqrt(3.0)
-    return torch.rand_like(x).mul_(2 * half_width).sub_(half_width)
+    return noise_like(x, noise.dist, noise.std)
 
 
 def angle(a: Tensor, b: Tensor) -> Tensor:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
@@ -19,6 +18,7 @@ from torch import Tensor, nn
 
 from .autograd import Spec, feedback_forward
 from .dfa import DFAState
+from .draws import UniformMagnitudes
 from .ops import OPS, ConvOps, ConvTransposeOps, LayerOps, LinearOps, ops_for
 from .rules import INITS, Rule, get_rule
 
@@ -92,103 +92,6 @@ UNIFORM_BOUNDS: dict[str, Callable[[Tensor], float]] = {
 
 def _fans(t: Tensor) -> tuple[int, int]:
     return nn.init._calculate_fan_in_and_fan_out(t)
-
-
-def _int64(c: int) -> int:
-    """An unsigned 64-bit constant as the int64 with the same bits."""
-    return c - 2**64 if c >= 2**63 else c
-
-
-# SplitMix64 (Steele, Lea & Flood 2014): the state advances by the golden gamma, each output
-# is the state through two xor-shift-multiply rounds and a final xor-shift
-_GAMMA = _int64(0x9E3779B97F4A7C15)
-_MIX = ((30, _int64(0xBF58476D1CE4E5B9)), (27, _int64(0x94D049BB133111EB)), (31, None))
-
-
-class _Workspace(threading.local):
-    """The hash's memory on CPU, kept per thread between calls: fresh megabytes every step
-    cost more in page faults than the hash itself (0.5 against 0.2 ms a million entries)."""
-
-    counter: Tensor | None = None  # i * gamma: its first n serve every smaller n
-    scratch: Tensor | None = None  # z and its shifted copy
-
-    def take(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        if self.counter is None or self.counter.numel() < n:
-            self.counter = torch.arange(n, dtype=torch.int64).mul_(_GAMMA)
-            self.scratch = torch.empty(2 * n, dtype=torch.int64)
-        assert self.scratch is not None
-        return self.counter[:n], self.scratch[:n], self.scratch[n:2 * n]
-
-
-_WORKSPACE = _Workspace()
-
-
-@torch.no_grad()
-def random_words(n: int, device: torch.device | str = "cpu", *,
-                 workspace: bool = False) -> Tensor:
-    """``n`` random 64-bit words (int64): SplitMix64's outputs for a seed drawn from torch's
-    default generator (so ``torch.manual_seed`` and its saved state govern them). A
-    counter-based generator in vectorised integer ops: every word is computed independently,
-    on all threads, where ``random_`` on CPU runs one Mersenne Twister serially.
-
-    ``workspace=True`` (CPU only) computes in memory kept per thread, with the counter made
-    once: the words are then a view of it, valid until the next such call."""
-    seed = torch.randint(2**62, ())  # (a tensor: no host sync, and torch.compile traces it)
-    if workspace:
-        counter, z, t = _WORKSPACE.take(n)
-        torch.add(counter, seed, out=z)
-    else:
-        z = torch.arange(n, dtype=torch.int64, device=device).mul_(_GAMMA).add_(seed.to(device))
-        t = torch.empty_like(z)
-    for shift, mult in _MIX:  # z ^= z >>> shift (logical: the arithmetic shift, masked)
-        torch.bitwise_right_shift(z, shift, out=t).bitwise_and_((1 << (64 - shift)) - 1)
-        z.bitwise_xor_(t)
-        if mult is not None:
-            z.mul_(mult)  # (int64 products wrap, as the unsigned ones)
-    return z
-
-
-#: From this many words up (2^18 bytes), on CPU, the hash's dozen vectorised ops cost less
-#: than torch's serial draw (a 64-bit Mersenne Twister word: 2.5 ns, against the hash's 1.2)
-HASH_FROM = 2**15
-
-
-class UniformMagnitudes:
-    """Draws ``|U(-b, b)|``, that is ``U(0, b)``, into a tensor, on 256 levels: the midpoints
-    ``(k + ½) b / 256`` of 256 equal bins, from one random byte an entry, eight from each
-    64-bit word. The grid is as fine as a bfloat16's mantissa; the mean is exact and the
-    variance ``b²/12 (1 - 2^-16)``. The words are :func:`random_words` on CPU from
-    ``HASH_FROM`` words up, else torch's own full-range ``random_`` (a parallel Philox draw
-    on GPU) into memory kept for the next call. On CPU a draw costs a fifth of ``uniform_``'s
-    (a 32-bit Mersenne Twister draw per entry, run serially, which set brsf's cost). Under
-    ``torch.compile`` the draw is inductor's ``rand`` (continuous)."""
-
-    def __init__(self, bound: float):
-        self.bound = bound
-        self.step = bound / 256
-        # byte s in [-128, 128) -> (s + 128.5) step, in one pass: offset + step * s, the
-        # offset a 0-dim tensor made once (a CPU scalar, which any device's op takes)
-        self.offset = torch.tensor(128.5 * self.step)
-        self._words: Tensor | None = None  # torch's draw: the words and their bytes as out
-        self._bytes: Tensor | None = None
-
-    @torch.no_grad()
-    def __call__(self, out: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():
-            # inductor lowers rand to its own parallel generator; it miscompiles the wrapping
-            # int64 products of random_words (torch 2.14: heap corruption, index overflow)
-            return torch.mul(torch.rand_like(out), self.bound, out=out)
-        n = out.numel()
-        words = (n + 7) // 8
-        if words >= HASH_FROM and out.device.type == "cpu":
-            s = random_words(words, workspace=True).view(torch.int8)[:n].view(out.shape)
-        else:
-            s = self._bytes  # type: ignore[assignment]
-            if s is None or s.shape != out.shape or s.device != out.device:
-                self._words = torch.empty(words, dtype=torch.int64, device=out.device)
-                s = self._bytes = self._words.view(torch.int8)[:n].view(out.shape)
-            self._words.random_(-2**63, None)  # type: ignore[union-attr]
-        return torch.add(self.offset, s, alpha=self.step, out=out)
 
 
 class FeedbackLayer(nn.Module):

@@ -1,0 +1,177 @@
+"""Fast random draws on CPU: a counter-based generator in vectorised integer ops.
+
+torch's CPU generator is one Mersenne Twister run serially: 2 ns a 32-bit word, as much per
+entry as a small matrix product, every step. brsf's fresh magnitudes and the mirror noise of
+wm and ia are drawn here instead, from SplitMix64 (Steele, Lea & Flood 2014) computed on
+all threads, seeded by torch's default generator (so ``torch.manual_seed`` and the saved
+RNG state govern them). Small draws, other devices and compiled code keep torch's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import torch
+from torch import Tensor
+
+
+def _int64(c: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return c - 2**64 if c >= 2**63 else c
+
+
+# SplitMix64 (Steele, Lea & Flood 2014): the state advances by the golden gamma, each output
+# is the state through two xor-shift-multiply rounds and a final xor-shift
+_GAMMA = _int64(0x9E3779B97F4A7C15)
+_MIX = ((30, _int64(0xBF58476D1CE4E5B9)), (27, _int64(0x94D049BB133111EB)), (31, None))
+
+
+class _Workspace(threading.local):
+    """The hash's memory on CPU, kept per thread between calls: fresh megabytes every step
+    cost more in page faults than the hash itself (0.5 against 0.2 ms a million entries)."""
+
+    counter: Tensor | None = None  # i * gamma: its first n serve every smaller n
+    scratch: Tensor | None = None  # z and its shifted copy
+
+    def take(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        if self.counter is None or self.counter.numel() < n:
+            self.counter = torch.arange(n, dtype=torch.int64).mul_(_GAMMA)
+            self.scratch = torch.empty(2 * n, dtype=torch.int64)
+        assert self.scratch is not None
+        return self.counter[:n], self.scratch[:n], self.scratch[n:2 * n]
+
+
+_WORKSPACE = _Workspace()
+
+
+@torch.no_grad()
+def random_words(n: int, device: torch.device | str = "cpu", *,
+                 workspace: bool = False) -> Tensor:
+    """``n`` random 64-bit words (int64): SplitMix64's outputs for a seed drawn from torch's
+    default generator (so ``torch.manual_seed`` and its saved state govern them). A
+    counter-based generator in vectorised integer ops: every word is computed independently,
+    on all threads, where ``random_`` on CPU runs one Mersenne Twister serially.
+
+    ``workspace=True`` (CPU only) computes in memory kept per thread, with the counter made
+    once: the words are then a view of it, valid until the next such call."""
+    seed = torch.randint(2**62, ())  # (a tensor: no host sync, and torch.compile traces it)
+    if workspace:
+        counter, z, t = _WORKSPACE.take(n)
+        torch.add(counter, seed, out=z)
+    else:
+        z = torch.arange(n, dtype=torch.int64, device=device).mul_(_GAMMA).add_(seed.to(device))
+        t = torch.empty_like(z)
+    for shift, mult in _MIX:  # z ^= z >>> shift (logical: the arithmetic shift, masked)
+        torch.bitwise_right_shift(z, shift, out=t).bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(t)
+        if mult is not None:
+            z.mul_(mult)  # (int64 products wrap, as the unsigned ones)
+    return z
+
+
+#: From this many words up (2^18 bytes), on CPU, the hash's dozen vectorised ops cost less
+#: than torch's serial draw (a 64-bit Mersenne Twister word: 2.5 ns, against the hash's 1.2)
+HASH_FROM = 2**15
+
+
+class UniformMagnitudes:
+    """Draws ``|U(-b, b)|``, that is ``U(0, b)``, into a tensor, on 256 levels: the midpoints
+    ``(k + ½) b / 256`` of 256 equal bins, from one random byte an entry, eight from each
+    64-bit word. The grid is as fine as a bfloat16's mantissa; the mean is exact and the
+    variance ``b²/12 (1 - 2^-16)``. The words are :func:`random_words` on CPU from
+    ``HASH_FROM`` words up, else torch's own full-range ``random_`` (a parallel Philox draw
+    on GPU) into memory kept for the next call. On CPU a draw takes an eighth (a million
+    entries) to a third (ten thousand) of ``uniform_``'s time, a 32-bit Mersenne Twister
+    draw per entry run serially, which set brsf's cost. Under
+    ``torch.compile`` the draw is inductor's ``rand`` (continuous)."""
+
+    def __init__(self, bound: float):
+        self.bound = bound
+        self.step = bound / 256
+        # byte s in [-128, 128) -> (s + 128.5) step, in one pass: offset + step * s, the
+        # offset a 0-dim tensor made once (a CPU scalar, which any device's op takes)
+        self.offset = torch.tensor(128.5 * self.step)
+        self._words: Tensor | None = None  # torch's draw: the words and their bytes as out
+        self._bytes: Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self, out: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            # inductor lowers rand to its own parallel generator; it miscompiles the wrapping
+            # int64 products of random_words (torch 2.14: heap corruption, index overflow)
+            return torch.mul(torch.rand_like(out), self.bound, out=out)
+        n = out.numel()
+        words = (n + 7) // 8
+        if words >= HASH_FROM and out.device.type == "cpu":
+            s = random_words(words, workspace=True).view(torch.int8)[:n].view(out.shape)
+        else:
+            s = self._bytes  # type: ignore[assignment]
+            if s is None or s.shape != out.shape or s.device != out.device:
+                self._words = torch.empty(words, dtype=torch.int64, device=out.device)
+                s = self._bytes = self._words.view(torch.int8)[:n].view(out.shape)
+            self._words.random_(-2**63, None)  # type: ignore[union-attr]
+        return torch.add(self.offset, s, alpha=self.step, out=out)
+
+
+#: From this many entries up, on CPU, mirror noise comes from :func:`random_words`
+NOISE_HASH_FROM = 2**16
+
+
+# the offsets of the conversions below, as 0-dim tensors made once (CPU scalars)
+_U_OFFSET = torch.tensor(2**-25)
+_THETA_OFFSET = torch.tensor(math.pi * 2**-24)
+
+
+@functools.lru_cache(maxsize=64)
+def _offset(value: float) -> Tensor:
+    return torch.tensor(value)
+
+
+def _bits24(words: int) -> Tensor:
+    """``2 words`` random int32 on [-2^23, 2^23): the top 24 bits of each half of a word."""
+    return random_words(words, workspace=True).view(torch.int32).bitwise_right_shift_(8)
+
+
+def box_muller(bits: Tensor, std: float, out: Tensor) -> Tensor:
+    """``N(0, std²)`` into ``out`` (float32, ``2 h`` entries) from ``bits`` (int32 on
+    [-2^23, 2^23), ``2 h`` of them, changed in place): the first ``h`` give the radii, from
+    ``u = (k + 1/2) / 2^24`` (never 0 or rounded to 0, so every value is finite), the last
+    ``h`` the angles, ``2 pi (k + 1/2) / 2^24``; ``out`` holds the sines, then the cosines."""
+    h = bits.numel() // 2
+    u, theta = out[:h], out[h:]
+    torch.add(_U_OFFSET, bits[:h].add_(2**23), alpha=2**-24, out=u)  # k + 2^-25, exact below 1/2
+    torch.add(_THETA_OFFSET, bits[h:], alpha=2 * math.pi * 2**-24, out=theta)
+    r = u.log_().mul_(-2 * std * std).sqrt_()  # r = std sqrt(-2 ln u), in place of u
+    sin = torch.sin(theta)
+    theta.cos_().mul_(r)  # r cos(theta)
+    r.mul_(sin)  # r sin(theta)
+    return out
+
+
+@torch.no_grad()
+def noise_like(x: Tensor, dist: str, std: float) -> Tensor:
+    """Fresh noise of ``x``'s shape, dtype and device: ``N(0, std²)``, or (``dist='uniform'``)
+    uniform with that standard deviation.
+
+    On CPU, for a contiguous float32 ``x`` of ``NOISE_HASH_FROM`` entries or more, from
+    :func:`random_words`: uniforms on 2^24 levels (the midpoints; torch's own float draw has
+    24 bits too), and normals from pairs of them by the Box-Muller transform, as torch's
+    ``normal_`` makes them, in two thirds to three quarters of torch's time (a million and
+    128 000 entries, 2 threads). Elsewhere torch's
+    ``randn_like`` / ``rand_like``."""
+    n = x.numel()
+    if (n < NOISE_HASH_FROM or x.device.type != "cpu" or x.dtype != torch.float32
+            or not x.is_contiguous() or torch.compiler.is_compiling()):
+        if dist == "normal":
+            return torch.randn_like(x).mul_(std)
+        half_width = std * math.sqrt(3.0)
+        return torch.rand_like(x).mul_(2 * half_width).sub_(half_width)
+    if dist == "normal":
+        h = (n + 1) // 2
+        return box_muller(_bits24(h), std, torch.empty(2 * h))[:n].view(x.shape)
+    # uniform on (-w, w), w = sqrt(3) std: (k + 1/2) 2w / 2^24 for k in [-2^23, 2^23)
+    step = 2 * std * math.sqrt(3.0) * 2**-24
+    bits = _bits24((n + 1) // 2)[:n]
+    return torch.add(_offset(0.5 * step), bits, alpha=step).view(x.shape)
