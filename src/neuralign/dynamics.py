@@ -121,15 +121,19 @@ class _Observer:
 
     Under DistributedDataParallel each product ``H u`` is averaged over the processes (a small
     all-reduce per layer), so the iteration is the single process's on the global batch and
-    every process holds the same ``u`` and the same curvature."""
+    every process holds the same ``u`` and the same curvature.
+
+    The backward writes only tensors (in place): ``iters``, the power iterations per call, is
+    set by the recipe's step (``WARMUP_ITERATIONS`` until the layer's first step, then 1), so
+    under ``torch.compile`` the backward has no Python side effect to break the graph on."""
 
     def __init__(self, state: dict, sparse: bool, null: bool):
         self.state, self.sparse, self.null = state, sparse, null
+        self.iters = WARMUP_ITERATIONS if state["observed"] == 0 else 1
 
     @torch.no_grad()
     def __call__(self, ops, src: Tensor, y: Tensor | None, n: int) -> None:
-        state = self.state
-        iters = WARMUP_ITERATIONS if state["observed"] == 0 else 1
+        state, iters = self.state, self.iters
         if self.sparse:
             u = state["u_in"].to(src.dtype)
             for _ in range(iters):
@@ -147,7 +151,6 @@ class _Observer:
                 u = torch.where(lam > 0, h / lam.clamp_min(torch.finfo(lam.dtype).tiny), u)
             state["u_out"].copy_(u)
             state["curv_out"].add_(lam * ops.overlap)
-        state["observed"] += 1
 
 
 def curvature(layer: FeedbackLayer, state: dict | None = None) -> float | Tensor:
@@ -221,6 +224,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         self._spares: dict[Tensor, Tensor] = {}  # last step's F.grad, for the next backward
         # sa-like layers whose whole step is F ← F + rate·(W − F): stepped together
         self._lerp: dict[Tensor, Tensor] = {}
+        self._observers: dict[Tensor, _Observer] = {}  # the layers' curvature estimates
         for F, layer in self._layer_of.items():
             self._take_over(F, layer)
 
@@ -237,6 +241,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             self._lerp.pop(F, None)
         spec.terms, spec.kp = activity, False
         spec.observe = spec.loaded = None
+        self._observers.pop(F, None)
         if not activity:
             F.requires_grad_(False)
             F.grad = None
@@ -254,8 +259,8 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                                             dtype=W.dtype).div_(math.sqrt(n_out))
                 state["curv_in"] = W.new_zeros(())
                 state["curv_out"] = W.new_zeros(())
-                state["observed"] = 0  # backward calls seen
-            spec.observe = _Observer(state, sparse, null)
+                state["observed"] = 0  # steps taken after a backward
+            spec.observe = self._observers[F] = _Observer(state, sparse, null)
         if rule.kp:
             def sync(F=F, W=layer.weight):
                 # F − W = scale · delta: the plain decay only shrinks the scale (one pass a step)
@@ -273,6 +278,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             F.requires_grad_(True)
         self._spares.clear()
         self._lerp.clear()
+        self._observers.clear()
 
     # -- F.grad's memory -------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -334,6 +340,9 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                 if "curv_in" in state:  # the next step's curvatures start afresh
                     state["curv_in"].zero_()
                     state["curv_out"].zero_()
+                    state["observed"] += 1
+                    if F in self._observers:  # one power iteration per backward from now on
+                        self._observers[F].iters = 1
         for rate, (Fs, Ws) in lerps.items():
             torch._foreach_lerp_(Fs, Ws, rate)
         return loss
