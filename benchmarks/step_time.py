@@ -486,6 +486,10 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every model (inductor; the optimizer steps stay eager) "
                         "and report each one's graph breaks (torch._dynamo.explain)")
+    p.add_argument("--fallback-random", action="store_true",
+                   help="with --compile: torch._inductor.config.fallback_random = True, so the "
+                        "compiled graphs draw random numbers with torch's own ops (on CPU, "
+                        "inductor's draw makes wm's and ia's mirror noise slower than eager)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument("--no-share", action="store_true",
                    help="skip profiling bp's matmul share (time-weighted ideal shows nan)")
@@ -507,6 +511,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.compile:  # every rule's layers recompile the same frames: room for all of them
         torch._dynamo.config.recompile_limit = 256
+    if args.fallback_random:
+        import torch._inductor.config
+
+        torch._inductor.config.fallback_random = True
     device = torch.device(args.device)
     models = [m for m in args.models.split(",") if m]
     rules = [r for r in args.rules.split(",") if r]
