@@ -512,9 +512,9 @@ def main(argv=None):
     if args.compile:  # every rule's layers recompile the same frames: room for all of them
         torch._dynamo.config.recompile_limit = 256
     if args.fallback_random:
-        import torch._inductor.config
+        import torch._inductor.config as inductor_config
 
-        torch._inductor.config.fallback_random = True
+        inductor_config.fallback_random = True
     device = torch.device(args.device)
     models = [m for m in args.models.split(",") if m]
     rules = [r for r in args.rules.split(",") if r]
