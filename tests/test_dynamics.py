@@ -415,11 +415,12 @@ def test_only_layers_that_write_into_kept_memory_keep_their_f_grad():
     assert model[0]._spec.spare is None and model[0].feedback.grad is None
 
 
-@pytest.mark.parametrize("name", ["aa", "ia"])
+@pytest.mark.parametrize("name", ["aa", "ia", "wm"])
 def test_the_recipe_compiles_without_graph_breaks_and_matches_eager(name):
     """Under torch.compile the curvature estimate's backward writes only tensors, so a model
     with the recipe compiles without a graph break, and its steps (8 power iterations at the
-    first backward, then 1: a recompile) give eager's F and power-iteration vectors."""
+    first backward, then 1: a recompile) give eager's F and power-iteration vectors; the
+    mirror noise (ia, wm) is eager's draw, so the same seed gives the same F."""
     def run(compiled: bool):
         torch.manual_seed(0)
         model = na.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), name)
@@ -438,8 +439,9 @@ def test_the_recipe_compiles_without_graph_breaks_and_matches_eager(name):
     for (n, a), b in zip(got.named_parameters(), want.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
     for fb, state in got_opt.state.items():
-        assert got_opt._observers[fb].iters == 1 and state["observed"] == 3
+        if "u_in" in state:  # (wm has no data curvature)
+            assert got_opt._observers[fb].iters == 1 and state["observed"] == 3
     for a, b in zip(got_opt.state.values(), want_opt.state.values(), strict=True):
-        for key in ("u_in", "u_out"):
+        for key in ("u_in", "u_out") if "u_in" in a else ():
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
     assert torch._dynamo.explain(got)(torch.randn(5, 6)).graph_break_count == 0

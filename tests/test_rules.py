@@ -24,9 +24,9 @@ CASES = [pytest.param(c, id=c.id) for c in LAYER_CASES
 def _noise_like(x, noise):
     """The mirror noise the backward draws, from the same random stream."""
     if noise.dist == "normal":
-        return torch.randn_like(x) * noise.std
+        return torch.empty_like(x).normal_(0, noise.std)
     h = noise.std * math.sqrt(3)
-    return torch.rand_like(x) * 2 * h - h
+    return torch.empty_like(x).uniform_(-h, h)
 
 
 def _variants(name):
@@ -370,16 +370,17 @@ def test_a_sign_rule_checkpoint_with_its_former_magnitude_buffer_loads(name, for
 
 
 @pytest.mark.parametrize("dist", ["normal", "uniform"])
-def test_mirror_noise_from_the_hash_is_the_box_muller_of_its_words(dist):
+@pytest.mark.parametrize("extra", [2, 3])  # an odd and an even number of entries (3 m)
+def test_mirror_noise_from_the_hash_is_the_box_muller_of_its_words(dist, extra):
     """From NOISE_HASH_FROM entries up, on CPU, the noise is made from random_words (seeded
     by torch): the top 24 bits of each 32-bit half as a uniform (k + 1/2) / 2^24, and for
     normals the Box-Muller transform of pairs, computed here in float64 from the same words.
     Its sample has the distribution's moments and is independent across the pairs' halves."""
     from neuralign.draws import NOISE_HASH_FROM, noise_like, random_words
 
-    m = NOISE_HASH_FROM // 3 + 2
-    n, std = 3 * m, 0.7  # (odd: the last pair's cosine is dropped)
-    assert n % 2 == 1 and n >= NOISE_HASH_FROM
+    m = NOISE_HASH_FROM // 3 + extra
+    n, std = 3 * m, 0.7  # (where odd, the last pair's cosine is dropped)
+    assert n % 2 != extra % 2 and n >= NOISE_HASH_FROM
     x = torch.empty(3, m)
     torch.manual_seed(1)
     got = noise_like(x, dist, std)
@@ -456,3 +457,27 @@ def test_random_words_are_splitmix64_seeded_by_torch():
     short = random_words(600)
     torch.manual_seed(3)
     assert torch.equal(random_words(600, workspace=True), short)
+
+
+def test_brsf_under_torch_compile_draws_the_same_magnitudes_as_eager():
+    """Compiled, brsf's draw is an opaque op running the eager draw (SplitMix64 from 2^15
+    words up): no graph break, and the same seed gives eager's F, fresh every batch."""
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model = na.convert(nn.Sequential(nn.Linear(600, 500), nn.ReLU(), nn.Linear(500, 10)),
+                           "brsf")
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        out = []
+        for _ in range(2):
+            forward(torch.randn(4, 600, requires_grad=True)).sum().backward()
+            out.append([m.feedback.clone() for m in (model[0], model[2])])
+        return model, out
+
+    torch._dynamo.reset()
+    model, got = run(True)
+    _, want = run(False)
+    for a, b in zip(got, want, strict=True):
+        for fa, fb in zip(a, b, strict=True):
+            assert torch.equal(fa, fb)
+    assert (got[0][0] != got[1][0]).float().mean() > 0.99  # fresh magnitudes
+    assert torch._dynamo.explain(model)(torch.randn(4, 600)).graph_break_count == 0

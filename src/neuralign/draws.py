@@ -99,9 +99,12 @@ class UniformMagnitudes:
     @torch.no_grad()
     def __call__(self, out: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
-            # inductor lowers rand to its own parallel generator; it miscompiles the wrapping
-            # int64 products of random_words (torch 2.14: heap corruption, index overflow)
-            return torch.mul(torch.rand_like(out), self.bound, out=out)
+            # an opaque op that runs this same draw, eagerly, inside the compiled graph
+            # (inductor miscompiles the wrapping int64 products of random_words, torch 2.14:
+            # heap corruption, index overflow; and its own rand, or torch's with
+            # fallback_random, is the serial draw again)
+            torch.ops.neuralign.uniform_magnitudes_(out, self.bound)
+            return out
         n = out.numel()
         words = (n + 7) // 8
         if words >= HASH_FROM and out.device.type == "cpu":
@@ -113,6 +116,22 @@ class UniformMagnitudes:
                 s = self._bytes = self._words.view(torch.int8)[:n].view(out.shape)
             self._words.random_(-2**63, None)  # type: ignore[union-attr]
         return torch.add(self.offset, s, alpha=self.step, out=out)
+
+
+@functools.lru_cache(maxsize=64)
+def _uniform_magnitudes(bound: float) -> UniformMagnitudes:
+    return UniformMagnitudes(bound)
+
+
+@torch.library.custom_op("neuralign::uniform_magnitudes_", mutates_args=("out",))
+def _uniform_magnitudes_op(out: Tensor, bound: float) -> None:
+    """:class:`UniformMagnitudes` as an op that ``torch.compile`` keeps whole."""
+    _uniform_magnitudes(bound)(out)
+
+
+@_uniform_magnitudes_op.register_fake
+def _(out: Tensor, bound: float) -> None:
+    return None
 
 
 #: From this many entries up, on CPU, mirror noise comes from :func:`random_words`
@@ -152,26 +171,52 @@ def box_muller(bits: Tensor, std: float, out: Tensor) -> Tensor:
 
 @torch.no_grad()
 def noise_like(x: Tensor, dist: str, std: float) -> Tensor:
-    """Fresh noise of ``x``'s shape, dtype and device: ``N(0, std²)``, or (``dist='uniform'``)
-    uniform with that standard deviation.
+    """Fresh noise of ``x``'s shape, dtype, device and memory format: ``N(0, std²)``, or
+    (``dist='uniform'``) uniform with that standard deviation.
 
     On CPU, for a contiguous float32 ``x`` of ``NOISE_HASH_FROM`` entries or more, from
     :func:`random_words`: uniforms on 2^24 levels (the midpoints; torch's own float draw has
     24 bits too), and normals from pairs of them by the Box-Muller transform, as torch's
     ``normal_`` makes them, in two thirds to three quarters of torch's time (a million and
-    128 000 entries, 2 threads). Elsewhere torch's
-    ``randn_like`` / ``rand_like``."""
-    n = x.numel()
-    if (n < NOISE_HASH_FROM or x.device.type != "cpu" or x.dtype != torch.float32
-            or not x.is_contiguous() or torch.compiler.is_compiling()):
+    128 000 entries, 2 threads). Elsewhere torch's ``normal_`` / ``uniform_``. Under
+    ``torch.compile`` the same draws run as an opaque op (inductor's own draw is slower on
+    CPU, and compiled and eager runs then draw the same noise from the same seed)."""
+    out = torch.empty_like(x)
+    if torch.compiler.is_compiling():
+        torch.ops.neuralign.noise_(out, dist, std)
+        return out
+    return _draw_noise(out, dist, std)
+
+
+def _draw_noise(out: Tensor, dist: str, std: float) -> Tensor:
+    n = out.numel()
+    if (n < NOISE_HASH_FROM or out.device.type != "cpu" or out.dtype != torch.float32
+            or not out.is_contiguous()):
         if dist == "normal":
-            return torch.randn_like(x).mul_(std)
+            return out.normal_(0.0, std)
         half_width = std * math.sqrt(3.0)
-        return torch.rand_like(x).mul_(2 * half_width).sub_(half_width)
+        return out.uniform_(-half_width, half_width)
+    flat = out.view(-1)
     if dist == "normal":
         h = (n + 1) // 2
-        return box_muller(_bits24(h), std, torch.empty(2 * h))[:n].view(x.shape)
+        if n % 2 == 0:
+            box_muller(_bits24(h), std, flat)
+        else:  # (the last pair's cosine has no place)
+            flat.copy_(box_muller(_bits24(h), std, torch.empty(2 * h))[:n])
+        return out
     # uniform on (-w, w), w = sqrt(3) std: (k + 1/2) 2w / 2^24 for k in [-2^23, 2^23)
     step = 2 * std * math.sqrt(3.0) * 2**-24
-    bits = _bits24((n + 1) // 2)[:n]
-    return torch.add(_offset(0.5 * step), bits, alpha=step).view(x.shape)
+    torch.add(_offset(0.5 * step), _bits24((n + 1) // 2)[:n], alpha=step, out=flat)
+    return out
+
+
+@torch.library.custom_op("neuralign::noise_", mutates_args=("out",))
+def _noise_op(out: Tensor, dist: str, std: float) -> None:
+    """:func:`noise_like`'s draw into ``out``, as an op that ``torch.compile`` keeps whole
+    (a mutating op: two draws of one shape are never merged into one)."""
+    _draw_noise(out, dist, std)
+
+
+@_noise_op.register_fake
+def _(out: Tensor, dist: str, std: float) -> None:
+    return None
