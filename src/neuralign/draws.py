@@ -119,14 +119,14 @@ class UniformMagnitudes:
 
 
 @functools.lru_cache(maxsize=64)
-def _uniform_magnitudes(bound: float) -> UniformMagnitudes:
-    return UniformMagnitudes(bound)
+def _uniform_magnitudes(bound: float, shape: tuple[int, ...], device: str) -> UniformMagnitudes:
+    return UniformMagnitudes(bound)  # (one per shape: each keeps its draw's memory)
 
 
 @torch.library.custom_op("neuralign::uniform_magnitudes_", mutates_args=("out",))
 def _uniform_magnitudes_op(out: Tensor, bound: float) -> None:
     """:class:`UniformMagnitudes` as an op that ``torch.compile`` keeps whole."""
-    _uniform_magnitudes(bound)(out)
+    _uniform_magnitudes(bound, tuple(out.shape), str(out.device))(out)
 
 
 @_uniform_magnitudes_op.register_fake
