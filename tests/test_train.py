@@ -202,6 +202,37 @@ class _Interrupt(Callback):
             raise KeyboardInterrupt
 
 
+@pytest.mark.parametrize("rule", ["ia", "dfa"])
+def test_a_compiled_run_equals_the_eager_one(tmp_path, rule):
+    """train.compile: the training forward and backward under torch.compile (aot_eager here,
+    no code generation) give the eager run's weights and metrics exactly: the recipe's
+    curvature estimate, the mirror noise and the gradient-angle probe compile without a graph
+    break (ia); dfa's output error breaks the graph, and the broken run is still exact."""
+    over = tiny(tmp_path, f"rule.name={rule}")
+    eager = Trainer(load_config(None, over + ["train.name=eager"]))
+    want = eager.fit()
+    torch._dynamo.reset()
+    compiled = Trainer(load_config(None, over + ["train.name=compiled",
+                                                 "train.compile=aot_eager"]))
+    got = compiled.fit()
+    a, b = eager.model.state_dict(), compiled.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    def comparable(history):  # NaN != NaN, and wall time differs
+        return [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+                 for k, v in h.items() if k != "epoch_time_s"} for h in history]
+
+    assert comparable(got) == comparable(want)
+    assert not math.isnan(got[-1]["gradient_angle"])  # (the probe recorded, compiled)
+
+
+def test_an_unknown_compile_backend_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.compile='nope' .*valid: '' \(off\), "
+                                          r"aot_eager, .*inductor"):
+        Trainer(load_config(None, tiny(tmp_path, "train.compile=nope")))
+
+
 @pytest.mark.parametrize("rule,extra", [
     ("ia", ["optim.schedule.name=cosine", "optim.schedule.warmup_epochs=0.5"]),
     ("brsf", []),  # fresh random magnitudes every batch: the RNG state must be restored

@@ -33,7 +33,8 @@ class Spec:
         rule: the feedback rule.
         derive: for feedback derived from W (sign rules): ``derive(W) -> F``, called in the
             backward (only when a gradient is taken), writing the layer's buffer in place.
-        probe: a dict that receives the local gradient angle while recording is on, or None.
+        probe: a 0-d float64 tensor that receives the local gradient angle (degrees) while
+            recording is on, or None.
         dfa: for direct feedback alignment, the model's :class:`~neuralign.dfa.DFAState`.
         project: for direct feedback alignment, ``project(e) -> D``: the layer's projection
             for an output error ``e`` (made at the first backward, once the outputs are known).
@@ -55,7 +56,7 @@ class Spec:
     ops: LayerOps
     rule: Rule
     derive: Callable[[Tensor], Tensor] | None = None
-    probe: dict | None = field(default=None)
+    probe: Tensor | None = field(default=None)
     dfa: DFAState | None = None
     project: Callable[[Tensor], Tensor] | None = None
     terms: Mapping[str, float] | None = None
@@ -180,8 +181,7 @@ def _record_angle(spec: Spec, sent: Tensor, dout: Tensor, W: Tensor, xp_shape) -
     """Local gradient angle: what was sent down vs what W would send for the same error."""
     ops = spec.ops
     assert spec.probe is not None
-    spec.probe["gradient_angle"] = angle(sent, ops.pad_T(ops.core_T(dout, W.to(dout.dtype),
-                                                                     xp_shape)))
+    spec.probe.copy_(angle(sent, ops.pad_T(ops.core_T(dout, W.to(dout.dtype), xp_shape))))
 
 
 def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):

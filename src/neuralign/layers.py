@@ -272,14 +272,17 @@ class FeedbackLayer(nn.Module):
     def record_gradient_angle(self, enabled: bool = True) -> None:
         """Record, at each backward, the angle between what the layer sends down through F and
         what it would send through W for the same incoming error."""
-        self._spec.probe = {} if enabled else None
+        # a 0-d tensor that the backward overwrites (NaN until then): no Python side effect in
+        # the backward, so recording does not break a compiled graph
+        self._spec.probe = torch.full((), math.nan, dtype=torch.float64,
+                                      device=self.weight.device) if enabled else None
 
     @property
     def gradient_angle(self) -> float | None:
         """Degrees, from the last backward while recording was on (else None)."""
         probe = self._spec.probe
-        angle = probe.get("gradient_angle") if probe else None
-        return None if angle is None else float(angle)
+        angle = None if probe is None else float(probe)
+        return None if angle is None or math.isnan(angle) else angle
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rule={self.rule.name}"

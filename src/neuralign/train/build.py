@@ -174,6 +174,17 @@ def wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device, 
     return model, net
 
 
+def compile_network(net: torch.nn.Module, backend: str) -> torch.nn.Module:
+    """``net`` under ``torch.compile`` with ``backend`` (``train.compile``), or as it is when
+    the backend is empty; a :class:`ConfigError` for a backend torch does not have."""
+    if not backend:
+        return net
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"train.compile={backend!r} is not a torch.compile backend; valid: "
+                          f"'' (off), aot_eager, {', '.join(torch._dynamo.list_backends())}")
+    return torch.compile(net, backend=backend)  # type: ignore[return-value]
+
+
 def build_schedules(optimizer: torch.optim.Optimizer, feedback: torch.optim.Optimizer | None,
                     cfg: Config, steps_per_epoch: int) -> tuple[Any, Any]:
     """The learning-rate schedules of both optimizers (the feedback one None without F)."""

@@ -160,6 +160,11 @@ class TrainConfig:
         overwrite: reuse an existing run folder of the same name (its files are replaced).
         sync_batchnorm: under torchrun on GPUs, BatchNorm statistics over the global batch
             (``torch.nn.SyncBatchNorm``) instead of each process's share.
+        compile: ``torch.compile`` the training forward and backward with this backend
+            (``inductor``, torch's default; ``aot_eager``, no code generation; empty: off).
+            The optimizer steps, evaluation and metrics stay eager. The random draws are the
+            eager ones: with ``aot_eager`` a seed gives exactly the eager run; inductor's
+            fused kernels round differently.
     """
 
     name: str = ""
@@ -175,6 +180,7 @@ class TrainConfig:
     deterministic: bool = False
     overwrite: bool = False
     sync_batchnorm: bool = False
+    compile: str = ""
 
 
 @dataclass

@@ -156,6 +156,7 @@ class Trainer:
         # with its plain state-dict keys, is what metrics, evaluation and checkpoints use)
         self.model, self.net = build.wrap_distributed(self.model, cfg, self.device, self.rank,
                                                       self.world_size)
+        self.net = build.compile_network(self.net, tc.compile)
         self.schedule, self.feedback_schedule = build.build_schedules(
             self.optimizer, self.feedback_optimizer, cfg, len(self.data.train))
         for line in build.describe(cfg, self.model, self.rule, self.feedback_optimizer,
