@@ -227,6 +227,16 @@ def test_a_compiled_run_equals_the_eager_one(tmp_path, rule):
     assert not math.isnan(got[-1]["gradient_angle"])  # (the probe recorded, compiled)
 
 
+def test_each_compiled_run_has_dynamo_caches_of_its_own():
+    """dynamo keys its caches on code objects: two runs' compiled steps must not share one,
+    or a comparison's ninth rule would hit the recompile limit and run eager."""
+    from neuralign.train.build import compile_network
+
+    a, b = (compile_network(torch.nn.Linear(2, 2), "aot_eager") for _ in range(2))
+    assert a._torchdynamo_orig_callable.__code__ is not b._torchdynamo_orig_callable.__code__
+    assert compile_network(net := torch.nn.Linear(2, 2), "") is net
+
+
 def test_an_unknown_compile_backend_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"train.compile='nope' .*valid: '' \(off\), "
                                           r"aot_eager, .*inductor"):

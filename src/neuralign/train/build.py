@@ -4,6 +4,8 @@ itself is the loop (``Trainer.__init__`` calls these in order)."""
 from __future__ import annotations
 
 import logging
+import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +176,7 @@ def wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device, 
     return model, net
 
 
-def compile_network(net: torch.nn.Module, backend: str) -> torch.nn.Module:
+def compile_network(net: torch.nn.Module, backend: str) -> Callable[..., Any]:
     """``net`` under ``torch.compile`` with ``backend`` (``train.compile``), or as it is when
     the backend is empty; a :class:`ConfigError` for a backend torch does not have."""
     if not backend:
@@ -182,7 +184,16 @@ def compile_network(net: torch.nn.Module, backend: str) -> torch.nn.Module:
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError(f"train.compile={backend!r} is not a torch.compile backend; valid: "
                           f"'' (off), aot_eager, {', '.join(torch._dynamo.list_backends())}")
-    return torch.compile(net, backend=backend)  # type: ignore[return-value]
+
+    # dynamo keys its caches on code objects, and all models of a class share their forward's:
+    # one run's graphs would count against the next run's recompile limit (a comparison
+    # trains every rule in one process, and from the ninth on they ran eager). A code object
+    # of this run's own keeps its cache to itself.
+    def call(*args):
+        return net(*args)
+
+    own = types.FunctionType(call.__code__.replace(), call.__globals__, closure=call.__closure__)
+    return torch.compile(own, backend=backend)
 
 
 def build_schedules(optimizer: torch.optim.Optimizer, feedback: torch.optim.Optimizer | None,
