@@ -413,6 +413,34 @@ def test_mirror_noise_from_the_hash_is_the_box_muller_of_its_words(dist, extra):
     assert torch.equal(noise_like(x, dist, std), got)
 
 
+def test_large_draws_go_in_chunks_and_the_workspace_stays_bounded(monkeypatch):
+    """A draw larger than CHUNK_WORDS words is made chunk by chunk, each from its own seed,
+    so the kept workspace never grows with the tensor (mirror noise covers activations)."""
+    from neuralign import draws
+
+    monkeypatch.setattr(draws, "CHUNK_WORDS", 2**15)
+    monkeypatch.setattr(draws, "_WORKSPACE", draws._Workspace())
+    x = torch.empty(5, 2**16 + 3)  # 2.5 chunks of normal pairs, the last one odd
+    torch.manual_seed(2)
+    got = draws.noise_like(x, "normal", 1.0).flatten()
+    assert draws._WORKSPACE.counter.numel() == 2**15
+    torch.manual_seed(2)
+    size, want = 2 * 2**15, torch.empty(x.numel())
+    for i in range(0, x.numel(), size):  # each chunk as one draw (even the last, small one)
+        draws._noise_chunk(want[i:i + size], "normal", 1.0)
+    assert torch.equal(got, want)
+    brsf = draws.UniformMagnitudes(0.5)
+    F = torch.empty(3 * 8 * 2**15 + 7)
+    torch.manual_seed(3)
+    brsf(F)
+    assert draws._WORKSPACE.counter.numel() == 2**15
+    torch.manual_seed(3)
+    parts = [draws.random_words(2**15), draws.random_words(2**15), draws.random_words(2**15),
+             draws.random_words(1)]
+    s = torch.cat([w.view(torch.int8) for w in parts])[:F.numel()].double()
+    torch.testing.assert_close(F.double(), (s + 128.5) * 0.5 / 256, rtol=0, atol=1e-6)
+
+
 def test_box_muller_is_finite_and_exact_at_the_extreme_words():
     """The smallest radius word gives u = 2^-25 exactly (not 0: no infinite noise), the
     largest u = 1 - 2^-25 (rounded in float32 to at most 1: a radius of 0 at worst)."""

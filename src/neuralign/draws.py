@@ -71,6 +71,10 @@ def random_words(n: int, device: torch.device | str = "cpu", *,
     return z
 
 
+#: The most words one hash call makes (larger draws go in chunks): the workspace stays at a
+#: few megabytes (three buffers of 2 MB), however large an activation the noise covers
+CHUNK_WORDS = 2**18
+
 #: From this many words up (2^18 bytes), on CPU, the hash's dozen vectorised ops cost less
 #: than torch's serial draw (a 64-bit Mersenne Twister word: 2.5 ns, against the hash's 1.4-1.8)
 HASH_FROM = 2**15
@@ -107,8 +111,14 @@ class UniformMagnitudes:
             return out
         n = out.numel()
         words = (n + 7) // 8
-        if words >= HASH_FROM and out.device.type == "cpu":
-            s = random_words(words, workspace=True).view(torch.int8)[:n].view(out.shape)
+        if words >= HASH_FROM and out.device.type == "cpu" and out.is_contiguous():
+            flat, size = out.view(-1), 8 * CHUNK_WORDS
+            for start in range(0, n, size):
+                part = flat[start:start + size]
+                m = part.numel()
+                s = random_words((m + 7) // 8, workspace=True).view(torch.int8)[:m]
+                torch.add(self.offset, s, alpha=self.step, out=part)
+            return out
         else:
             s = self._bytes  # type: ignore[assignment]
             if s is None or s.shape != out.shape or s.device != out.device:
@@ -196,18 +206,24 @@ def _draw_noise(out: Tensor, dist: str, std: float) -> Tensor:
             return out.normal_(0.0, std)
         half_width = std * math.sqrt(3.0)
         return out.uniform_(-half_width, half_width)
-    flat = out.view(-1)
+    flat, size = out.view(-1), 2 * CHUNK_WORDS
+    for start in range(0, n, size):  # (two entries a word)
+        _noise_chunk(flat[start:start + size], dist, std)
+    return out
+
+
+def _noise_chunk(flat: Tensor, dist: str, std: float) -> None:
+    n = flat.numel()
     if dist == "normal":
         h = (n + 1) // 2
         if n % 2 == 0:
             box_muller(_bits24(h), std, flat)
         else:  # (the last pair's cosine has no place)
             flat.copy_(box_muller(_bits24(h), std, torch.empty(2 * h))[:n])
-        return out
+        return
     # uniform on (-w, w), w = sqrt(3) std: (k + 1/2) 2w / 2^24 for k in [-2^23, 2^23)
     step = 2 * std * math.sqrt(3.0) * 2**-24
     torch.add(_offset(0.5 * step), _bits24((n + 1) // 2)[:n], alpha=step, out=flat)
-    return out
 
 
 @torch.library.custom_op("neuralign::noise_", mutates_args=("out",))
