@@ -248,7 +248,12 @@ def make_runner(name, base, device, lr, lr_f, momentum, feedback="recipe", compi
             groups["feedback"], lr=lr_f, momentum=momentum)
     runner = Runner(name, model, opt_w, opt_f, lr_f)
     if compile_x is not None:  # --compile: inductor on the model (forward and backward)
-        runner.graph_breaks = torch._dynamo.explain(model)(compile_x).graph_break_count
+        # after one eager pass (dfa's layers tap the output error once its shape is known),
+        # through a function, whose frame holds the root's hooks as torch.compile's does
+        model(compile_x).sum().backward()
+        model.zero_grad(set_to_none=True)
+        runner.graph_breaks = torch._dynamo.explain(lambda x: model(x))(compile_x
+                                                                        ).graph_break_count
         # dynamo caches compiled graphs on code objects, and the models of all rules share
         # theirs (Sequential.forward, ...): the guards of every rule would be checked at every
         # call. A code object of its own per rule keeps each one's cache to itself.

@@ -231,3 +231,49 @@ def test_a_convolution_under_a_dense_output_gets_its_pixels_own_error():
     sent = torch.einsum("nchw,ck->nkhw", g, D)  # D e at each pixel
     expected = torch.nn.grad.conv2d_weight(x, m[0].weight.shape, sent, padding=1)
     torch.testing.assert_close(m[0].weight.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def _conv_net():
+    return nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(12, 4))
+
+
+@pytest.mark.parametrize("make,shape", [(_conv_net, (4, 2, 4, 4)), (_PerToken, (2, 6, 5))])
+def test_compiled_dfa_sends_e_through_taps_without_a_graph_break(make, shape):
+    """Compiled, a layer's backward is traced before the output's backward has an error to
+    give: from the second pass on (the output's shape known) each dfa layer returns a tap whose
+    gradient the output's backward sets to e. No graph break, and the steps are eager's."""
+    def run(compiled: bool):
+        torch.manual_seed(0)
+        model = na.convert(make().double(), "dfa")
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for _ in range(3):
+            opt.zero_grad()
+            forward(torch.randn(*shape, dtype=torch.float64)).square().sum().backward()
+            opt.step()
+        return model
+
+    torch._dynamo.reset()
+    want, got = run(False), run(True)
+    for (n, a), b in zip(got.named_parameters(), want.parameters(), strict=True):
+        assert torch.equal(a, b), n
+    x = torch.randn(*shape, dtype=torch.float64)  # (through a function: the root's hooks in
+    assert torch._dynamo.explain(lambda x: got(x))(x).graph_break_count == 0  # its frame)
+
+
+def test_a_sequence_first_layer_is_refused_when_compiled_too():
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.fc(x.transpose(0, 1)).mean(0))
+
+    m = na.convert(SequenceFirst(), "dfa")
+    x = torch.randn(3, 7, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="examples first"):
+        m(x).sum().backward()  # (the output's shape is known from here on: taps when compiled)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="examples first"):
+        torch.compile(m, backend="aot_eager")(x).sum().backward()

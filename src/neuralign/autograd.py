@@ -97,7 +97,7 @@ class FeedbackFunction(torch.autograd.Function):
     # forward(ctx, ...) rather than forward + setup_context: with a separate setup_context,
     # torch binds the arguments through inspect.signature at every call, about 20 µs a layer.
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, spec):
+    def forward(ctx, x, weight, bias, feedback, spec, tap=False):
         output = spec.ops.forward(x, weight, bias)
         ctx.spec = spec
         # The output is kept for null, and for amp where it is smaller than W (else amp folds
@@ -113,26 +113,29 @@ class FeedbackFunction(torch.autograd.Function):
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device)) \
             if torch.is_autocast_enabled(device) else None
+        if tap:  # dfa, compiled: a second output whose gradient is the output error e
+            assert spec.dfa is not None and spec.dfa.tail is not None
+            return output, output.new_zeros(()).expand(x.shape[0], *spec.dfa.tail)
         return output
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, e=None):
         if ctx.autocast is None:
-            return FeedbackFunction._backward(ctx, dout)
+            return FeedbackFunction._backward(ctx, dout, e)
         # Under autocast the products run in the dtype autocast gave the output, with autocast
         # itself off (the backward ops are not on its lists); the engine casts each gradient to
         # its parameter's own dtype.
         with torch.autocast(ctx.autocast[0], enabled=False):
-            return FeedbackFunction._backward(ctx, dout)
+            return FeedbackFunction._backward(ctx, dout, e)
 
     @staticmethod
-    def _backward(ctx, dout):
+    def _backward(ctx, dout, e=None):
         x, W, b, F, out = ctx.saved_tensors
-        need_x, need_w, need_b, need_f, _ = ctx.needs_input_grad
+        need_x, need_w, need_b, need_f, _ = ctx.needs_input_grad[:5]
         spec: Spec = ctx.spec
         ops, rule = spec.ops, spec.rule
         if spec.dfa is not None:
-            return _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b)
+            return _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b, e)
         if spec.derive is not None and (need_x or spec.probe is not None):
             F = spec.derive(W)  # derived only where it is used: a first layer sends nothing
         x, W, F = _cast(dout.dtype, x, W, F)
@@ -159,7 +162,7 @@ class FeedbackFunction(torch.autograd.Function):
                                  W_self=W_self, out=_spare(spec))
             if spec.observe is not None:
                 spec.observe(ops, src, y, n)
-        return dx, dw if need_w else None, db, df, None
+        return dx, dw if need_w else None, db, df, None, None
 
 
 def _spare(spec: Spec) -> Tensor | None:
@@ -184,9 +187,10 @@ def _record_angle(spec: Spec, sent: Tensor, dout: Tensor, W: Tensor, xp_shape) -
     spec.probe.copy_(angle(sent, ops.pad_T(ops.core_T(dout, W.to(dout.dtype), xp_shape))))
 
 
-def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):
+def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b, e=None):
     """Direct feedback alignment: send ``D e`` down; W and b get their gradients from the error
-    that reached this layer's output (which the layers above sent as their own ``D e``)."""
+    that reached this layer's output (which the layers above sent as their own ``D e``). ``e``
+    comes as the gradient of the layer's tap (compiled), else from the pass's slot."""
     spec: Spec = ctx.spec
     ops = spec.ops
     x, W = _cast(dout.dtype, x, W)
@@ -194,9 +198,10 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):
     _, dw, db = ops.backward(dout, xp, W, (False, need_w, need_b))
     dx = None
     if need_x or spec.probe is not None:
-        if ctx.slot is None or "e" not in ctx.slot:
-            raise missing_error()
-        e = ctx.slot["e"]
+        if e is None:
+            if ctx.slot is None or "e" not in ctx.slot:
+                raise missing_error()
+            e = ctx.slot["e"]
         n = x.shape[0] if x.dim() > 1 else 1
         if (e.shape[0] if e.dim() > 1 else 1) != n:
             raise RuntimeError(
@@ -207,7 +212,7 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b):
         dx = _project_error(ops, spec, e.to(dout.dtype), n, x.shape)
         if spec.probe is not None:
             _record_angle(spec, dx, dout, W, xp.shape)
-    return dx if need_x else None, dw if need_w else None, db, None, None
+    return dx if need_x else None, dw if need_w else None, db, None, None, None
 
 
 def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Size) -> Tensor:
@@ -234,5 +239,11 @@ def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Si
 
 def feedback_forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,
                      spec: Spec) -> Tensor:
-    """Apply the layer through :class:`FeedbackFunction`."""
+    """Apply the layer through :class:`FeedbackFunction` (a dfa layer in a compiled pass
+    also hands its tap to the output marker: see :mod:`neuralign.dfa`)."""
+    dfa = spec.dfa
+    if dfa is not None and dfa.taps is not None and x.dim() > 1:
+        out, tap = FeedbackFunction.apply(x, weight, bias, feedback, spec, True)
+        dfa.taps.append(tap)
+        return out
     return FeedbackFunction.apply(x, weight, bias, feedback, spec)

@@ -40,24 +40,37 @@ __all__ = ["DFAState", "CaptureError", "mark_output", "unmark_output"]
 
 
 class DFAState:
-    """Shared by a model's dfa layers and its output marker: the slot of the current pass."""
+    """Shared by a model's dfa layers and its output marker: the slot of the current pass;
+    under ``torch.compile``, the pass's taps and the output's shape after the examples."""
 
     def __init__(self):
         self.current: dict | None = None
+        self.taps: list[Tensor] | None = None
+        self.tail: tuple[int, ...] | None = None
 
 
 class CaptureError(torch.autograd.Function):
-    """Identity on the network output; its backward stores the output error ``e``."""
+    """Identity on the network output; its backward gives the output error ``e`` to the
+    layers: through the pass's slot, or, given taps, as the gradient of each tap."""
 
     @staticmethod
-    def forward(ctx, out, slot):  # (with ctx: no per-call argument binding, see autograd.py)
-        ctx.slot = slot
+    def forward(ctx, out, slot, *taps):  # (with ctx: no per-call argument binding)
+        ctx.slot, ctx.taps = slot, [t.shape for t in taps]
         return out.clone()
 
     @staticmethod
     def backward(ctx, e):
-        ctx.slot["e"] = e
-        return e, None
+        if not ctx.taps:
+            ctx.slot["e"] = e
+            return e, None
+        for shape in ctx.taps:
+            if shape != e.shape:
+                raise RuntimeError(
+                    f"dfa: the model's output has {e.shape[0]} examples on its first "
+                    f"dimension, a layer's input {shape[0]}: dfa pairs each example's output "
+                    f"error with its input, so both must hold the examples first (a "
+                    f"sequence-first layout does not)")
+        return (e, None, *[e] * len(ctx.taps))
 
 
 class _OpenSlot:
@@ -65,7 +78,14 @@ class _OpenSlot:
         self.state = state
 
     def __call__(self, module, args):
-        self.state.current = {} if torch.is_grad_enabled() else None
+        state = self.state
+        state.current = {} if torch.is_grad_enabled() else None
+        # Compiled, a layer's backward is traced with the forward, before the output's backward
+        # could fill the slot: so from the second pass on (the output's shape known) each
+        # layer returns a tap, an expanded zero of the output's shape, whose gradient the
+        # output's backward sets to e. The slot is not written, and the graph does not break.
+        compiled = torch.compiler.is_compiling() and state.current is not None
+        state.taps = [] if compiled and state.tail is not None else None
 
 
 class _CaptureOutput:
@@ -73,13 +93,17 @@ class _CaptureOutput:
         self.state = state
 
     def __call__(self, module, args, output):
-        slot = self.state.current
+        state = self.state
+        slot = state.current
         if slot is None:
             return None
         if not isinstance(output, Tensor):
             raise TypeError(f"rule dfa needs the model to return one tensor (the output whose "
                             f"error every layer receives), got {type(output).__name__}")
-        return CaptureError.apply(output, slot)
+        if output.dim() > 1:
+            state.tail = tuple(output.shape[1:])
+        taps, state.taps = state.taps or [], None
+        return CaptureError.apply(output, slot, *taps)
 
 
 def mark_output(model: nn.Module, state: DFAState) -> None:
