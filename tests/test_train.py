@@ -207,7 +207,8 @@ def test_a_compiled_run_equals_the_eager_one(tmp_path, rule):
     """train.compile: the training forward and backward under torch.compile (aot_eager here,
     no code generation) give the eager run's weights and metrics exactly: the recipe's
     curvature estimate, the mirror noise and the gradient-angle probe compile without a graph
-    break (ia); dfa's output error breaks the graph, and the broken run is still exact."""
+    break (ia); dfa's first pass breaks the graph (its output's shape unknown), the others
+    give e through taps."""
     over = tiny(tmp_path, f"rule.name={rule}")
     eager = Trainer(load_config(None, over + ["train.name=eager"]))
     want = eager.fit()

@@ -29,6 +29,12 @@ pre-hook opens a fresh slot for the pass (each layer's Function keeps a referenc
 post-hook passes the output through :class:`CaptureError`, whose backward, which autograd runs
 before any layer's, writes ``e`` into the slot. Several forward passes before one backward
 each keep their own ``e``.
+
+Under ``torch.compile`` a layer's backward is traced with the forward, before any ``e``
+exists, and a write into the slot from a backward would break the graph. So in a compiled
+pass, once an earlier pass has shown the output's shape, each layer returns a second output,
+a *tap* (an expanded zero of the output's shape), and ``CaptureError``'s backward returns
+``e`` as every tap's gradient: the error reaches the layers through the graph itself.
 """
 
 from __future__ import annotations
