@@ -231,8 +231,9 @@ def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Si
     # gradient, a sum over positions, has the scale a Linear layer's would.
     e = e.reshape(n, -1)
     D = spec.project(e).to(e.dtype)
-    p = math.prod(positions)
-    v = e.mm(D).div_(p)
+    if not positions:  # (a Linear layer's [N, C_in]: D e itself, with no pass over it)
+        return ops.from_channels_last(e.mm(D), shape)
+    v = e.mm(D).div_(math.prod(positions))
     return ops.from_channels_last(v.view(n, *[1] * len(positions), -1)
                                   .expand(n, *positions, v.shape[1]), shape)
 
