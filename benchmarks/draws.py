@@ -15,24 +15,11 @@ A benchmark, not a test: for a few sizes it times (best of 7 repeats, microsecon
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from layer_overhead import best_time  # (this folder is on the path when run as a script)
 from neuralign.draws import UniformMagnitudes, noise_like, random_words
-
-
-def best_time(fn, calls: int, repeats: int = 7) -> float:
-    """Microseconds per call, the best of ``repeats`` runs of ``calls`` calls."""
-    for _ in range(max(calls // 5, 3)):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
 
 
 def main(argv=None):

@@ -202,6 +202,12 @@ class _Interrupt(Callback):
             raise KeyboardInterrupt
 
 
+def _comparable(history):
+    """A run's history for equality: NaN != NaN, and wall time differs."""
+    return [{k: (None if isinstance(v, float) and math.isnan(v) else v)
+             for k, v in h.items() if k != "epoch_time_s"} for h in history]
+
+
 @pytest.mark.parametrize("rule", ["ia", "dfa"])
 def test_a_compiled_run_equals_the_eager_one(tmp_path, rule):
     """train.compile: the training forward and backward under torch.compile (aot_eager here,
@@ -220,11 +226,7 @@ def test_a_compiled_run_equals_the_eager_one(tmp_path, rule):
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
-    def comparable(history):  # NaN != NaN, and wall time differs
-        return [{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                 for k, v in h.items() if k != "epoch_time_s"} for h in history]
-
-    assert comparable(got) == comparable(want)
+    assert _comparable(got) == _comparable(want)
     assert not math.isnan(got[-1]["gradient_angle"])  # (the probe recorded, compiled)
 
 
@@ -273,11 +275,7 @@ def test_resume_equals_uninterrupted(tmp_path, rule, extra):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    def comparable(history):  # NaN != NaN, and wall time differs
-        return [{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                 for k, v in h.items() if k != "epoch_time_s"} for h in history]
-
-    assert comparable(hist) == comparable(full_hist)
+    assert _comparable(hist) == _comparable(full_hist)
     sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     for i in sa:
         for k in sa[i]:

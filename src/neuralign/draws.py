@@ -75,6 +75,13 @@ def random_words(n: int, device: torch.device | str = "cpu", *,
 #: few megabytes (three buffers of 2 MB), however large an activation the noise covers
 CHUNK_WORDS = 2**18
 
+@functools.lru_cache(maxsize=64)
+def _offset(value: float) -> Tensor:
+    """The offset of a conversion ``offset + alpha · bits``, a 0-d tensor made once per value
+    (a CPU scalar, which any device's op takes)."""
+    return torch.tensor(value)
+
+
 #: From this many words up (2^18 bytes), on CPU, the hash's dozen vectorised ops cost less
 #: than torch's serial draw (a 64-bit Mersenne Twister word: 2.5 ns, against the hash's 1.4-1.8)
 HASH_FROM = 2**15
@@ -88,15 +95,14 @@ class UniformMagnitudes:
     ``HASH_FROM`` words up, else torch's own full-range ``random_`` (a parallel Philox draw
     on GPU) into memory kept for the next call. On CPU a draw takes an eighth (a million
     entries) to a third (ten thousand) of ``uniform_``'s time, a 32-bit Mersenne Twister
-    draw per entry run serially, which set brsf's cost. Under
-    ``torch.compile`` the draw is inductor's ``rand`` (continuous)."""
+    draw per entry run serially, which set brsf's cost. Under ``torch.compile`` the same
+    draw runs as an opaque op."""
 
     def __init__(self, bound: float):
         self.bound = bound
         self.step = bound / 256
-        # byte s in [-128, 128) -> (s + 128.5) step, in one pass: offset + step * s, the
-        # offset a 0-dim tensor made once (a CPU scalar, which any device's op takes)
-        self.offset = torch.tensor(128.5 * self.step)
+        # byte s in [-128, 128) -> (s + 128.5) step, in one pass: offset + step * s
+        self.offset = _offset(128.5 * self.step)
         self._words: Tensor | None = None  # torch's draw: the words and their bytes as out
         self._bytes: Tensor | None = None
 
@@ -119,12 +125,11 @@ class UniformMagnitudes:
                 s = random_words((m + 7) // 8, workspace=True).view(torch.int8)[:m]
                 torch.add(self.offset, s, alpha=self.step, out=part)
             return out
-        else:
-            s = self._bytes  # type: ignore[assignment]
-            if s is None or s.shape != out.shape or s.device != out.device:
-                self._words = torch.empty(words, dtype=torch.int64, device=out.device)
-                s = self._bytes = self._words.view(torch.int8)[:n].view(out.shape)
-            self._words.random_(-2**63, None)  # type: ignore[union-attr]
+        s = self._bytes  # type: ignore[assignment]
+        if s is None or s.shape != out.shape or s.device != out.device:
+            self._words = torch.empty(words, dtype=torch.int64, device=out.device)
+            s = self._bytes = self._words.view(torch.int8)[:n].view(out.shape)
+        self._words.random_(-2**63, None)  # type: ignore[union-attr]
         return torch.add(self.offset, s, alpha=self.step, out=out)
 
 
@@ -148,16 +153,6 @@ def _(out: Tensor, bound: float) -> None:
 NOISE_HASH_FROM = 2**16
 
 
-# the offsets of the conversions below, as 0-dim tensors made once (CPU scalars)
-_U_OFFSET = torch.tensor(2**-25)
-_THETA_OFFSET = torch.tensor(math.pi * 2**-24)
-
-
-@functools.lru_cache(maxsize=64)
-def _offset(value: float) -> Tensor:
-    return torch.tensor(value)
-
-
 def _bits24(words: int) -> Tensor:
     """``2 words`` random int32 on [-2^23, 2^23): the top 24 bits of each half of a word."""
     return random_words(words, workspace=True).view(torch.int32).bitwise_right_shift_(8)
@@ -170,8 +165,8 @@ def box_muller(bits: Tensor, std: float, out: Tensor) -> Tensor:
     ``h`` the angles, ``2 pi (k + 1/2) / 2^24``; ``out`` holds the sines, then the cosines."""
     h = bits.numel() // 2
     u, theta = out[:h], out[h:]
-    torch.add(_U_OFFSET, bits[:h].add_(2**23), alpha=2**-24, out=u)  # k + 2^-25, exact below 1/2
-    torch.add(_THETA_OFFSET, bits[h:], alpha=2 * math.pi * 2**-24, out=theta)
+    torch.add(_offset(2**-25), bits[:h].add_(2**23), alpha=2**-24, out=u)  # k + 2^-25, exact below 1/2
+    torch.add(_offset(math.pi * 2**-24), bits[h:], alpha=2 * math.pi * 2**-24, out=theta)
     r = u.log_().mul_(-2 * std * std).sqrt_()  # r = std sqrt(-2 ln u), in place of u
     sin = torch.sin(theta)
     theta.cos_().mul_(r)  # r cos(theta)

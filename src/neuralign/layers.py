@@ -281,8 +281,10 @@ class FeedbackLayer(nn.Module):
     def gradient_angle(self) -> float | None:
         """Degrees, from the last backward while recording was on (else None)."""
         probe = self._spec.probe
-        angle = None if probe is None else float(probe)
-        return None if angle is None or math.isnan(angle) else angle
+        if probe is None:
+            return None
+        angle = float(probe)
+        return None if math.isnan(angle) else angle
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rule={self.rule.name}"

@@ -146,6 +146,13 @@ class LayerOps:
         return self.core_outer(self.pad(x), y)
 
 
+def _linear_outer(xp: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
+    """``Σ y xᵀ`` over every leading dimension, into ``out`` when given."""
+    if y.dim() != 2:  # ([N, features] needs no reshape: a few µs a call on small layers)
+        y, xp = y.reshape(-1, y.shape[-1]), xp.reshape(-1, xp.shape[-1])
+    return torch.mm(y.t(), xp, out=out)
+
+
 class LinearOps(LayerOps):
     """``nn.Linear`` with any number of leading dimensions (``[*, in] -> [*, out]``)."""
 
@@ -164,16 +171,12 @@ class LinearOps(LayerOps):
         return y.matmul(K)
 
     def core_outer(self, xp, y):
-        if y.dim() == 2:  # [N, features]: no reshapes (a few µs a call on small layers)
-            return y.t().mm(xp)
-        return y.reshape(-1, y.shape[-1]).t().mm(xp.reshape(-1, xp.shape[-1]))
+        return _linear_outer(xp, y)
 
     def core_outer_into(self, xp, y, out):
         if type(self).core_outer is not LinearOps.core_outer:  # a subclass's own map
             return super().core_outer_into(xp, y, out)
-        if y.dim() != 2:
-            y, xp = y.reshape(-1, y.shape[-1]), xp.reshape(-1, xp.shape[-1])
-        return torch.mm(y.t(), xp, out=out)
+        return _linear_outer(xp, y, out)
 
     def bias_grad(self, dy):
         return dy.sum(0) if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1]).sum(0)
