@@ -29,8 +29,9 @@ _MIX = ((30, _int64(0xBF58476D1CE4E5B9)), (27, _int64(0x94D049BB133111EB)), (31,
 
 
 class _Workspace(threading.local):
-    """The hash's memory on CPU, kept per thread between calls: fresh megabytes every step
-    cost more in page faults than the hash itself (0.5 against 0.2 ms a million entries)."""
+    """The hash's memory on CPU, kept per thread between calls: fresh megabytes that glibc
+    has returned to the OS cost more in page faults than the hash itself (125 000 words:
+    0.65-0.79 ms fresh, 0.15 ms kept)."""
 
     counter: Tensor | None = None  # i * gamma: its first n serve every smaller n
     scratch: Tensor | None = None  # z and its shifted copy
@@ -182,8 +183,8 @@ def noise_like(x: Tensor, dist: str, std: float) -> Tensor:
     On CPU, for a contiguous float32 ``x`` of ``NOISE_HASH_FROM`` entries or more, from
     :func:`random_words`: uniforms on 2^24 levels (the midpoints; torch's own float draw has
     24 bits too), and normals from pairs of them by the Box-Muller transform, as torch's
-    ``normal_`` makes them, in two thirds to three quarters of torch's time (a million and
-    128 000 entries, 2 threads). Elsewhere torch's ``normal_`` / ``uniform_``. Under
+    ``normal_`` makes them, in 0.68 (a million entries) to 0.79 (128 000) of torch's time
+    (2 threads, ``benchmarks/draws.py``). Elsewhere torch's ``normal_`` / ``uniform_``. Under
     ``torch.compile`` the same draws run as an opaque op (inductor's own draw is slower on
     CPU, and compiled and eager runs then draw the same noise from the same seed)."""
     out = torch.empty_like(x)
