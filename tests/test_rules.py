@@ -276,16 +276,30 @@ def test_the_self_term_can_be_overridden():
     assert dict(na.get_rule("sa", self=2.0).terms) == {"self": 2.0, "decay": 1.0}
 
 
+@pytest.fixture(params=["native", "torch"])
+def draw_path(request, monkeypatch):
+    """Each way of drawing on CPU: the native kernel (``neuralign.native``), and torch's ops
+    (the kernel turned off, as without a C compiler)."""
+    from neuralign import native
+
+    if request.param == "torch":
+        monkeypatch.setattr(native, "library", lambda: None)
+    elif native.library() is None:  # (.ci/run checks that CI builds it)
+        pytest.skip("no C compiler here for the native kernels")
+    return request.param
+
+
 @pytest.mark.parametrize("init,shape", [("default", (400, 300)), ("kaiming_uniform", (400, 300)),
                                         ("xavier_uniform", (400, 300)), ("default", (600, 500)),
                                         ("default", (40, 50))])
-def test_brsf_magnitudes_are_fresh_uniform_draws(init, shape):
+def test_brsf_magnitudes_are_fresh_uniform_draws(init, shape, draw_path):
     """brsf's fast draw (one random byte an entry, eight per 64-bit word) has the distribution
     the rule specifies, |U(-b, b)| = U(0, b) with the init's own b, on 256 levels (the bins'
     midpoints), independently per entry and per batch: every value on the grid, a chi-square
     test of the 256 levels, the moments, and the correlation between neighbouring entries
-    (same word, next word) and between batches, against their sampling error. (600, 500) is
-    drawn by the hash (2^15 words and more), the others by torch's own draw."""
+    (same word, next word) and between batches, against their sampling error. Without the
+    native kernel, (600, 500) is drawn by the hash (2^15 words and more), the others by
+    torch's own draw."""
     from neuralign.layers import UNIFORM_BOUNDS
 
     torch.manual_seed(0)
@@ -322,28 +336,37 @@ def test_brsf_magnitudes_are_fresh_uniform_draws(init, shape):
 
 
 @pytest.mark.parametrize("shape", [(50, 40), (2**15 - 1, 8), (2**15 + 1, 8), (1000, 999)])
-def test_uniform_magnitudes_come_from_the_hash_on_cpu_from_2_to_the_15_words(shape):
-    """Below 2^15 words the bytes are torch's full-range int64 draw, from there SplitMix64's
-    words (random_words): both seeded by torch's generator, so a seed repeats the draw; each
-    byte s gives (s + 128.5) b / 256."""
+def test_uniform_magnitudes_are_the_bytes_of_seeded_words(shape, draw_path):
+    """Each byte s gives (s + 128.5) b / 256. The words are SplitMix64's (random_words), or,
+    without the native kernel and below 2^15 words, torch's full-range int64 draw: both
+    seeded by torch's generator, so a seed repeats the draw. The native kernel rounds each
+    level once, (s + 128.5) · float32(b) / 256, and sets the sign's sign bit (-0.0 too)."""
     from neuralign.draws import HASH_FROM, UniformMagnitudes, random_words
 
     draw = UniformMagnitudes(0.3)
     out = torch.empty(shape)
     n = out.numel()
     words = (n + 7) // 8
+    sign = torch.randn(shape)
+    sign.view(-1)[:4] = torch.tensor([0.0, -0.0, float("inf"), -float("inf")])
     for seed in (5, 6):  # twice: the second call reuses the memory the first one kept
         torch.manual_seed(seed)
         got = draw(out).clone()
         torch.manual_seed(seed)
-        if words >= HASH_FROM:
+        if words >= HASH_FROM or draw_path == "native":
             w = random_words(words)
         else:
             w = torch.empty(words, dtype=torch.int64).random_(-2**63, None)
         s = w.view(torch.int8)[:n].view(shape).double()
-        assert torch.allclose(got.double(), (s + 128.5) * 0.3 / 256, rtol=0, atol=1e-6)
+        level = (s + 128.5) * torch.tensor(0.3).item() / 256  # (float32(b), exact in float64)
+        if draw_path == "native":
+            assert torch.equal(got, level.float())
+        else:
+            assert torch.allclose(got.double(), level, rtol=0, atol=1e-6)
         torch.manual_seed(seed)
         assert torch.equal(draw(out), got)
+        torch.manual_seed(seed)
+        assert torch.equal(draw(out, sign), torch.copysign(got, sign))
 
 
 def test_brsf_with_a_normal_init_draws_half_normal_magnitudes():
@@ -413,9 +436,10 @@ def test_mirror_noise_from_the_hash_is_the_box_muller_of_its_words(dist, extra):
     assert torch.equal(noise_like(x, dist, std), got)
 
 
-def test_large_draws_go_in_chunks_and_the_workspace_stays_bounded(monkeypatch):
+def test_large_draws_go_in_chunks_and_the_workspace_stays_bounded(monkeypatch, draw_path):
     """A draw larger than CHUNK_WORDS words is made chunk by chunk, each from its own seed,
-    so the kept workspace never grows with the tensor (mirror noise covers activations)."""
+    so the kept workspace never grows with the tensor (mirror noise covers activations);
+    brsf's native draw keeps no workspace, and has the same chunks."""
     from neuralign import draws
 
     monkeypatch.setattr(draws, "CHUNK_WORDS", 2**15)
@@ -431,9 +455,11 @@ def test_large_draws_go_in_chunks_and_the_workspace_stays_bounded(monkeypatch):
     assert torch.equal(got, want)
     brsf = draws.UniformMagnitudes(0.5)
     F = torch.empty(3 * 8 * 2**15 + 7)
+    monkeypatch.setattr(draws, "_WORKSPACE", draws._Workspace())
     torch.manual_seed(3)
     brsf(F)
-    assert draws._WORKSPACE.counter.numel() == 2**15
+    assert draws._WORKSPACE.counter is None if draw_path == "native" else (
+        draws._WORKSPACE.counter.numel() == 2**15)
     torch.manual_seed(3)
     parts = [draws.random_words(2**15), draws.random_words(2**15), draws.random_words(2**15),
              draws.random_words(1)]
@@ -455,6 +481,40 @@ def test_box_muller_is_finite_and_exact_at_the_extreme_words():
     assert out[3].item() == pytest.approx(r * math.cos(theta), rel=1e-5)
     assert out[0].item() == pytest.approx(r * math.sin(theta), rel=1e-4, abs=1e-5)
     assert abs(out[1].item()) < 1e-3 and abs(out[4].item()) < 1e-3  # u near 1: radius near 0
+
+
+@pytest.mark.parametrize("compiler", ["no-such-compiler", "false"])
+def test_native_kernels_are_built_in_the_cache_or_else_off(tmp_path, monkeypatch, compiler):
+    """The kernels are compiled into the cache folder, leaving nothing else there; a compiler
+    that is missing or fails turns them off with a warning (brsf then draws by torch ops),
+    and NEURALIGN_NATIVE=0 turns them off silently."""
+    import shutil
+    import warnings
+
+    from neuralign import native
+
+    monkeypatch.setenv("NEURALIGN_CACHE", str(tmp_path))
+    native.library.cache_clear()
+    try:
+        if shutil.which("cc") is not None:
+            assert native.library() is not None
+            assert [p.name for p in (tmp_path / "native").iterdir()] == [
+                p.name for p in (tmp_path / "native").glob("kernels-*.so")] != []
+        shutil.rmtree(tmp_path / "native", ignore_errors=True)
+        monkeypatch.setenv("CC", compiler)
+        native.library.cache_clear()
+        with pytest.warns(RuntimeWarning, match="native kernels are off"):
+            assert native.library() is None
+        layer = na.convert(nn.Linear(30, 20), "brsf")
+        layer(torch.randn(2, 30, requires_grad=True)).sum().backward()
+        assert torch.equal(torch.sign(layer.feedback), torch.sign(layer.weight))
+        monkeypatch.setenv("NEURALIGN_NATIVE", "0")
+        native.library.cache_clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.library() is None
+    finally:
+        native.library.cache_clear()
 
 
 def test_random_words_are_splitmix64_seeded_by_torch():

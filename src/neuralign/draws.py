@@ -4,8 +4,9 @@ torch's CPU generator is one Mersenne Twister run serially: 2 ns a 32-bit word, 
 entry as a small matrix product, every step. brsf's fresh magnitudes and the mirror noise of
 wm and ia are drawn here instead, from SplitMix64 (Steele, Lea & Flood 2014) computed on
 all threads, seeded by torch's default generator (so ``torch.manual_seed`` and the saved
-RNG state govern them). Small draws, other devices and compiled code keep torch's own.
-"""
+RNG state govern them): brsf's in one pass by a native kernel (:mod:`neuralign.native`)
+where there is one, else in torch ops. Small noise draws and other devices keep torch's own;
+compiled code runs these same draws as opaque ops."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import threading
 
 import torch
 from torch import Tensor
+
+from . import native
 
 
 def _int64(c: int) -> int:
@@ -91,13 +94,16 @@ HASH_FROM = 2**15
 class UniformMagnitudes:
     """Draws ``|U(-b, b)|``, that is ``U(0, b)``, into a tensor, on 256 levels: the midpoints
     ``(k + ½) b / 256`` of 256 equal bins, from one random byte an entry, eight from each
-    64-bit word. The grid is as fine as a bfloat16's mantissa; the mean is exact and the
-    variance ``b²/12 (1 - 2^-16)``. The words are :func:`random_words` on CPU from
-    ``HASH_FROM`` words up, else torch's own full-range ``random_`` (a parallel Philox draw
-    on GPU) into memory kept for the next call. On CPU a draw takes an eighth (a million
-    entries) to a third (ten thousand) of ``uniform_``'s time, a 32-bit Mersenne Twister
-    draw per entry run serially, which set brsf's cost. Under ``torch.compile`` the same
-    draw runs as an opaque op."""
+    64-bit word; with ``sign``, ``copysign(draw, sign)`` (brsf's F). The grid is as fine as a
+    bfloat16's mantissa; the mean is exact and the variance ``b²/12 (1 - 2^-16)``.
+
+    On CPU, for contiguous float32, the native kernel (:mod:`neuralign.native`) makes each
+    entry, sign included, in one pass from :func:`random_words`' words. Without it the words
+    are :func:`random_words` from ``HASH_FROM`` words up, else torch's own full-range
+    ``random_`` (a parallel Philox draw on GPU) into memory kept for the next call. Either
+    is much cheaper than ``uniform_``, a 32-bit Mersenne Twister draw per entry run serially,
+    which set brsf's cost (``benchmarks/draws.py``). Under ``torch.compile`` the same draw
+    runs as an opaque op."""
 
     def __init__(self, bound: float):
         self.bound = bound
@@ -106,32 +112,47 @@ class UniformMagnitudes:
         self.offset = _offset(128.5 * self.step)
         self._words: Tensor | None = None  # torch's draw: the words and their bytes as out
         self._bytes: Tensor | None = None
+        self._seed = torch.empty((), dtype=torch.int64)  # the native draw's (random_words')
 
     @torch.no_grad()
-    def __call__(self, out: Tensor) -> Tensor:
+    def __call__(self, out: Tensor, sign: Tensor | None = None) -> Tensor:
         if torch.compiler.is_compiling():
             # an opaque op that runs this same draw, eagerly, inside the compiled graph
             # (inductor miscompiles the wrapping int64 products of random_words, torch 2.14:
             # heap corruption, index overflow; and its own rand, or torch's with
             # fallback_random, is the serial draw again)
-            torch.ops.neuralign.uniform_magnitudes_(out, self.bound)
+            torch.ops.neuralign.uniform_magnitudes_(out, self.bound, sign)
             return out
         n = out.numel()
+        size = 8 * CHUNK_WORDS  # (chunks, as random_words' workspace takes them)
+        lib = native.library()
+        if lib is not None and native.fits(out, sign):
+            seed = self._seed
+            if n <= size:  # (the common case, without the views)
+                native.signed_uniform_bytes(lib, out, sign, seed.random_(2**62), self.step)
+                return out
+            flat, signs = out.view(-1), None if sign is None else sign.view(-1)
+            for start in range(0, n, size):
+                native.signed_uniform_bytes(lib, flat[start:start + size], None if signs is None
+                                            else signs[start:start + size], seed.random_(2**62),
+                                            self.step)
+            return out
         words = (n + 7) // 8
         if words >= HASH_FROM and out.device.type == "cpu" and out.is_contiguous():
-            flat, size = out.view(-1), 8 * CHUNK_WORDS
+            flat = out.view(-1)
             for start in range(0, n, size):
                 part = flat[start:start + size]
                 m = part.numel()
                 s = random_words((m + 7) // 8, workspace=True).view(torch.int8)[:m]
                 torch.add(self.offset, s, alpha=self.step, out=part)
-            return out
-        s = self._bytes  # type: ignore[assignment]
-        if s is None or s.shape != out.shape or s.device != out.device:
-            self._words = torch.empty(words, dtype=torch.int64, device=out.device)
-            s = self._bytes = self._words.view(torch.int8)[:n].view(out.shape)
-        self._words.random_(-2**63, None)  # type: ignore[union-attr]
-        return torch.add(self.offset, s, alpha=self.step, out=out)
+        else:
+            s = self._bytes  # type: ignore[assignment]
+            if s is None or s.shape != out.shape or s.device != out.device:
+                self._words = torch.empty(words, dtype=torch.int64, device=out.device)
+                s = self._bytes = self._words.view(torch.int8)[:n].view(out.shape)
+            self._words.random_(-2**63, None)  # type: ignore[union-attr]
+            torch.add(self.offset, s, alpha=self.step, out=out)
+        return out if sign is None else torch.copysign(out, sign, out=out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -140,13 +161,13 @@ def _uniform_magnitudes(bound: float, shape: tuple[int, ...], device: str) -> Un
 
 
 @torch.library.custom_op("neuralign::uniform_magnitudes_", mutates_args=("out",))
-def _uniform_magnitudes_op(out: Tensor, bound: float) -> None:
+def _uniform_magnitudes_op(out: Tensor, bound: float, sign: Tensor | None) -> None:
     """:class:`UniformMagnitudes` as an op that ``torch.compile`` keeps whole."""
-    _uniform_magnitudes(bound, tuple(out.shape), str(out.device))(out)
+    _uniform_magnitudes(bound, tuple(out.shape), str(out.device))(out, sign)
 
 
 @_uniform_magnitudes_op.register_fake
-def _(out: Tensor, bound: float) -> None:
+def _(out: Tensor, bound: float, sign: Tensor | None) -> None:
     return None
 
 

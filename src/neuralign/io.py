@@ -18,8 +18,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "write_text", "write_yaml", "write_csv", "read_csv", "save_figure",
+__all__ = ["cache_dir", "atomic_write", "write_text", "write_yaml", "write_csv", "read_csv", "save_figure",
            "pyplot", "markdown_table", "mean_std", "split_list", "summarize"]
+
+
+def cache_dir() -> Path:
+    """neuralign's cache folder: ``$NEURALIGN_CACHE``, else ``$XDG_CACHE_HOME/neuralign``,
+    else ``~/.cache/neuralign``."""
+    if os.environ.get("NEURALIGN_CACHE"):
+        return Path(os.environ["NEURALIGN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "neuralign"
 
 
 def _umask() -> int:

@@ -204,12 +204,12 @@ class FeedbackLayer(nn.Module):
         F: Tensor = self._buffers["feedback"]  # type: ignore[assignment]
         return torch.copysign(F, W.detach(), out=F)
 
-    def _derive_brsf(self, draw: Callable[[Tensor], Tensor], W: Tensor) -> Tensor:
+    def _derive_brsf(self, draw: Callable[[Tensor, Tensor], Tensor], W: Tensor) -> Tensor:
         F: Tensor = self._buffers["feedback"]  # type: ignore[assignment]
-        return torch.copysign(draw(F), W.detach(), out=F)
+        return draw(F, W.detach())  # copysign(fresh magnitudes, W)
 
-    def _draw_init(self, F: Tensor) -> Tensor:  # brsf with an init that is not uniform
-        return init_feedback(F, self.weight.detach(), self.rule.init)
+    def _draw_init(self, F: Tensor, sign: Tensor) -> Tensor:  # brsf, an init not uniform
+        return torch.copysign(init_feedback(F, sign, self.rule.init), sign, out=F)
 
     @torch.no_grad()
     def current_feedback(self) -> Tensor:

@@ -5,28 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..io import atomic_write
+from ..io import atomic_write, cache_dir
 from .config import DataConfig, DataInfo, DatasetNotFoundError, register_dataset
 
 log = logging.getLogger("neuralign.data")
 
 # ---------------------------------------------------------------------------------------------
 # MNIST-1D
-
-
-def cache_dir() -> Path:
-    """neuralign's cache folder: ``$NEURALIGN_CACHE``, else ``$XDG_CACHE_HOME/neuralign``,
-    else ``~/.cache/neuralign``."""
-    if os.environ.get("NEURALIGN_CACHE"):
-        return Path(os.environ["NEURALIGN_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "neuralign"
 
 
 def load_mnist1d(num_samples: int = 0) -> dict[str, np.ndarray]:

@@ -1,0 +1,139 @@
+"""Native CPU kernels for the draws: C compiled on first use by the machine's C compiler,
+loaded with ctypes.
+
+A draw made of torch ops passes over memory once per op: brsf's fresh feedback took the
+hash's dozen integer passes, a conversion and a ``copysign``, where the kernel here makes
+each entry in one pass, from the same SplitMix64 words, at about the cost of the
+``copysign`` alone. The kernels run on torch's own OpenMP threads (the library links
+``libgomp.so.1``, which torch has already loaded) with ``torch.get_num_threads()`` of them.
+
+The shared object is cached in :func:`neuralign.io.cache_dir` (``$NEURALIGN_CACHE``, else
+``~/.cache/neuralign``), keyed by the source, the compiler and its flags; building it takes a
+fraction of a second. ``NEURALIGN_NATIVE=0`` turns the kernels off, and without a working
+compiler they are off with one warning: the draws then keep their torch ops
+(:mod:`neuralign.draws`), with the same distribution.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .io import cache_dir
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* SplitMix64 (Steele, Lea & Flood 2014): word j of a draw is mix(seed + j * gamma) */
+#define GAMMA 0x9E3779B97F4A7C15ULL
+static inline uint64_t mix(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CLONES
+#endif
+
+/* f[i] = copysign((s_i + 128.5) step, w[i]) (w NULL: +), s_i the int8 byte i of the words
+   (byte k of word j is bits 8k..8k+7: the little-endian bytes of torch's int64 tensor); 64
+   entries a block */
+CLONES void signed_uniform_bytes(const float *w, float *f, int64_t n, const uint64_t *seed_at,
+                                 float step, int threads) {
+    int64_t blocks = (n + 63) / 64;
+    uint64_t seed = *seed_at;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n > 32768)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+        int8_t s[64];
+        for (int j = 0; j < 8; ++j) {
+            uint64_t z = mix(seed + (uint64_t)(blk * 8 + j) * GAMMA);
+            for (int k = 0; k < 8; ++k) s[8 * j + k] = (int8_t)(z >> (8 * k));
+        }
+        int64_t base = blk * 64, m = n - base < 64 ? n - base : 64;
+        uint32_t *fi = (uint32_t *)(f + base);
+        for (int64_t i = 0; i < m; ++i) {
+            float v = ((float)s[i] + 128.5f) * step;
+            uint32_t bits;
+            memcpy(&bits, &v, 4);
+            fi[i] = w ? bits | (((const uint32_t *)w)[base + i] & 0x80000000u) : bits;
+        }
+    }
+}
+"""
+
+_FLAG_SETS = (["-O3", "-fopenmp"], ["-O3"])  # (without OpenMP where the compiler has none)
+
+
+def _build(compiler: str) -> Path:
+    """The kernels' shared object, compiled unless cached; written under a temporary name
+    and renamed, so processes building it at once (a distributed run) never load half a file."""
+    errors = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine()])
+                             .encode()).hexdigest()[:16]
+        path = cache_dir() / "native" / f"kernels-{key}.so"
+        if path.exists():
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+            source, built = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
+            source.write_text(_SOURCE)
+            run = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(built),
+                                  str(source)], capture_output=True, text=True, timeout=120)
+            if run.returncode == 0:
+                os.replace(built, path)
+                return path
+            errors.append(run.stderr.strip()[-500:])
+    raise OSError(f"{compiler} could not build them: " + " | ".join(errors))
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they are off (``NEURALIGN_NATIVE=0``) or cannot be
+    built (a warning says why, once)."""
+    if os.environ.get("NEURALIGN_NATIVE", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(os.environ.get("CC") or "cc")))
+    except (OSError, subprocess.SubprocessError) as err:
+        warnings.warn(f"neuralign's native kernels are off ({err}); the draws use torch ops, "
+                      "with the same distribution (set NEURALIGN_NATIVE=0 to silence this)",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    lib.signed_uniform_bytes.restype = None
+    lib.signed_uniform_bytes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                         ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+    return lib
+
+
+def fits(out: Tensor, other: Tensor | None = None) -> bool:
+    """Whether the kernels can take these tensors: contiguous float32 on CPU, of one shape."""
+    return (out.device.type == "cpu" and out.dtype is torch.float32 and out.is_contiguous()
+            and (other is None or other.dtype is torch.float32 and other.is_contiguous()
+                 and other.shape == out.shape and other.device.type == "cpu"))
+
+
+def signed_uniform_bytes(lib: ctypes.CDLL, out: Tensor, sign: Tensor | None, seed: Tensor,
+                         step: float) -> Tensor:
+    """``out[i] = copysign((s_i + 128.5) step, sign[i])`` (no ``sign``: positive) for the
+    int8 bytes ``s_i`` of the SplitMix64 words from ``seed`` (a CPU int64 scalar; the words
+    of :func:`neuralign.draws.random_words` for that seed), in one pass; ``out`` and ``sign``
+    as :func:`fits` takes them. The level is rounded once to float32:
+    ``(s + 128.5) · float32(step)``."""
+    lib.signed_uniform_bytes(None if sign is None else sign.data_ptr(), out.data_ptr(),
+                             out.numel(), seed.data_ptr(), step, torch.get_num_threads())
+    return out
