@@ -394,16 +394,22 @@ def test_a_sign_rule_checkpoint_with_its_former_magnitude_buffer_loads(name, for
 
 @pytest.mark.parametrize("dist", ["normal", "uniform"])
 @pytest.mark.parametrize("extra", [2, 3])  # an odd and an even number of entries (3 m)
-def test_mirror_noise_from_the_hash_is_the_box_muller_of_its_words(dist, extra):
-    """From NOISE_HASH_FROM entries up, on CPU, the noise is made from random_words (seeded
-    by torch): the top 24 bits of each 32-bit half as a uniform (k + 1/2) / 2^24, and for
-    normals the Box-Muller transform of pairs, computed here in float64 from the same words.
-    Its sample has the distribution's moments and is independent across the pairs' halves."""
-    from neuralign.draws import NOISE_HASH_FROM, noise_like, random_words
+@pytest.mark.parametrize("draw_path,least", [("native", "NATIVE_NOISE_FROM"),
+                                              ("native", "NOISE_HASH_FROM"),
+                                              ("torch", "NOISE_HASH_FROM")], indirect=["draw_path"])
+def test_mirror_noise_from_the_hash_is_the_box_muller_of_its_words(dist, extra, least,
+                                                                   draw_path):
+    """From NOISE_HASH_FROM entries up, on CPU (from NATIVE_NOISE_FROM by the native kernel),
+    the noise is made from random_words (seeded by torch): the top 24 bits of each 32-bit half
+    as a uniform (k + 1/2) / 2^24, and for normals the Box-Muller transform of pairs, computed
+    here in float64 from the same words. Its sample has the distribution's moments and is
+    independent across the pairs' halves."""
+    from neuralign import draws
+    from neuralign.draws import noise_like, random_words
 
-    m = NOISE_HASH_FROM // 3 + extra
+    m = getattr(draws, least) // 3 + extra
     n, std = 3 * m, 0.7  # (where odd, the last pair's cosine is dropped)
-    assert n % 2 != extra % 2 and n >= NOISE_HASH_FROM
+    assert n >= getattr(draws, least)
     x = torch.empty(3, m)
     torch.manual_seed(1)
     got = noise_like(x, dist, std)
@@ -447,12 +453,16 @@ def test_large_draws_go_in_chunks_and_the_workspace_stays_bounded(monkeypatch, d
     x = torch.empty(5, 2**16 + 3)  # 2.5 chunks of normal pairs, the last one odd
     torch.manual_seed(2)
     got = draws.noise_like(x, "normal", 1.0).flatten()
-    assert draws._WORKSPACE.counter.numel() == 2**15
+    assert draws._WORKSPACE.counter is None if draw_path == "native" else (
+        draws._WORKSPACE.counter.numel() == 2**15)
     torch.manual_seed(2)
     size, want = 2 * 2**15, torch.empty(x.numel())
     for i in range(0, x.numel(), size):  # each chunk as one draw (even the last, small one)
         draws._noise_chunk(want[i:i + size], "normal", 1.0)
-    assert torch.equal(got, want)
+    if draw_path == "native":  # (the same words; float32's rounding of log, sin, cos differs)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
     brsf = draws.UniformMagnitudes(0.5)
     F = torch.empty(3 * 8 * 2**15 + 7)
     monkeypatch.setattr(draws, "_WORKSPACE", draws._Workspace())
@@ -513,6 +523,36 @@ def test_native_kernels_are_built_in_the_cache_or_else_off(tmp_path, monkeypatch
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert native.library() is None
+    finally:
+        native.library.cache_clear()
+
+
+@pytest.mark.parametrize("build", [0, 1, 2])
+def test_every_build_of_the_native_kernels_draws_the_same(tmp_path, monkeypatch, build):
+    """Each way the kernels may build (libmvec and OpenMP; OpenMP alone; neither) gives brsf's
+    exact levels and the noise of the torch ops' words, up to float32 rounding."""
+    from neuralign import draws, native
+
+    if native.library() is None:
+        pytest.skip("no C compiler here for the native kernels")
+    monkeypatch.setenv("NEURALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_FLAG_SETS", native._FLAG_SETS[build:build + 1])
+    native.library.cache_clear()
+    try:
+        lib = native.library()
+        assert lib is not None and len(list((tmp_path / "native").glob("*.so"))) == 1
+        sign = torch.randn(3000)
+        F, seed = torch.empty(3000), torch.tensor(12345)
+        native.signed_uniform_bytes(lib, F, sign, seed, 0.25 / 256)
+        # random_words' and the torch ops' seed, made 12345
+        monkeypatch.setattr(torch, "randint", lambda *args, **kwargs: torch.tensor(12345))
+        s = draws.random_words(375).view(torch.int8).double()
+        assert torch.equal(F, ((s + 128.5) * 0.25 / 256).float().copysign(sign))
+        for dist in ("normal", "uniform"):
+            got = native.noise(lib, torch.empty(20001), dist, 0.5, seed)
+            want = torch.empty(20001)
+            draws._noise_chunk(want, dist, 0.5)  # (torch ops: random_words of 12345)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     finally:
         native.library.cache_clear()
 

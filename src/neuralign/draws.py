@@ -201,13 +201,15 @@ def noise_like(x: Tensor, dist: str, std: float) -> Tensor:
     """Fresh noise of ``x``'s shape, dtype, device and memory format: ``N(0, std²)``, or
     (``dist='uniform'``) uniform with that standard deviation.
 
-    On CPU, for a contiguous float32 ``x`` of ``NOISE_HASH_FROM`` entries or more, from
-    :func:`random_words`: uniforms on 2^24 levels (the midpoints; torch's own float draw has
-    24 bits too), and normals from pairs of them by the Box-Muller transform, as torch's
-    ``normal_`` makes them, in 0.68 (a million entries) to 0.79 (128 000) of torch's time
-    (2 threads, ``benchmarks/draws.py``). Elsewhere torch's ``normal_`` / ``uniform_``. Under
-    ``torch.compile`` the same draws run as an opaque op (inductor's own draw is slower on
-    CPU, and compiled and eager runs then draw the same noise from the same seed)."""
+    On CPU, for a contiguous float32 ``x``, from :func:`random_words`' words: uniforms on
+    2^24 levels (the midpoints; torch's own float draw has 24 bits too), and normals from
+    pairs of them by the Box-Muller transform, as torch's ``normal_`` makes them. The native
+    kernel (:mod:`neuralign.native`) makes them in one pass from ``NATIVE_NOISE_FROM``
+    entries up; without it, torch ops make them from ``NOISE_HASH_FROM`` entries up (see
+    ``benchmarks/draws.py`` for both against ``normal_``). Elsewhere torch's ``normal_`` /
+    ``uniform_``. Under ``torch.compile`` the same draws run as an opaque op (inductor's own
+    draw is slower on CPU, and compiled and eager runs then draw the same noise from the
+    same seed)."""
     out = torch.empty_like(x)
     if torch.compiler.is_compiling():
         torch.ops.neuralign.noise_(out, dist, std)
@@ -215,8 +217,19 @@ def noise_like(x: Tensor, dist: str, std: float) -> Tensor:
     return _draw_noise(out, dist, std)
 
 
+#: From this many entries up, on CPU, the native kernel draws mirror noise (below, a call
+#: costs more than ``normal_`` itself)
+NATIVE_NOISE_FROM = 2**11
+
+
 def _draw_noise(out: Tensor, dist: str, std: float) -> Tensor:
     n = out.numel()
+    lib = native.library() if n >= NATIVE_NOISE_FROM else None
+    if lib is not None and native.fits(out):
+        flat, size = out.view(-1), 2 * CHUNK_WORDS  # (random_words' chunks: the same words)
+        for start in range(0, n, size):
+            native.noise(lib, flat[start:start + size], dist, std, torch.randint(2**62, ()))
+        return out
     if (n < NOISE_HASH_FROM or out.device.type != "cpu" or out.dtype != torch.float32
             or not out.is_contiguous()):
         if dist == "normal":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import subprocess
@@ -32,8 +33,18 @@ from torch import Tensor
 from .io import cache_dir
 
 _SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#ifdef VECTOR_MATH  /* glibc's libmvec: logf, sinf, cosf on 4 or 8 lanes */
+#pragma omp declare simd notinbranch
+float logf(float);
+#pragma omp declare simd notinbranch
+float sinf(float);
+#pragma omp declare simd notinbranch
+float cosf(float);
+#endif
 
 /* SplitMix64 (Steele, Lea & Flood 2014): word j of a draw is mix(seed + j * gamma) */
 #define GAMMA 0x9E3779B97F4A7C15ULL
@@ -73,16 +84,76 @@ CLONES void signed_uniform_bytes(const float *w, float *f, int64_t n, const uint
         }
     }
 }
+
+/* out[i] = the int32 half k0 + i of the words (the low half first), shifted right by 8: a
+   24-bit integer in [-2^23, 2^23); m <= 64, each word hashed once */
+static inline void bits24(uint64_t seed, int64_t k0, int m, int32_t *out) {
+    uint64_t w[33];
+    int64_t j0 = k0 >> 1;
+    int words = (int)(((k0 + m - 1) >> 1) - j0 + 1);
+    for (int j = 0; j < words; ++j) w[j] = mix(seed + (uint64_t)(j0 + j) * GAMMA);
+    for (int i = 0; i < m; ++i) {
+        int64_t k = k0 + i;
+        out[i] = (int32_t)(uint32_t)(w[(k >> 1) - j0] >> (32 * (k & 1))) >> 8;
+    }
+}
+
+/* N(0, std^2) by Box-Muller, for h = ceil(n / 2) pairs: pair i takes its radius from 24-bit
+   integer a = bits i, u = (a + 2^23 + 1/2) / 2^24, and its angle from bits h + i,
+   2 pi (t + 1/2) / 2^24; out[i] = r sin, out[h + i] = r cos (dropped for i = h - 1 where n
+   is odd) */
+CLONES void normal_pairs(float *out, int64_t n, const uint64_t *seed_at, float std,
+                         int threads) {
+    uint64_t seed = *seed_at;
+    int64_t h = (n + 1) / 2;
+    float c = -2.0f * std * std;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n > 8192)
+    for (int64_t i0 = 0; i0 < h; i0 += 64) {
+        int32_t a[64], t[64];
+        float r[64], theta[64];
+        int m = h - i0 < 64 ? (int)(h - i0) : 64;
+        bits24(seed, i0, m, a);
+        bits24(seed, h + i0, m, t);
+        #pragma omp simd
+        for (int i = 0; i < m; ++i) {
+            float u = ((float)(a[i] + 8388608) + 0.5f) * 0x1p-24f;
+            r[i] = sqrtf(c * logf(u));
+            theta[i] = ((float)t[i] + 0.5f) * (float)(6.283185307179586 * 0x1p-24);
+        }
+        #pragma omp simd
+        for (int i = 0; i < m; ++i) out[i0 + i] = r[i] * sinf(theta[i]);
+        int mc = h + i0 + m <= n ? m : m - 1;
+        #pragma omp simd
+        for (int i = 0; i < mc; ++i) out[h + i0 + i] = r[i] * cosf(theta[i]);
+    }
+}
+
+/* out[i] = (bits i + 1/2) step: uniform on 2^24 levels */
+CLONES void uniform_levels(float *out, int64_t n, const uint64_t *seed_at, float step,
+                           int threads) {
+    uint64_t seed = *seed_at;
+    #pragma omp parallel for num_threads(threads) schedule(static) if (n > 32768)
+    for (int64_t i0 = 0; i0 < n; i0 += 64) {
+        int32_t a[64];
+        int m = n - i0 < 64 ? (int)(n - i0) : 64;
+        bits24(seed, i0, m, a);
+        for (int i = 0; i < m; ++i) out[i0 + i] = ((float)a[i] + 0.5f) * step;
+    }
+}
 """
 
-_FLAG_SETS = (["-O3", "-fopenmp"], ["-O3"])  # (without OpenMP where the compiler has none)
+# (flags, libraries): the first set that builds; without libmvec the noise's logf, sinf and
+# cosf run a lane at a time, and without OpenMP every kernel on one thread
+_FLAG_SETS = ((["-O3", "-fopenmp", "-fno-math-errno", "-DVECTOR_MATH"], ["-lmvec", "-lm"]),
+              (["-O3", "-fopenmp", "-fno-math-errno"], ["-lm"]),
+              (["-O3", "-fno-math-errno"], ["-lm"]))
 
 
 def _build(compiler: str) -> Path:
     """The kernels' shared object, compiled unless cached; written under a temporary name
     and renamed, so processes building it at once (a distributed run) never load half a file."""
     errors = []
-    for flags in _FLAG_SETS:
+    for flags, libraries in _FLAG_SETS:
         key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine()])
                              .encode()).hexdigest()[:16]
         path = cache_dir() / "native" / f"kernels-{key}.so"
@@ -93,7 +164,8 @@ def _build(compiler: str) -> Path:
             source, built = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
             source.write_text(_SOURCE)
             run = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", str(built),
-                                  str(source)], capture_output=True, text=True, timeout=120)
+                                  str(source), *libraries], capture_output=True, text=True,
+                                 timeout=120)
             if run.returncode == 0:
                 os.replace(built, path)
                 return path
@@ -114,9 +186,13 @@ def library() -> ctypes.CDLL | None:
                       "with the same distribution (set NEURALIGN_NATIVE=0 to silence this)",
                       RuntimeWarning, stacklevel=2)
         return None
-    lib.signed_uniform_bytes.restype = None
     lib.signed_uniform_bytes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                          ctypes.c_void_p, ctypes.c_float, ctypes.c_int]
+    for kernel in (lib.normal_pairs, lib.uniform_levels):
+        kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
+                           ctypes.c_int]
+    for kernel in (lib.signed_uniform_bytes, lib.normal_pairs, lib.uniform_levels):
+        kernel.restype = None
     return lib
 
 
@@ -136,4 +212,18 @@ def signed_uniform_bytes(lib: ctypes.CDLL, out: Tensor, sign: Tensor | None, see
     ``(s + 128.5) · float32(step)``."""
     lib.signed_uniform_bytes(None if sign is None else sign.data_ptr(), out.data_ptr(),
                              out.numel(), seed.data_ptr(), step, torch.get_num_threads())
+    return out
+
+
+def noise(lib: ctypes.CDLL, out: Tensor, dist: str, std: float, seed: Tensor) -> Tensor:
+    """Mirror noise into ``out`` (as :func:`fits` takes it) from the SplitMix64 words of
+    ``seed`` (a CPU int64 scalar), in one pass, with the values of
+    :func:`neuralign.draws.box_muller` (``dist='normal'``) or the uniform levels of
+    :func:`neuralign.draws.noise_like` for those words, up to float32 rounding."""
+    if dist == "normal":
+        lib.normal_pairs(out.data_ptr(), out.numel(), seed.data_ptr(), std,
+                         torch.get_num_threads())
+    else:  # uniform on (-w, w), w = sqrt(3) std: (k + 1/2) 2w / 2^24 for k in [-2^23, 2^23)
+        lib.uniform_levels(out.data_ptr(), out.numel(), seed.data_ptr(),
+                           2 * std * math.sqrt(3.0) * 2**-24, torch.get_num_threads())
     return out
