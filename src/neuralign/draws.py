@@ -217,9 +217,9 @@ def noise_like(x: Tensor, dist: str, std: float) -> Tensor:
     return _draw_noise(out, dist, std)
 
 
-#: From this many entries up, on CPU, the native kernel draws mirror noise: below, in the
-#: step (a matrix product before each draw), a call cost more than ``normal_`` (3200 entries:
-#: 13.5 against 11.3 µs; 8192: 20.6 against 24.2; 12 800, on two threads: 19.0 against 34.4)
+#: From this many entries up, on CPU, the native kernel draws mirror noise: below, after a
+#: matrix product (as in the step), a call costs more than ``normal_``
+#: (``python benchmarks/draws.py --threads 2 --evict --sizes 3200,8192,12800``)
 NATIVE_NOISE_FROM = 2**13
 
 
