@@ -7,16 +7,17 @@ A benchmark, not a test: for a few sizes it times (best of 7 repeats, microsecon
   native kernel and with it off (torch ops); and ``copysign`` alone, usf's step;
 * the hash's words (one per eight entries) computed in fresh memory against the kept
   workspace (``random_words(..., workspace=True)``);
-* mirror noise N(0, 1): torch's ``normal_`` against ``neuralign.draws.noise_like``, with the
-  native kernel (from ``NATIVE_NOISE_FROM`` entries, ``normal_`` below) and with it off (the
-  hash and Box-Muller in torch ops from ``NOISE_HASH_FROM`` entries, ``normal_`` below).
+* mirror noise N(0, 1): torch's ``normal_`` against the native kernel (at every size;
+  ``neuralign.draws.noise_like`` calls it from ``NATIVE_NOISE_FROM`` entries) and against
+  ``noise_like`` with the kernel off (the hash and Box-Muller in torch ops from
+  ``NOISE_HASH_FROM`` entries, ``normal_`` below).
 
     python benchmarks/draws.py --threads 2
     python benchmarks/draws.py --threads 2 --evict --sizes 3200,8192,12800
 
 ``--evict`` runs a 256 × 256 matrix product before each timed call (untimed), as the
-training step's products come before each draw: a call's fixed cost then grows, which sets
-where the native noise begins (``NATIVE_NOISE_FROM``).
+training step's products come before each draw: a call's fixed cost then grows. (The step
+costs more still: ``NATIVE_NOISE_FROM`` was set from step times, ``benchmarks/step_time.py``.)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def main(argv=None):
         raise SystemExit("the native kernels did not build here (see the warning)")
     print("| entries | brsf: uniform_ + copysign | brsf: UniformMagnitudes | brsf: same, "
           "native off | copysign alone | words: fresh | words: kept | noise: normal_ "
-          "| noise: noise_like | noise: same, native off |")
+          "| noise: native kernel | noise: noise_like, native off |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for n in (int(s) for s in args.sizes.split(",") if s):
         print(f"| {n} | " + " | ".join(f"{t:.1f}" for t in _row(n, args.evict)) + " |")
@@ -78,7 +79,8 @@ def _row(n: int, evict: bool) -> list[float]:
         best_time(lambda: random_words(words), calls),
         best_time(lambda: random_words(words, workspace=True), calls),
         best_time(lambda: torch.empty_like(F).normal_(), calls),
-        best_time(lambda: noise_like(F, "normal", 1.0), calls),
+        best_time(lambda: native.noise(native.library(), torch.empty_like(F), "normal", 1.0,
+                                       torch.randint(2**62, ())), calls),
         _without_native(lambda: best_time(lambda: noise_like(F, "normal", 1.0), calls)),
     ]
 

@@ -217,9 +217,10 @@ def noise_like(x: Tensor, dist: str, std: float) -> Tensor:
     return _draw_noise(out, dist, std)
 
 
-#: From this many entries up, on CPU, the native kernel draws mirror noise: below, after a
-#: matrix product (as in the step), a call costs more than ``normal_``
-#: (``python benchmarks/draws.py --threads 2 --evict --sizes 3200,8192,12800``)
+#: From this many entries up, on CPU, the native kernel draws mirror noise. Alone it beats
+#: ``normal_`` from a few thousand entries (``benchmarks/draws.py --evict``), but in the step
+#: it did not: from 2^11, the tiny MLP's wm and ia steps (3200-entry draws) took 7% longer
+#: (``benchmarks/step_time.py --models tiny --rules wm,ia``)
 NATIVE_NOISE_FROM = 2**13
 
 
@@ -227,7 +228,10 @@ def _draw_noise(out: Tensor, dist: str, std: float) -> Tensor:
     n = out.numel()
     lib = native.library() if n >= NATIVE_NOISE_FROM else None
     if lib is not None and native.fits(out):
-        flat, size = out.view(-1), 2 * CHUNK_WORDS  # (random_words' chunks: the same words)
+        size = 2 * CHUNK_WORDS  # (random_words' chunks: the same words)
+        if n <= size:  # (the common case, without the views)
+            return native.noise(lib, out, dist, std, torch.randint(2**62, ()))
+        flat = out.view(-1)
         for start in range(0, n, size):
             native.noise(lib, flat[start:start + size], dist, std, torch.randint(2**62, ()))
         return out
