@@ -6,6 +6,7 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Modes:
 - ``train``: for each rule, a short run (``RULE``); each rank saves its model's state to
   ``ROOT/RULE-rankR.pt``. For ``ia`` also the same run cut after its first epoch
   (``ia-cut``), for the resume test.
+- ``compiled``: as ``train``, with ``train.compile=aot_eager``; saves ``RULE-compiled-rankR.pt``.
 - ``fail``: rank 1 raises during the second step; the others must not hang.
 """
 
@@ -44,6 +45,13 @@ def main() -> int:
             distributed.cleanup(wait=True)
             return 0
         for rule in rules:
+            if mode == "compiled":
+                t = Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}",
+                                                   f"train.name={rule}-compiled",
+                                                   "train.compile=aot_eager",
+                                                   *EXTRA.get(rule, []))))
+                t.fit()
+                torch.save(t.model.state_dict(), root / f"{rule}-compiled-rank{r}.pt")
             if mode == "train":
                 t = Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}",
                                                    f"train.name={rule}", *EXTRA.get(rule, []))))

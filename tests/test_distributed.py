@@ -122,6 +122,35 @@ def test_two_processes_equal_one_with_the_same_global_batch(dist_root, tmp_path,
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-4), key
 
 
+def _spawn_ok(mode: str, root: Path, *rules: str) -> None:
+    for _ in range(3):  # (a free port can be taken before the workers bind it)
+        res = spawn(mode, root, *rules, timeout=300)
+        if not any(r.returncode and "DistNetworkError" in r.stdout for r in res):
+            break
+    for r in res:
+        assert r.returncode == 0, r.stdout[-3000:]
+
+
+@pytest.mark.parametrize("rule", ["aa", "ia", "brsf"])
+def test_compiled_training_under_ddp_equals_eager(dist_root, tmp_path, rule):
+    """train.compile under DDP: compiled with aot_eager (eager's arithmetic, traced), each
+    rank ends where the eager job's ranks did, exactly. aa's and ia's curvature estimates
+    all-reduce inside the compiled backward; ia and brsf draw by the same ops, in the
+    backward (ia's noise drawn in the forward, as the partitioner once placed it, gave
+    other weights)."""
+    root = dist_root
+    if rule not in RULES:  # (brsf's F differs across ranks: not in the module's job)
+        root = tmp_path
+        _spawn_ok("train", root, rule)
+    _spawn_ok("compiled", root, rule)
+    for rank in (0, 1):
+        got = _state(root / f"{rule}-compiled-rank{rank}.pt")
+        want = _state(root / f"{rule}-rank{rank}.pt")
+        assert got.keys() == want.keys()
+        for k in want:
+            assert torch.equal(got[k], want[k]), k
+
+
 def test_mirror_noise_is_independent_per_rank(dist_root, tmp_path, monkeypatch):
     """ia's mirror noise differs between ranks, so its result is not the single process's
     (while W and F still agree across ranks, see above)."""

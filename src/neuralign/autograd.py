@@ -75,11 +75,12 @@ class Spec:
         self.observe = self.loaded = self.spare = None
 
 
-def mirror_noise(x: Tensor, rule: Rule) -> Tensor:
-    """Fresh noise of ``x``'s shape: normal, or uniform with the same std."""
+def mirror_noise(x: Tensor, rule: Rule, dout: Tensor) -> Tensor:
+    """Fresh noise of ``x``'s shape: normal, or uniform with the same std (drawn in the
+    backward of the output gradient ``dout``, compiled too)."""
     noise = rule.noise
     assert noise is not None
-    return noise_like(x, noise.dist, noise.std)
+    return noise_like(x, noise.dist, noise.std, after=dout)
 
 
 def angle(a: Tensor, b: Tensor) -> Tensor:
@@ -150,7 +151,7 @@ class FeedbackFunction(torch.autograd.Function):
         df = None
         if need_f:
             if rule.noise is not None:
-                src = ops.pad(mirror_noise(x, rule))
+                src = ops.pad(mirror_noise(x, rule, dout))
                 y = ops.core(src, W)
             else:
                 src = xp

@@ -197,7 +197,7 @@ def box_muller(bits: Tensor, std: float, out: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def noise_like(x: Tensor, dist: str, std: float) -> Tensor:
+def noise_like(x: Tensor, dist: str, std: float, after: Tensor | None = None) -> Tensor:
     """Fresh noise of ``x``'s shape, dtype, device and memory format: ``N(0, std²)``, or
     (``dist='uniform'``) uniform with that standard deviation.
 
@@ -209,10 +209,14 @@ def noise_like(x: Tensor, dist: str, std: float) -> Tensor:
     ``benchmarks/draws.py`` for both against ``normal_``). Elsewhere torch's ``normal_`` /
     ``uniform_``. Under ``torch.compile`` the same draws run as an opaque op (inductor's own
     draw is slower on CPU, and compiled and eager runs then draw the same noise from the
-    same seed)."""
+    same seed). ``after``, a tensor of the backward (the output's gradient), ties the op to
+    it: AOTAutograd's partitioner would otherwise move a draw that needs nothing of the
+    backward into the forward graph and save it, an activation-sized tensor (seen under
+    DistributedDataParallel, where the forward then drew every step's noise, and probing
+    steps drew it twice)."""
     out = torch.empty_like(x)
     if torch.compiler.is_compiling():
-        torch.ops.neuralign.noise_(out, dist, std)
+        torch.ops.neuralign.noise_(out, dist, std, after)
         return out
     return _draw_noise(out, dist, std)
 
@@ -262,12 +266,13 @@ def _noise_chunk(flat: Tensor, dist: str, std: float) -> None:
 
 
 @torch.library.custom_op("neuralign::noise_", mutates_args=("out",))
-def _noise_op(out: Tensor, dist: str, std: float) -> None:
+def _noise_op(out: Tensor, dist: str, std: float, after: Tensor | None) -> None:
     """:func:`noise_like`'s draw into ``out``, as an op that ``torch.compile`` keeps whole
-    (a mutating op: two draws of one shape are never merged into one)."""
+    (a mutating op: two draws of one shape are never merged into one); ``after`` is only
+    waited for."""
     _draw_noise(out, dist, std)
 
 
 @_noise_op.register_fake
-def _(out: Tensor, dist: str, std: float) -> None:
+def _(out: Tensor, dist: str, std: float, after: Tensor | None) -> None:
     return None
