@@ -557,6 +557,33 @@ def test_every_build_of_the_native_kernels_draws_the_same(tmp_path, monkeypatch,
         native.library.cache_clear()
 
 
+def test_native_draws_take_channels_last_tensors(monkeypatch):
+    """A channels_last convolution's W and F (and its activations' noise) are dense: the
+    kernels draw them as they lie in memory, with W's sign at each entry."""
+    from neuralign import draws, native
+
+    if native.library() is None:
+        pytest.skip("no C compiler here for the native kernels")
+    calls = []
+    for name in ("signed_uniform_bytes", "noise"):
+        kernel = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, k=kernel, n=name: calls.append(n) or k(*a))
+    conv = na.convert(nn.Conv2d(16, 32, 3), na.get_rule("brsf")).to(
+        memory_format=torch.channels_last)
+    x = torch.randn(4, 16, 12, 12).to(memory_format=torch.channels_last).requires_grad_()
+    conv(x).sum().backward()
+    W, F = conv.weight.detach(), conv.feedback
+    assert not W.is_contiguous() and F.stride() == W.stride()
+    assert calls == ["signed_uniform_bytes"] * 2  # (at conversion, then in the backward)
+    assert torch.equal(torch.sign(F), torch.sign(W))
+    level = F.abs() / (1 / math.sqrt(16 * 9)) * 256 - 0.5  # (k + 1/2) b / 256, b = 1/sqrt(fan_in)
+    assert (level - level.round()).abs().max() < 1e-3 and len(level.round().unique()) > 200
+    noise = draws.noise_like(torch.empty(8, 16, 32, 32).to(memory_format=torch.channels_last),
+                             "normal", 1.0)
+    assert calls[-1] == "noise" and noise.is_contiguous(memory_format=torch.channels_last)
+    assert abs(noise.mean()) < 0.02 and abs(noise.std() - 1) < 0.02
+
+
 def test_random_words_are_splitmix64_seeded_by_torch():
     """The words equal SplitMix64 (Steele et al. 2014) computed with Python integers, for the
     seed torch's default generator gives; the same torch seed gives the same words."""

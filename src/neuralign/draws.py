@@ -131,7 +131,7 @@ class UniformMagnitudes:
             if n <= size:  # (the common case, without the views)
                 native.signed_uniform_bytes(lib, out, sign, seed.random_(2**62), self.step)
                 return out
-            flat, signs = out.view(-1), None if sign is None else sign.view(-1)
+            flat, signs = native.flat(out), None if sign is None else native.flat(sign)
             for start in range(0, n, size):
                 native.signed_uniform_bytes(lib, flat[start:start + size], None if signs is None
                                             else signs[start:start + size], seed.random_(2**62),
@@ -235,7 +235,7 @@ def _draw_noise(out: Tensor, dist: str, std: float) -> Tensor:
         size = 2 * CHUNK_WORDS  # (random_words' chunks: the same words)
         if n <= size:  # (the common case, without the views)
             return native.noise(lib, out, dist, std, torch.randint(2**62, ()))
-        flat = out.view(-1)
+        flat = native.flat(out)
         for start in range(0, n, size):
             native.noise(lib, flat[start:start + size], dist, std, torch.randint(2**62, ()))
         return out

@@ -54,7 +54,7 @@ static inline uint64_t mix(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)  /* (ifunc) */
 #define CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define CLONES
@@ -197,10 +197,23 @@ def library() -> ctypes.CDLL | None:
 
 
 def fits(out: Tensor, other: Tensor | None = None) -> bool:
-    """Whether the kernels can take these tensors: contiguous float32 on CPU, of one shape."""
-    return (out.device.type == "cpu" and out.dtype is torch.float32 and out.is_contiguous()
-            and (other is None or other.dtype is torch.float32 and other.is_contiguous()
-                 and other.shape == out.shape and other.device.type == "cpu"))
+    """Whether the kernels can take these tensors: float32 on CPU, dense (contiguous, or
+    channels_last), and ``other`` laid out as ``out`` is, so entry ``i`` of one's memory is
+    entry ``i`` of the other's."""
+    return (out.device.type == "cpu" and out.dtype is torch.float32 and _dense(out)
+            and (other is None or other.dtype is torch.float32 and other.device.type == "cpu"
+                 and other.shape == out.shape and other.stride() == out.stride()))
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(
+        memory_format=torch.channels_last)) or (t.dim() == 5 and t.is_contiguous(
+            memory_format=torch.channels_last_3d))
+
+
+def flat(t: Tensor) -> Tensor:
+    """A tensor as :func:`fits` takes it, as the 1-D run of its memory."""
+    return t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,))
 
 
 def signed_uniform_bytes(lib: ctypes.CDLL, out: Tensor, sign: Tensor | None, seed: Tensor,
