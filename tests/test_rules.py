@@ -557,6 +557,24 @@ def test_every_build_of_the_native_kernels_draws_the_same(tmp_path, monkeypatch,
         native.library.cache_clear()
 
 
+def test_a_native_build_that_failed_is_not_retried_once_another_is_cached(tmp_path,
+                                                                         monkeypatch):
+    from neuralign import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler here for the native kernels")
+    monkeypatch.setenv("NEURALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_FLAG_SETS", ((["-no-such-flag"], []), native._FLAG_SETS[-1]))
+    native.library.cache_clear()
+    try:
+        assert native.library() is not None  # (the second set)
+        native.library.cache_clear()
+        monkeypatch.setattr(native.subprocess, "run", None)  # no compiler call now
+        assert native.library() is not None
+    finally:
+        native.library.cache_clear()
+
+
 def test_native_draws_take_channels_last_tensors(monkeypatch):
     """A channels_last convolution's W and F (and its activations' noise) are dense: the
     kernels draw them as they lie in memory, with W's sign at each entry."""

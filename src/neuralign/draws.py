@@ -4,9 +4,9 @@ torch's CPU generator is one Mersenne Twister run serially: 2 ns a 32-bit word, 
 entry as a small matrix product, every step. brsf's fresh magnitudes and the mirror noise of
 wm and ia are drawn here instead, from SplitMix64 (Steele, Lea & Flood 2014) computed on
 all threads, seeded by torch's default generator (so ``torch.manual_seed`` and the saved
-RNG state govern them): brsf's in one pass by a native kernel (:mod:`neuralign.native`)
-where there is one, else in torch ops. Small noise draws and other devices keep torch's own;
-compiled code runs these same draws as opaque ops."""
+RNG state govern them): each in one pass by a native kernel (:mod:`neuralign.native`)
+where the kernels build, else in torch ops. Small noise draws and other devices keep torch's
+own; compiled code runs these same draws as opaque ops."""
 
 from __future__ import annotations
 
@@ -97,8 +97,9 @@ class UniformMagnitudes:
     64-bit word; with ``sign``, ``copysign(draw, sign)`` (brsf's F). The grid is as fine as a
     bfloat16's mantissa; the mean is exact and the variance ``b²/12 (1 - 2^-16)``.
 
-    On CPU, for contiguous float32, the native kernel (:mod:`neuralign.native`) makes each
-    entry, sign included, in one pass from :func:`random_words`' words. Without it the words
+    On CPU, for dense float32 (contiguous or channels_last), the native kernel
+    (:mod:`neuralign.native`) makes each entry, sign included, in one pass from
+    :func:`random_words`' words. Without it the words
     are :func:`random_words` from ``HASH_FROM`` words up, else torch's own full-range
     ``random_`` (a parallel Philox draw on GPU) into memory kept for the next call. Either
     is much cheaper than ``uniform_``, a 32-bit Mersenne Twister draw per entry run serially,
@@ -201,11 +202,12 @@ def noise_like(x: Tensor, dist: str, std: float, after: Tensor | None = None) ->
     """Fresh noise of ``x``'s shape, dtype, device and memory format: ``N(0, std²)``, or
     (``dist='uniform'``) uniform with that standard deviation.
 
-    On CPU, for a contiguous float32 ``x``, from :func:`random_words`' words: uniforms on
-    2^24 levels (the midpoints; torch's own float draw has 24 bits too), and normals from
-    pairs of them by the Box-Muller transform, as torch's ``normal_`` makes them. The native
-    kernel (:mod:`neuralign.native`) makes them in one pass from ``NATIVE_NOISE_FROM``
-    entries up; without it, torch ops make them from ``NOISE_HASH_FROM`` entries up (see
+    On CPU, for a float32 ``x``, from :func:`random_words`' words: uniforms on 2^24 levels
+    (the midpoints; torch's own float draw has 24 bits too), and normals from pairs of them
+    by the Box-Muller transform, as torch's ``normal_`` makes them. The native kernel
+    (:mod:`neuralign.native`) makes them in one pass from ``NATIVE_NOISE_FROM`` entries up
+    (``x`` contiguous or channels_last); without it, torch ops make them from
+    ``NOISE_HASH_FROM`` entries up (``x`` contiguous; see
     ``benchmarks/draws.py`` for both against ``normal_``). Elsewhere torch's ``normal_`` /
     ``uniform_``. Under ``torch.compile`` the same draws run as an opaque op (inductor's own
     draw is slower on CPU, and compiled and eager runs then draw the same noise from the

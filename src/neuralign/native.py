@@ -152,13 +152,13 @@ _FLAG_SETS = ((["-O3", "-fopenmp", "-fno-math-errno", "-DVECTOR_MATH"], ["-lmvec
 def _build(compiler: str) -> Path:
     """The kernels' shared object, compiled unless cached; written under a temporary name
     and renamed, so processes building it at once (a distributed run) never load half a file."""
-    errors = []
-    for flags, libraries in _FLAG_SETS:
-        key = hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine()])
-                             .encode()).hexdigest()[:16]
-        path = cache_dir() / "native" / f"kernels-{key}.so"
+    paths = [cache_dir() / "native" / f"kernels-{_key(compiler, flags)}.so"
+             for flags, _ in _FLAG_SETS]
+    for path in paths:  # (a set that failed to build is not tried again where a later one is)
         if path.exists():
             return path
+    errors = []
+    for (flags, libraries), path in zip(_FLAG_SETS, paths, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             source, built = Path(tmp) / "kernels.c", Path(tmp) / "kernels.so"
@@ -171,6 +171,11 @@ def _build(compiler: str) -> Path:
                 return path
             errors.append(run.stderr.strip()[-500:])
     raise OSError(f"{compiler} could not build them: " + " | ".join(errors))
+
+
+def _key(compiler: str, flags: list[str]) -> str:
+    return hashlib.sha256("\0".join([_SOURCE, compiler, *flags, platform.machine()])
+                          .encode()).hexdigest()[:16]
 
 
 @functools.cache
