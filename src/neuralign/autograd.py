@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import terms
-from .dfa import DFAState, missing_error
+from .dfa import DFAState, examples_error, missing_error
 from .draws import noise_like
 from .ops import LayerOps
 from .rules import Rule
@@ -204,12 +204,10 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b, e=None):
                 raise missing_error()
             e = ctx.slot["e"]
         n = x.shape[0] if x.dim() > 1 else 1
-        if (e.shape[0] if e.dim() > 1 else 1) != n:
-            raise RuntimeError(
-                f"dfa: the model's output has {e.shape[0] if e.dim() > 1 else 1} examples on "
-                f"its first dimension, this layer's input {n} (input shape "
-                f"{tuple(x.shape)}): dfa pairs each example's output error with its input, "
-                f"so both must hold the examples first (a sequence-first layout does not)")
+        outputs = e.shape[0] if e.dim() > 1 else 1
+        if outputs != n:
+            raise examples_error(outputs, f"this layer's input {n} (input shape "
+                                          f"{tuple(x.shape)})")
         dx = _project_error(ops, spec, e.to(dout.dtype), n, x.shape)
         if spec.probe is not None:
             _record_angle(spec, dx, dout, W, xp.shape)

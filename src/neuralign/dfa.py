@@ -71,11 +71,7 @@ class CaptureError(torch.autograd.Function):
             return e, None
         for shape in ctx.taps:
             if shape != e.shape:
-                raise RuntimeError(
-                    f"dfa: the model's output has {e.shape[0]} examples on its first "
-                    f"dimension, a layer's input {shape[0]}: dfa pairs each example's output "
-                    f"error with its input, so both must hold the examples first (a "
-                    f"sequence-first layout does not)")
+                raise examples_error(e.shape[0], f"a layer's input {shape[0]}")
         return (e, None, *[e] * len(ctx.taps))
 
 
@@ -123,6 +119,15 @@ def unmark_output(model: nn.Module) -> None:
     for hooks in (model._forward_pre_hooks, model._forward_hooks):
         for key in [k for k, h in hooks.items() if isinstance(h, _OpenSlot | _CaptureOutput)]:
             del hooks[key]
+
+
+def examples_error(outputs: int, inputs: str) -> RuntimeError:
+    """The output's examples (``outputs``) do not pair with a layer's (``inputs`` says whose,
+    and how many)."""
+    return RuntimeError(
+        f"dfa: the model's output has {outputs} examples on its first dimension, {inputs}: "
+        f"dfa pairs each example's output error with its input, so both must hold the "
+        f"examples first (a sequence-first layout does not)")
 
 
 def missing_error() -> RuntimeError:

@@ -79,6 +79,19 @@ def random_words(n: int, device: torch.device | str = "cpu", *,
 #: few megabytes (three buffers of 2 MB), however large an activation the noise covers
 CHUNK_WORDS = 2**18
 
+
+def _chunks(t: Tensor | None, size: int, n: int = 0) -> list:
+    """``t``'s memory (as :func:`native.flat` runs it) in chunks of at most ``size`` entries;
+    ``t`` itself when it fits in one (no view to make); for None, ``n`` entries' worth of
+    None (the absent sign of a brsf draw)."""
+    if t is None:
+        return [None] * max(1, -(-n // size))
+    if t.numel() <= size:
+        return [t]
+    flat = native.flat(t)
+    return [flat[start:start + size] for start in range(0, t.numel(), size)]
+
+
 @functools.lru_cache(maxsize=64)
 def _offset(value: float) -> Tensor:
     """The offset of a conversion ``offset + alpha · bits``, a 0-d tensor made once per value
@@ -128,24 +141,19 @@ class UniformMagnitudes:
         size = 8 * CHUNK_WORDS  # (chunks, as random_words' workspace takes them)
         lib = native.library()
         if lib is not None and native.fits(out, sign):
-            seed = self._seed
-            if n <= size:  # (the common case, without the views)
-                native.signed_uniform_bytes(lib, out, sign, seed.random_(2**62), self.step)
+            if n <= size:  # (every layer's call, in the backward: no lists)
+                native.signed_uniform_bytes(lib, out, sign, self._seed.random_(2**62), self.step)
                 return out
-            flat, signs = native.flat(out), None if sign is None else native.flat(sign)
-            for start in range(0, n, size):
-                native.signed_uniform_bytes(lib, flat[start:start + size], None if signs is None
-                                            else signs[start:start + size], seed.random_(2**62),
+            for part, signs in zip(_chunks(out, size), _chunks(sign, size, n), strict=True):
+                native.signed_uniform_bytes(lib, part, signs, self._seed.random_(2**62),
                                             self.step)
             return out
         words = (n + 7) // 8
         if words >= HASH_FROM and out.device.type == "cpu" and out.is_contiguous():
-            flat = out.view(-1)
-            for start in range(0, n, size):
-                part = flat[start:start + size]
+            for part in _chunks(out, size):
                 m = part.numel()
                 s = random_words((m + 7) // 8, workspace=True).view(torch.int8)[:m]
-                torch.add(self.offset, s, alpha=self.step, out=part)
+                torch.add(self.offset, s.view(part.shape), alpha=self.step, out=part)
         else:
             s = self._bytes  # type: ignore[assignment]
             if s is None or s.shape != out.shape or s.device != out.device:
@@ -232,14 +240,11 @@ NATIVE_NOISE_FROM = 2**13
 
 def _draw_noise(out: Tensor, dist: str, std: float) -> Tensor:
     n = out.numel()
+    size = 2 * CHUNK_WORDS  # (two entries a word; native or not, the same words)
     lib = native.library() if n >= NATIVE_NOISE_FROM else None
     if lib is not None and native.fits(out):
-        size = 2 * CHUNK_WORDS  # (random_words' chunks: the same words)
-        if n <= size:  # (the common case, without the views)
-            return native.noise(lib, out, dist, std, torch.randint(2**62, ()))
-        flat = native.flat(out)
-        for start in range(0, n, size):
-            native.noise(lib, flat[start:start + size], dist, std, torch.randint(2**62, ()))
+        for part in _chunks(out, size):
+            native.noise(lib, part, dist, std, torch.randint(2**62, ()))
         return out
     if (n < NOISE_HASH_FROM or out.device.type != "cpu" or out.dtype != torch.float32
             or not out.is_contiguous()):
@@ -247,9 +252,8 @@ def _draw_noise(out: Tensor, dist: str, std: float) -> Tensor:
             return out.normal_(0.0, std)
         half_width = std * math.sqrt(3.0)
         return out.uniform_(-half_width, half_width)
-    flat, size = out.view(-1), 2 * CHUNK_WORDS
-    for start in range(0, n, size):  # (two entries a word)
-        _noise_chunk(flat[start:start + size], dist, std)
+    for part in _chunks(out, size):
+        _noise_chunk(part.view(-1), dist, std)
     return out
 
 
