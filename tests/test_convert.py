@@ -81,6 +81,31 @@ def test_bare_layer_and_per_layer_rules():
         na.convert(_resnet(), "ia", layer_rules={"classifier": "bp"})
 
 
+@pytest.mark.parametrize("rule", [r for r in na.list_rules() if r != "bp"])
+def test_degenerate_layers_convert_and_train(rule):
+    # torch allows a layer with no inputs and a single weight; so must every rule: usf's
+    # scale was the std of one entry (NaN), brsf's bound divided by a fan-in of 0
+    torch.manual_seed(0)
+    model = na.convert(nn.Sequential(nn.Linear(0, 3), nn.Linear(3, 1), nn.Linear(1, 1),
+                                     nn.Linear(1, 2)), rule)
+    x = torch.randn(4, 0)
+    opt_w = torch.optim.SGD(na.param_groups(model)["forward"], lr=0.1)
+    opt_f = na.feedback_optimizer(model)
+    for _ in range(2):
+        opt_w.zero_grad()
+        opt_f.zero_grad()
+        model(x).square().sum().backward()
+        opt_w.step()
+        opt_f.step()
+    assert model[0].weight.shape == (3, 0)
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        assert torch.isfinite(t.float()).all(), name
+    assert model[2].weight.grad.abs().sum() > 0  # an error reached the single weight
+    if rule in ("usf", "frsf", "brsf"):  # |F| > 0 with W's sign
+        F, W = model[2].current_feedback(), model[2].weight
+        assert F.abs().item() > 0 and torch.equal(F.sign(), W.sign())
+
+
 def test_unsupported_layers_are_reported(caplog):
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Bilinear(4, 4, 2))
     with caplog.at_level(logging.WARNING, logger="neuralign"):

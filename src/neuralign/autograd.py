@@ -208,7 +208,8 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b, e=None):
         if outputs != n:
             raise examples_error(outputs, f"this layer's input {n} (input shape "
                                           f"{tuple(x.shape)})")
-        dx = _project_error(ops, spec, e.to(dout.dtype), n, x.shape)
+        e, = _cast(dout.dtype, e)
+        dx = _project_error(ops, spec, e, n, x.shape)
         if spec.probe is not None:
             _record_angle(spec, dx, dout, W, xp.shape)
     return dx if need_x else None, dw if need_w else None, db, None, None, None
@@ -223,13 +224,13 @@ def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Si
         # e.g. a language model's logits): each position gets D e_p, its own error (Launay et
         # al. 2020's per-token DFA).
         rows = e.flatten(2).transpose(1, 2)  # [N, P, C]
-        D = spec.project(rows.reshape(-1, e.shape[1])).to(e.dtype)
+        D, = _cast(e.dtype, spec.project(rows.reshape(-1, e.shape[1])))
         return ops.from_channels_last(rows.matmul(D).view(n, *positions, -1), shape)
     # Otherwise each of the P positions of an example's input gets (D e) / P: what backprop
     # would send through a global average pooling followed by D. So a convolution's weight
     # gradient, a sum over positions, has the scale a Linear layer's would.
     e = e.reshape(n, -1)
-    D = spec.project(e).to(e.dtype)
+    D, = _cast(e.dtype, spec.project(e))
     if not positions:  # (a Linear layer's [N, C_in]: D e itself, with no pass over it)
         return ops.from_channels_last(e.mm(D), shape)
     v = e.mm(D).div_(math.prod(positions))

@@ -84,10 +84,15 @@ def init_feedback(out: Tensor, weight: Tensor | None, init: str,
 #: The uniform initialisations' bound ``b`` (the draw is ``U(-b, b)``), from the kernel.
 UNIFORM_BOUNDS: dict[str, Callable[[Tensor], float]] = {
     # kaiming_uniform_ with a = sqrt(5): gain sqrt(1/3), so b = sqrt(3) gain / sqrt(fan_in)
-    "default": lambda t: 1 / math.sqrt(_fans(t)[0]),
-    "kaiming_uniform": lambda t: math.sqrt(6 / _fans(t)[0]),
-    "xavier_uniform": lambda t: math.sqrt(6 / sum(_fans(t))),
+    "default": lambda t: _bound(1, _fans(t)[0]),
+    "kaiming_uniform": lambda t: _bound(6, _fans(t)[0]),
+    "xavier_uniform": lambda t: _bound(6, sum(_fans(t))),
 }
+
+
+def _bound(c: float, fan: int) -> float:
+    """``sqrt(c / fan)``; 0 for a fan of 0 (a weight with no entries, as torch allows)."""
+    return math.sqrt(c / fan) if fan else 0.0
 
 
 def _fans(t: Tensor) -> tuple[int, int]:
@@ -167,8 +172,8 @@ class FeedbackLayer(nn.Module):
             return
         F0 = init_feedback(torch.empty_like(W, requires_grad=False), W, rule.init, generator)
         derive = None
-        if rule.kind == "usf":  # F holds the scale, std(F0), in every entry
-            F0.fill_(F0.std())
+        if rule.kind == "usf":  # F holds the scale, std(F0), in every entry (|F0| for one)
+            F0.fill_(F0.std() if F0.numel() > 1 else F0.abs().sum())
             derive = self._derive_signs
         elif rule.kind == "frsf":  # F holds |F0|
             derive = self._derive_signs
@@ -219,14 +224,17 @@ class FeedbackLayer(nn.Module):
             self._spec.derive(self.weight)
         return self.feedback
 
-    @torch.no_grad()
     def _project_dfa(self, e: Tensor) -> Tensor:
-        outputs = e.shape[1]
-        if self.feedback.shape[0] != outputs:
-            g = torch.Generator().manual_seed(int(self.dfa_seed))
-            D = init_feedback(torch.empty(outputs, self.feedback.shape[1]), None, self.rule.init, g)
-            self.feedback = D.to(self.feedback)  # replaces the buffer (its shape changes)
-        return self.feedback
+        # (called in every dfa layer's backward: the buffer read from _buffers, and no
+        # no_grad context, 1-2 µs each, where only the first call makes D)
+        D: Tensor = self._buffers["feedback"]  # type: ignore[assignment]
+        if D.shape[0] != e.shape[1]:
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(int(self.dfa_seed))
+                fresh = init_feedback(torch.empty(e.shape[1], D.shape[1]), None, self.rule.init,
+                                      g)
+                self.feedback = D = fresh.to(D)  # replaces the buffer (its shape changes)
+        return D
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # frsf kept |F0| (usf its scale) in a buffer of its own before F held it (F is in the

@@ -205,9 +205,15 @@ def fits(out: Tensor, other: Tensor | None = None) -> bool:
     """Whether the kernels can take these tensors: float32 on CPU, dense (contiguous, or
     channels_last), and ``other`` laid out as ``out`` is, so entry ``i`` of one's memory is
     entry ``i`` of the other's."""
-    return (out.device.type == "cpu" and out.dtype is torch.float32 and _dense(out)
-            and (other is None or other.dtype is torch.float32 and other.device.type == "cpu"
-                 and other.shape == out.shape and other.stride() == out.stride()))
+    # (is_cpu rather than device.type, and the cheap tests first: brsf's every layer asks,
+    # every backward; 0.6 µs against 1.2)
+    if not (out.is_cpu and out.dtype is torch.float32):
+        return False
+    if other is not None and not (other.is_cpu and other.dtype is torch.float32
+                                  and other.stride() == out.stride()
+                                  and other.shape == out.shape):
+        return False
+    return _dense(out)
 
 
 def _dense(t: Tensor) -> bool:

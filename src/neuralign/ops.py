@@ -146,10 +146,16 @@ class LayerOps:
         return self.core_outer(self.pad(x), y)
 
 
+def _rows(t: Tensor) -> Tensor:
+    """``t`` as ``[rows, features]``, every leading dimension flattened (``reshape(-1, 0)``
+    is ambiguous for a layer with no inputs)."""
+    return t.flatten(0, -2) if t.dim() > 1 else t[None]
+
+
 def _linear_outer(xp: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
     """``Σ y xᵀ`` over every leading dimension, into ``out`` when given."""
     if y.dim() != 2:  # ([N, features] needs no reshape: a few µs a call on small layers)
-        y, xp = y.reshape(-1, y.shape[-1]), xp.reshape(-1, xp.shape[-1])
+        y, xp = _rows(y), _rows(xp)
     return torch.mm(y.t(), xp, out=out)
 
 
@@ -179,14 +185,14 @@ class LinearOps(LayerOps):
         return _linear_outer(xp, y, out)
 
     def bias_grad(self, dy):
-        return dy.sum(0) if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1]).sum(0)
+        return dy.sum(0) if dy.dim() == 2 else _rows(dy).sum(0)
 
     def patch_gram(self, xp, u):
-        x2 = xp.reshape(-1, xp.shape[-1])
+        x2 = _rows(xp)
         return x2.t().mv(x2.mv(u[0]))[None]
 
     def output_gram(self, y, u):
-        y2 = y.reshape(-1, y.shape[-1])
+        y2 = _rows(y)
         return y2.t().mv(y2.mv(u))
 
     def remove_bias(self, out, b):
