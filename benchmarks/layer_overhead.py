@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 import torch
 from torch import nn
@@ -36,6 +37,10 @@ def best_time(fn, calls: int, repeats: int = 7) -> float:
             fn()
         best = min(best, (time.perf_counter() - t0) / calls)
     return best * 1e6
+
+
+def train_step(model: nn.Module, x: torch.Tensor) -> None:
+    model(x).sum().backward()
 
 
 def main(argv=None):
@@ -66,17 +71,10 @@ def main(argv=None):
             stack = nn.Sequential(*[nn.Linear(args.features, args.features) for _ in range(n)])
             return stack if rule == "bp" else na.convert(stack, rule)  # (dfa marks the root)
 
-        def forward(model=build(1)):
-            model(x)
-
-        def step(model=build(1)):
-            model(x).sum().backward()
-
-        def stack_step(model=build(k)):
-            model(x).sum().backward()
-
-        times = (best_time(forward, args.calls), best_time(step, args.calls),
-                 best_time(stack_step, args.calls) if split else 0.0)
+        one, many = build(1), build(k)
+        times = (best_time(partial(one, x), args.calls),
+                 best_time(partial(train_step, one, x), args.calls),
+                 best_time(partial(train_step, many, x), args.calls) if split else 0.0)
         base = times if base is None else base
         fwd, both, stack = times
         row = f"| {rule} | {fwd:.1f} | {both:.1f} | {both - base[1]:+.1f} |"
