@@ -530,7 +530,8 @@ def test_native_kernels_are_built_in_the_cache_or_else_off(tmp_path, monkeypatch
 @pytest.mark.parametrize("build", [0, 1, 2])
 def test_every_build_of_the_native_kernels_draws_the_same(tmp_path, monkeypatch, build):
     """Each way the kernels may build (libmvec and OpenMP; OpenMP alone; neither) gives brsf's
-    exact levels and the noise of the torch ops' words, up to float32 rounding."""
+    exact levels, the noise of the torch ops' words, up to float32 rounding, and the
+    recipe's step as torch's ops round it."""
     from neuralign import draws, native
 
     if native.library() is None:
@@ -553,6 +554,9 @@ def test_every_build_of_the_native_kernels_draws_the_same(tmp_path, monkeypatch,
             want = torch.empty(20001)
             draws._noise_chunk(want, dist, 0.5)  # (torch ops: random_words of 12345)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        x, g = torch.randn(40000), torch.randn(40000)  # the recipe's step, as torch rounds it
+        want = x.clone().mul_(0.999).add_(g, alpha=-0.01)
+        assert native.scale_add(lib, x, g, 0.999, -0.01) and torch.equal(x, want)
     finally:
         native.library.cache_clear()
 

@@ -53,6 +53,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .convert import feedback_layers
 from .estimate import estimate_layer
 from .layers import FeedbackLayer
@@ -168,6 +169,25 @@ def curvature(layer: FeedbackLayer, state: dict | None = None) -> float | Tensor
         if c.get("null"):
             kappa = kappa + c["null"] * state["curv_out"]
     return kappa
+
+
+def _scale_add(X: Tensor, a: float | Tensor, g: Tensor | None, b: float | Tensor) -> None:
+    """``X ← a·X + b·g`` (``g`` None: ``a·X``; ``a`` the float 1: no pass for it): one pass
+    by the native kernel where it takes ``X`` and ``g``, else two torch ops. ``a`` and ``b``
+    are floats, or 0-d tensors (a data curvature's step)."""
+    unit = isinstance(a, float) and a == 1.0
+    if g is not None and not unit:
+        lib = native.library()
+        if lib is not None and native.fits(X, g) and native.scale_add(lib, X, g, float(a),
+                                                                       float(b)):
+            return
+    if not unit:
+        X.mul_(a)
+    if g is not None:
+        if isinstance(b, Tensor):
+            X.addcmul_(g, b)
+        else:
+            X.add_(g, alpha=b)
 
 
 def _holders(t: Tensor) -> tuple[int, ...] | None:
@@ -388,19 +408,13 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             if g_act is None and not rule.kp and self_ and self_ == decay:
                 X.lerp_(W_self, rate)  # sa: F ← F + rate·(W − F), one pass
             else:
-                if decay:
-                    X.mul_(1.0 - s * decay)
-                if g_act is not None:
-                    X.add_(g_act, alpha=-s)
+                _scale_add(X, 1.0 - s * decay, g_act, -s)
                 if self_:
                     X.add_(W_self, alpha=s * self_)
         else:  # a data curvature (a 0-d tensor): no host synchronisation
             s = rate / kappa.clamp_min(torch.finfo(kappa.dtype).tiny)
             s = s.to(F.dtype)
-            if decay:
-                X.mul_(1.0 - s * decay)
-            if g_act is not None:
-                X.addcmul_(g_act, s, value=-1.0)
+            _scale_add(X, 1.0 - s * decay if decay else 1.0, g_act, -s)
             if self_:
                 X.addcmul_(W_self, s * self_)
         sigma = rule.update_noise

@@ -1,17 +1,19 @@
-"""Native CPU kernels for the draws: C compiled on first use by the machine's C compiler,
-loaded with ctypes.
+"""Native CPU kernels for the draws and the feedback recipe's step: C compiled on first use
+by the machine's C compiler, loaded with ctypes.
 
 A draw made of torch ops passes over memory once per op: brsf's fresh feedback took the
 hash's dozen integer passes, a conversion and a ``copysign``, where the kernel here makes
 each entry in one pass, from the same SplitMix64 words, at about the cost of the
-``copysign`` alone. The kernels run on torch's own OpenMP threads (the library links
-``libgomp.so.1``, which torch has already loaded) with ``torch.get_num_threads()`` of them.
+``copysign`` alone. Likewise the feedback recipe's step for a rule with decay and an
+activity term (wm, ia), ``F ← a·F + b·F.grad``, is one pass over F here and two in torch ops.
+The kernels run on torch's own OpenMP threads (the library links ``libgomp.so.1``, which
+torch has already loaded) with ``torch.get_num_threads()`` of them.
 
 The shared object is cached in :func:`neuralign.io.cache_dir` (``$NEURALIGN_CACHE``, else
 ``~/.cache/neuralign``), keyed by the source, the compiler and its flags; building it takes a
 fraction of a second. ``NEURALIGN_NATIVE=0`` turns the kernels off, and without a working
-compiler they are off with one warning: the draws then keep their torch ops
-(:mod:`neuralign.draws`), with the same distribution.
+compiler they are off with one warning: the draws and the step then keep their torch ops
+(:mod:`neuralign.draws`, :mod:`neuralign.dynamics`), the draws with the same distribution.
 """
 
 from __future__ import annotations
@@ -58,6 +60,13 @@ static inline uint64_t mix(uint64_t z) {
 #define CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define CLONES
+#endif
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) \
+    && __GNUC__ >= 11 && !defined(__FMA__)  /* x86-64-v3: AVX2 and FMA */
+#define FMA_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define FMA_CLONED
+#else
+#define FMA_CLONES
 #endif
 
 /* f[i] = copysign((s_i + 128.5) step, w[i]) (w NULL: +), s_i the int8 byte i of the words
@@ -128,6 +137,27 @@ CLONES void normal_pairs(float *out, int64_t n, const uint64_t *seed_at, float s
     }
 }
 
+/* x[i] = fma(b, g[i], a x[i]): the feedback recipe's decay and step in one pass, where
+   torch's x.mul_(a).add_(g, alpha=b) passes over x twice, rounding as it does (its add_ is a
+   fused multiply-add; -ffp-contract=off keeps a x rounded first) */
+FMA_CLONES void scale_add(float *x, const float *g, int64_t n, float a, float b, int threads) {
+    #pragma omp parallel for simd num_threads(threads) schedule(static) if (n > 32768)
+    for (int64_t i = 0; i < n; ++i) x[i] = fmaf(b, g[i], a * x[i]);
+}
+
+/* whether scale_add's fmaf is the hardware's instruction (else a library call an entry,
+   slower than torch's two passes) */
+int scale_add_fast(void) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+    return 1;
+#elif defined(FMA_CLONED)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
 /* out[i] = (bits i + 1/2) step: uniform on 2^24 levels */
 CLONES void uniform_levels(float *out, int64_t n, const uint64_t *seed_at, float step,
                            int threads) {
@@ -144,9 +174,10 @@ CLONES void uniform_levels(float *out, int64_t n, const uint64_t *seed_at, float
 
 # (flags, libraries): the first set that builds; without libmvec the noise's logf, sinf and
 # cosf run a lane at a time, and without OpenMP every kernel on one thread
-_FLAG_SETS = ((["-O3", "-fopenmp", "-fno-math-errno", "-DVECTOR_MATH"], ["-lmvec", "-lm"]),
-              (["-O3", "-fopenmp", "-fno-math-errno"], ["-lm"]),
-              (["-O3", "-fno-math-errno"], ["-lm"]))
+_FLAG_SETS = ((["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-DVECTOR_MATH"],
+               ["-lmvec", "-lm"]),
+              (["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"], ["-lm"]),
+              (["-O3", "-fno-math-errno", "-ffp-contract=off"], ["-lm"]))
 
 
 def _build(compiler: str) -> Path:
@@ -196,8 +227,12 @@ def library() -> ctypes.CDLL | None:
     for kernel in (lib.normal_pairs, lib.uniform_levels):
         kernel.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float,
                            ctypes.c_int]
-    for kernel in (lib.signed_uniform_bytes, lib.normal_pairs, lib.uniform_levels):
+    lib.scale_add.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                              ctypes.c_float, ctypes.c_int]
+    for kernel in (lib.signed_uniform_bytes, lib.normal_pairs, lib.uniform_levels,
+                   lib.scale_add):
         kernel.restype = None
+    lib.scale_add_fast.argtypes, lib.scale_add_fast.restype = [], ctypes.c_int
     return lib
 
 
@@ -251,3 +286,14 @@ def noise(lib: ctypes.CDLL, out: Tensor, dist: str, std: float, seed: Tensor) ->
         lib.uniform_levels(out.data_ptr(), out.numel(), seed.data_ptr(),
                            2 * std * math.sqrt(3.0) * 2**-24, torch.get_num_threads())
     return out
+
+
+def scale_add(lib: ctypes.CDLL, x: Tensor, g: Tensor, a: float, b: float) -> bool:
+    """``x ← a·x + b·g`` in one pass (``x`` and ``g`` as :func:`fits` takes them), rounded
+    as torch's ``x.mul_(a).add_(g, alpha=b)`` rounds (``a·x``, then a fused multiply-add),
+    for ``a`` and ``b`` rounded to float32. False, with ``x`` untouched, where the kernel
+    would be slower than those two ops (no hardware fused multiply-add)."""
+    if not lib.scale_add_fast():
+        return False
+    lib.scale_add(x.data_ptr(), g.data_ptr(), x.numel(), a, b, torch.get_num_threads())
+    return True
