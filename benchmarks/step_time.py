@@ -209,6 +209,15 @@ def target_for(model: str, name: str, rule: na.Rule, ideal: float) -> tuple[floa
 
 # -- one training setup per rule ------------------------------------------------------------
 
+#: A diagnostic, not a rule: fa whose F is W's own memory (the error then goes down through W,
+#: as in backprop, by fa's code). Against fa, it shows what a second weight-sized tensor to
+#: read costs, apart from the Function's own code.
+FA_SHARED = "fa-shared"
+
+
+def rule_of(name: str) -> na.Rule:
+    return na.get_rule("fa" if name == FA_SHARED else name)
+
 
 @dataclass
 class Runner:
@@ -239,7 +248,10 @@ class Runner:
 
 def make_runner(name, base, device, lr, lr_f, momentum, feedback="recipe", compile_x=None
                 ) -> Runner:
-    model = na.convert(copy.deepcopy(base), name).to(device).train()
+    model = na.convert(copy.deepcopy(base), rule_of(name)).to(device).train()
+    if name == FA_SHARED:
+        for _, layer in na.feedback_layers(model):
+            layer._buffers["feedback"] = layer.weight.detach()
     groups = na.param_groups(model)
     opt_w = torch.optim.SGD(groups["forward"], lr=lr, momentum=momentum)
     opt_f = None
@@ -423,12 +435,12 @@ def bench_model(mname: str, rules: list[str], args, device) -> str:
         "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.compile else ""),
     ]
     for r in runners:
-        rule = na.get_rule(r.name)
+        rule = rule_of(r.name)
         ratios = [a / b for a, b in zip(r.times, bp.times, strict=True)]
         med = statistics.median(ratios)
         ideal = flop_ratio(rule, layers)
         tw = share * ideal + (1 - share)
-        target, why = target_for(mname, r.name, rule, ideal)
+        target, why = target_for(mname, rule.name, rule, ideal)
         ok = "-" if r.name == "bp" else ("yes" if med <= target else "**no**")
         m = mem.get(r.name)
         mcol = f"{m / 2**20:.1f}" if m is not None else "-"
@@ -469,7 +481,8 @@ def main(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default="tiny,mlp,resnet18", help=f"comma list of {', '.join(MODELS)}")
     p.add_argument("--rules", default=",".join(na.list_rules()),
-                   help="comma list of rules (bp, the baseline, is always added)")
+                   help="comma list of rules (bp, the baseline, is always added; "
+                        f"{FA_SHARED}: fa with F in W's memory, a diagnostic)")
     p.add_argument("--repeats", type=int, default=0,
                    help="timed rounds (0: per model, tiny 60, mlp 60, resnet18 15, vit 10)")
     p.add_argument("--warmup", type=int, default=None,
@@ -527,7 +540,7 @@ def main(argv=None):
         if m not in MODELS:
             p.error(f"unknown model {m!r}; valid: {', '.join(MODELS)}")
     for r in rules:
-        na.get_rule(r)  # raises with the valid names
+        rule_of(r)  # raises with the valid names
 
     cpu = platform.processor() or platform.machine()
     try:
