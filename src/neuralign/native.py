@@ -293,7 +293,12 @@ def scale_add(lib: ctypes.CDLL, x: Tensor, g: Tensor, a: float, b: float) -> boo
     as torch's ``x.mul_(a).add_(g, alpha=b)`` rounds (``a·x``, then a fused multiply-add),
     for ``a`` and ``b`` rounded to float32. False, with ``x`` untouched, where the kernel
     would be slower than those two ops (no hardware fused multiply-add)."""
-    if not lib.scale_add_fast():
+    if not _has_fma(lib):
         return False
     lib.scale_add(x.data_ptr(), g.data_ptr(), x.numel(), a, b, torch.get_num_threads())
     return True
+
+
+@functools.cache
+def _has_fma(lib: ctypes.CDLL) -> bool:
+    return bool(lib.scale_add_fast())  # (asked once: a ctypes call costs a µs)
