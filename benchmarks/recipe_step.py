@@ -6,7 +6,8 @@ by itself, the median of ``--steps`` steps, each after a 2000x2000 matrix produc
 evicts F and its gradient from the caches, as the rest of a training step does. "off" is the
 step with :func:`neuralign.native.library` returning None (torch's ops, as without a C
 compiler); "on" the kernels (for wm and ia: ``F ← a·F + b·F.grad`` in one pass, not two).
-Both give the same F bit for bit (``tests/test_dynamics.py``).
+Both give the same F bit for bit (``tests/test_dynamics.py``). A second table times the
+pass alone per size of F, the kernel against torch's ``mul_`` and ``add_``.
 
     python benchmarks/recipe_step.py --threads 2
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import torch
 from torch import nn
@@ -35,11 +37,42 @@ def step_time(opt: torch.optim.Optimizer, evict: torch.Tensor, steps: int) -> fl
     return statistics.median(times) * 1e6
 
 
+def best_us(fn, calls: int, repeats: int = 5) -> float:
+    """Microseconds per call, the best of ``repeats`` runs of ``calls`` calls."""
+    for _ in range(50):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+def torch_step(x: torch.Tensor, g: torch.Tensor, a: float, b: float) -> None:
+    x.mul_(a).add_(g, alpha=b)
+
+
+def kernel_table(lib, sizes: list[int]) -> None:
+    """The step's pass alone per size of F: the kernel against torch's two ops (in cache)."""
+    print("\n| entries of F | `native.scale_add` | `mul_` then `add_` |")
+    print("|---|---|---|")
+    for n in sizes:
+        x, g = torch.randn(n), torch.randn(n)
+        calls = max(20, 2_000_000 // n)
+        one = best_us(partial(native.scale_add, lib, x, g, 0.999, -1e-3), calls)
+        two = best_us(partial(torch_step, x, g, 0.999, -1e-3), calls)
+        print(f"| {n} | {one:.1f} | {two:.1f} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rules", default="wm,ia,aa,sa,kp")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=3, help="alternations of off and on")
+    p.add_argument("--sizes", default="1000,10000,30000,100000,1000000",
+                   help="sizes of F for the table of the pass alone (empty: none)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     args = p.parse_args(argv)
     if args.threads:
@@ -69,6 +102,7 @@ def main(argv=None):
             native.library = lambda: lib  # type: ignore[assignment]
         a, b = statistics.median(off), statistics.median(on)
         print(f"| {rule} | {a:.0f} | {b:.0f} | {b / a:.2f} |")
+    kernel_table(lib, [int(n) for n in args.sizes.split(",") if n])
 
 
 if __name__ == "__main__":

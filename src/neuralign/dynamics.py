@@ -171,18 +171,12 @@ def curvature(layer: FeedbackLayer, state: dict | None = None) -> float | Tensor
     return kappa
 
 
-#: From this many entries of F up, the native one-pass step (below, its ctypes call costs more
-#: than a pass: 4.2 µs against torch's two ops' 3.4 at 10 000 entries, 6.7 against 11.2 at
-#: 100 000; both give the same F)
-NATIVE_STEP_FROM = 2**15
-
-
 def _scale_add(X: Tensor, a: float | Tensor, g: Tensor | None, b: float | Tensor) -> None:
     """``X ← a·X + b·g`` (``g`` None: ``a·X``; ``a`` the float 1: no pass for it): one pass
     by the native kernel where it takes ``X`` and ``g``, else two torch ops. ``a`` and ``b``
     are floats, or 0-d tensors (a data curvature's step)."""
     unit = isinstance(a, float) and a == 1.0
-    if g is not None and not unit and X.numel() >= NATIVE_STEP_FROM:
+    if g is not None and not unit:
         lib = native.library()
         if lib is not None and native.fits(X, g) and native.scale_add(lib, X, g, float(a),
                                                                        float(b)):

@@ -139,9 +139,10 @@ CLONES void normal_pairs(float *out, int64_t n, const uint64_t *seed_at, float s
 
 /* x[i] = fma(b, g[i], a x[i]): the feedback recipe's decay and step in one pass, where
    torch's x.mul_(a).add_(g, alpha=b) passes over x twice, rounding as it does (its add_ is a
-   fused multiply-add; -ffp-contract=off keeps a x rounded first) */
+   fused multiply-add; -ffp-contract=off keeps a x rounded first; the if applies to the
+   threads alone, since an unqualified one would turn the simd off below the bar too) */
 FMA_CLONES void scale_add(float *x, const float *g, int64_t n, float a, float b, int threads) {
-    #pragma omp parallel for simd num_threads(threads) schedule(static) if (n > 32768)
+    #pragma omp parallel for simd num_threads(threads) schedule(static) if (parallel: n > 32768)
     for (int64_t i = 0; i < n; ++i) x[i] = fmaf(b, g[i], a * x[i]);
 }
 
