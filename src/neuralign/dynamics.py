@@ -47,6 +47,7 @@ normalisation (rescaling F to a fixed norm) are part of the step.
 from __future__ import annotations
 
 import math
+import struct
 import sys
 from collections.abc import Callable
 
@@ -171,23 +172,33 @@ def curvature(layer: FeedbackLayer, state: dict | None = None) -> float | Tensor
     return kappa
 
 
-def _scale_add(X: Tensor, a: float | Tensor, g: Tensor | None, b: float | Tensor) -> None:
-    """``X ← a·X + b·g`` (``g`` None: ``a·X``; ``a`` the float 1: no pass for it): one pass
-    by the native kernel where it takes ``X`` and ``g``, else two torch ops. ``a`` and ``b``
-    are floats, or 0-d tensors (a data curvature's step)."""
-    unit = isinstance(a, float) and a == 1.0
-    if g is not None and not unit:
+def _decay_step(X: Tensor, s: float | Tensor, decay: float, g: Tensor | None) -> None:
+    """``X ← (1 − s·decay)·X − s·g`` (``g`` None: the decay alone), for a step ``s`` that is
+    a float, or a 0-d float32 tensor (a data curvature's, kept on its device). Two torch
+    ops; on CPU, with decay and ``g``, one native pass where the kernels take ``X`` and
+    ``g``, with the same factors and rounding, so the same X bit for bit."""
+    if decay and g is not None:
         lib = native.library()
-        if lib is not None and native.fits(X, g) and native.scale_add(lib, X, g, float(a),
-                                                                       float(b)):
-            return
-    if not unit:
-        X.mul_(a)
+        if lib is not None and native.fits(X, g):
+            if isinstance(s, Tensor):  # the tensor ops' float32 arithmetic (CPU: no sync)
+                s = _f32(float(s))
+                a = _f32(1.0 - _f32(s * _f32(decay)))
+            else:
+                a = 1.0 - s * decay  # (rounded to float32 by the call, as by torch's mul_)
+            if native.scale_add(lib, X, g, a, -s):
+                return
+    if decay:
+        X.mul_(1.0 - s * decay)
     if g is not None:
-        if isinstance(b, Tensor):
-            X.addcmul_(g, b)
+        if isinstance(s, Tensor):
+            X.addcmul_(g, s, value=-1.0)
         else:
-            X.add_(g, alpha=b)
+            X.add_(g, alpha=-s)
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _holders(t: Tensor) -> tuple[int, ...] | None:
@@ -408,13 +419,13 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             if g_act is None and not rule.kp and self_ and self_ == decay:
                 X.lerp_(W_self, rate)  # sa: F ← F + rate·(W − F), one pass
             else:
-                _scale_add(X, 1.0 - s * decay, g_act, -s)
+                _decay_step(X, s, decay, g_act)
                 if self_:
                     X.add_(W_self, alpha=s * self_)
-        else:  # a data curvature (a 0-d tensor): no host synchronisation
+        else:  # a data curvature (a 0-d tensor): no host synchronisation (but on CPU)
             s = rate / kappa.clamp_min(torch.finfo(kappa.dtype).tiny)
             s = s.to(F.dtype)
-            _scale_add(X, 1.0 - s * decay if decay else 1.0, g_act, -s)
+            _decay_step(X, s, decay, g_act)
             if self_:
                 X.addcmul_(W_self, s * self_)
         sigma = rule.update_noise
