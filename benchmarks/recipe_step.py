@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import neuralign as na
+from layer_overhead import best_time  # (this folder is the script's path)
 from neuralign import native
 
 
@@ -37,19 +38,6 @@ def step_time(opt: torch.optim.Optimizer, evict: torch.Tensor, steps: int) -> fl
     return statistics.median(times) * 1e6
 
 
-def best_us(fn, calls: int, repeats: int = 5) -> float:
-    """Microseconds per call, the best of ``repeats`` runs of ``calls`` calls."""
-    for _ in range(50):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
-
-
 def torch_step(x: torch.Tensor, g: torch.Tensor, a: float, b: float) -> None:
     x.mul_(a).add_(g, alpha=b)
 
@@ -61,8 +49,8 @@ def kernel_table(lib, sizes: list[int]) -> None:
     for n in sizes:
         x, g = torch.randn(n), torch.randn(n)
         calls = max(20, 2_000_000 // n)
-        one = best_us(partial(native.scale_add, lib, x, g, 0.999, -1e-3), calls)
-        two = best_us(partial(torch_step, x, g, 0.999, -1e-3), calls)
+        one = best_time(partial(native.scale_add, lib, x, g, 0.999, -1e-3), calls)
+        two = best_time(partial(torch_step, x, g, 0.999, -1e-3), calls)
         print(f"| {n} | {one:.1f} | {two:.1f} |")
 
 

@@ -174,9 +174,9 @@ def curvature(layer: FeedbackLayer, state: dict | None = None) -> float | Tensor
 
 def _decay_step(X: Tensor, s: float | Tensor, decay: float, g: Tensor | None) -> None:
     """``X ← (1 − s·decay)·X − s·g`` (``g`` None: the decay alone), for a step ``s`` that is
-    a float, or a 0-d float32 tensor (a data curvature's, kept on its device). Two torch
-    ops; on CPU, with decay and ``g``, one native pass where the kernels take ``X`` and
-    ``g``, with the same factors and rounding, so the same X bit for bit."""
+    a float, or a 0-d tensor of X's dtype (a data curvature's, kept on its device). Two
+    torch ops; on CPU, with decay and ``g``, one native pass where the kernels take ``X``
+    and ``g`` (float32), with the same factors and rounding, so the same X bit for bit."""
     if decay and g is not None:
         lib = native.library()
         if lib is not None and native.fits(X, g):
