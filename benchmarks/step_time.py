@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuralign as na
+from neuralign.train.build import compile_network
 
 # -- models and data -------------------------------------------------------------------------
 
@@ -266,11 +267,9 @@ def make_runner(name, base, device, lr, lr_f, momentum, feedback="recipe", compi
         model.zero_grad(set_to_none=True)
         runner.graph_breaks = torch._dynamo.explain(lambda x: model(x))(compile_x
                                                                         ).graph_break_count
-        # dynamo caches compiled graphs on code objects, and the models of all rules share
-        # theirs (Sequential.forward, ...): the guards of every rule would be checked at every
-        # call. A code object of its own per rule keeps each one's cache to itself.
-        own = eval(compile("lambda x: model(x)", f"<{name}>", "eval"), {"model": model})
-        runner.forward = torch.compile(own)
+        # (through a code object of its own per rule, as the trainer compiles: otherwise the
+        # guards of every rule's graphs would be checked at every call)
+        runner.forward = compile_network(model, "inductor")
     return runner
 
 

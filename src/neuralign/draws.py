@@ -136,8 +136,7 @@ class UniformMagnitudes:
             # fallback_random, is the serial draw again)
             torch.ops.neuralign.uniform_magnitudes_(out, self.bound, sign)
             return out
-        n = out.numel()
-        size = 8 * CHUNK_WORDS  # (chunks, as random_words' workspace takes them)
+        n, size = out.numel(), 8 * CHUNK_WORDS  # (a byte an entry; read here, as tests patch it)
         lib = native.library()
         if lib is not None and native.fits(out, sign):
             if n <= size:  # (every layer's call, in the backward: no lists)
@@ -151,8 +150,7 @@ class UniformMagnitudes:
 
     @torch.no_grad()  # (the kernel's writes need no context: 1.1 µs a call saved)
     def _torch_ops(self, out: Tensor, sign: Tensor | None) -> Tensor:
-        n = out.numel()
-        size = 8 * CHUNK_WORDS
+        n, size = out.numel(), 8 * CHUNK_WORDS
         words = (n + 7) // 8
         if words >= HASH_FROM and out.device.type == "cpu" and out.is_contiguous():
             for part in _chunks(out, size):
@@ -210,7 +208,6 @@ def box_muller(bits: Tensor, std: float, out: Tensor) -> Tensor:
     return out
 
 
-@torch.no_grad()
 def noise_like(x: Tensor, dist: str, std: float, after: Tensor | None = None) -> Tensor:
     """Fresh noise of ``x``'s shape, dtype, device and memory format: ``N(0, std²)``, or
     (``dist='uniform'``) uniform with that standard deviation.
@@ -229,6 +226,8 @@ def noise_like(x: Tensor, dist: str, std: float, after: Tensor | None = None) ->
     backward into the forward graph and save it, an activation-sized tensor (seen under
     DistributedDataParallel, where the forward then drew every step's noise, and probing
     steps drew it twice)."""
+    # (no no_grad context, called in every wm and ia layer's backward: the draws write into
+    # a fresh tensor that needs no gradient, and random_words takes its own)
     out = torch.empty_like(x)
     if torch.compiler.is_compiling():
         torch.ops.neuralign.noise_(out, dist, std, after)
