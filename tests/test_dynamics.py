@@ -64,6 +64,64 @@ def test_activity_step_is_minus_rate_over_curvature_times_the_rule_gradient(rule
     torch.testing.assert_close(layer.feedback.detach(), F0 - 0.7 / kappa * ref.feedback.grad)
 
 
+@pytest.mark.parametrize("rule", ["aa", "ia", na.Rule(terms={"sparse": 1.0, "null": 0.5,
+                                                             "amp": 1.0, "decay": 0.2,
+                                                             "self": 0.3})])
+def test_a_data_curvature_read_off_the_cpu_steps_as_the_host_s_float(rule, monkeypatch):
+    """On CPU the recipe reads the data curvature as a float; on an accelerator it stays a 0-d
+    tensor (no host synchronisation) and the step's arithmetic is tensor ops: the same step."""
+    from neuralign import dynamics
+
+    def run():
+        torch.manual_seed(0)
+        model = na.convert(nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 5)), rule)
+        opt = na.feedback_optimizer(model, rate=0.7)
+        F0 = model[2].feedback.detach().clone()
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(16, 30)).square().sum().backward()
+            opt.step()
+        assert (model[2].feedback - F0).abs().max() > 1e-3  # (steps were taken)
+        return [model[0].feedback.detach(), model[2].feedback.detach()]
+
+    on_host = run()
+    kinds = []
+
+    def on_device(layer, state=None):  # what curvature gives off the CPU
+        c = layer.rule.terms
+        kappa = c.get("decay", 0.0) + c.get("sparse", 0.0) * state["curv_in"] + \
+            c.get("null", 0.0) * state["curv_out"]
+        kinds.append(type(kappa))
+        return kappa
+
+    monkeypatch.setattr(dynamics, "curvature", on_device)
+    for got, want in zip(run(), on_host, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert set(kinds) == {torch.Tensor}
+
+
+def test_the_power_iteration_s_host_branch_is_the_graph_s_where():
+    """The observer's next vector: on CPU with one block a host branch, elsewhere (and
+    under torch.compile) ``torch.where``: the same values, bit for bit, for a positive, a
+    zero and a NaN norm, and per block for several."""
+    from neuralign.dynamics import _normalised
+
+    def where(h, lam, u):
+        return torch.where(lam > 0, h / lam.clamp_min(torch.finfo(lam.dtype).tiny), u)
+
+    torch.manual_seed(0)
+    u = torch.randn(1, 7)
+    for lam in (torch.tensor(3.7), torch.tensor(0.0), torch.tensor(float("nan"))):
+        h = torch.randn(1, 7) if lam > 0 else torch.zeros(1, 7)
+        assert torch.equal(_normalised(h.clone(), lam, u), where(h, lam, u))
+    h = torch.randn(3, 7)
+    h[1] = 0
+    lam = h.norm(dim=1, keepdim=True)
+    u = torch.randn(3, 7)
+    got = _normalised(h.clone(), lam, u)
+    assert torch.equal(got, where(h, lam, u)) and torch.equal(got[1], u[1])
+
+
 def test_curvature_estimate_is_the_top_eigenvalue_of_the_sample_gram():
     torch.manual_seed(0)
     layer = _linear(na.Rule(terms={"sparse": 1.0, "amp": 1.0}))

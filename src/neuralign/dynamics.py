@@ -47,7 +47,6 @@ normalisation (rescaling F to a fixed norm) are part of the step.
 from __future__ import annotations
 
 import math
-import struct
 import sys
 from collections.abc import Callable
 
@@ -145,48 +144,58 @@ class _Observer:
             for _ in range(iters):
                 h = _mean_over_processes(ops.patch_gram(src, u))  # one block per group
                 lam = h.flatten(1).norm(dim=1).view(-1, *[1] * (h.dim() - 1))
-                u = torch.where(lam > 0, h.div_(lam.clamp_min(torch.finfo(lam.dtype).tiny)), u)
+                u = _normalised(h, lam, u)
             state["u_in"].copy_(u)
-            state["curv_in"].add_(lam.max(), alpha=1 / n)
+            state["curv_in"].add_(lam.max() if lam.numel() > 1 else lam.view(()), alpha=1 / n)
         if self.null and y is not None:
             u = state["u_out"]
             u = u if u.dtype == y.dtype else u.to(y.dtype)
             for _ in range(iters):
                 h = _mean_over_processes(ops.output_gram(y, u))
                 lam = h.norm()
-                u = torch.where(lam > 0, h.div_(lam.clamp_min(torch.finfo(lam.dtype).tiny)), u)
+                u = _normalised(h, lam, u)
             state["u_out"].copy_(u)
             state["curv_out"].add_(lam, alpha=ops.overlap / n)
 
 
+def _normalised(h: Tensor, lam: Tensor, u: Tensor) -> Tensor:
+    """``h / lam`` (in ``h``'s memory), per block of ``lam``, and ``u`` where ``lam`` is 0:
+    the power iteration's next vector. On CPU, with one block, a host branch gives the same
+    values with three small ops fewer (under torch.compile, the graph's ``where``)."""
+    if lam.is_cpu and lam.numel() == 1 and not torch.compiler.is_compiling():
+        return h.div_(lam) if lam.item() > 0 else u
+    return torch.where(lam > 0, h.div_(lam.clamp_min(torch.finfo(lam.dtype).tiny)), u)
+
+
 def curvature(layer: FeedbackLayer, state: dict | None = None) -> float | Tensor:
     """κ of the layer's rule: ``decay + sparse·λ_in + null·λ_out`` (see the module docstring);
-    ``λ_in`` and ``λ_out`` are the recipe's estimates in ``state`` (zero before any backward)."""
+    ``λ_in`` and ``λ_out`` are the recipe's estimates in ``state`` (zero before any backward).
+    A float, but for a data curvature off the CPU: a 0-d tensor there, read without a host
+    synchronisation (on CPU a float costs none, and spares the step a few tensor ops)."""
     c = layer.rule.terms
     kappa: float | Tensor = c.get("decay", 0.0)
     if state is not None:
-        if c.get("sparse"):
-            kappa = kappa + c["sparse"] * state["curv_in"]
-        if c.get("null"):
-            kappa = kappa + c["null"] * state["curv_out"]
+        for term, key in (("sparse", "curv_in"), ("null", "curv_out")):
+            if c.get(term):
+                lam = state[key]
+                if lam.is_cpu and not torch.compiler.is_compiling():
+                    lam = lam.item()
+                kappa = kappa + c[term] * lam
     return kappa
 
 
 def _decay_step(X: Tensor, s: float | Tensor, decay: float, g: Tensor | None) -> None:
     """``X ← (1 − s·decay)·X − s·g`` (``g`` None: the decay alone), for a step ``s`` that is
     a float, or a 0-d tensor of X's dtype (a data curvature's, kept on its device). Two
-    torch ops; on CPU, with decay and ``g``, one native pass where the kernels take ``X``
-    and ``g`` (float32), with the same factors and rounding, so the same X bit for bit."""
-    if decay and g is not None:
+    torch ops; for a float step with decay and ``g``, one native pass where the kernels take
+    ``X`` and ``g`` (float32 on CPU), with the same factors and rounding, so the same X bit
+    for bit."""
+    if decay and g is not None and not isinstance(s, Tensor):
         lib = native.library()
-        if lib is not None and native.fits(X, g):
-            if isinstance(s, Tensor):  # the tensor ops' float32 arithmetic (CPU: no sync)
-                s = _f32(float(s))
-                a = _f32(1.0 - _f32(s * _f32(decay)))
-            else:
-                a = 1.0 - s * decay  # (rounded to float32 by the call, as by torch's mul_)
-            if native.scale_add(lib, X, g, a, -s):
-                return
+        # (1 − s·decay, rounded to float32 by the call, as by torch's mul_)
+        if lib is not None and native.fits(X, g) and native.scale_add(lib, X, g, 1.0 - s * decay,
+                                                                      -s):
+            return
     if decay:
         X.mul_(1.0 - s * decay)
     if g is not None:
@@ -194,11 +203,6 @@ def _decay_step(X: Tensor, s: float | Tensor, decay: float, g: Tensor | None) ->
             X.addcmul_(g, s, value=-1.0)
         else:
             X.add_(g, alpha=-s)
-
-
-def _f32(x: float) -> float:
-    """``x`` rounded to float32."""
-    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def _holders(t: Tensor) -> tuple[int, ...] | None:
@@ -280,7 +284,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         if not activity:
             F.requires_grad_(False)
             F.grad = None
-        elif type(spec.ops).core_outer_into is not LayerOps.core_outer_into:
+        elif type(spec.ops).scaled_outer is not LayerOps.scaled_outer:
             # the layer family writes its products into given memory (Linear): keep F.grad's
             spec.spare = lambda F=F: self._spare(F)
         sparse, null = "sparse" in activity, "null" in activity
@@ -407,7 +411,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         else:
             X = F
         kappa = curvature(layer, state)
-        if isinstance(kappa, float) and kappa == 0.0:
+        if not any(c.get(t) for t in ("decay", "sparse", "null")):
             # no curvature (e.g. amp or self alone): a step of `rate` times F's norm
             g = torch.zeros_like(F) if g_act is None else g_act.clone()
             if self_:
@@ -415,14 +419,14 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             s = rate * F.norm() / g.norm().clamp_min(torch.finfo(F.dtype).tiny)
             X.sub_(g * s)
         elif isinstance(kappa, float):
-            s = rate / kappa
+            s = rate / max(kappa, torch.finfo(F.dtype).tiny)
             if g_act is None and not rule.kp and self_ and self_ == decay:
                 X.lerp_(W_self, rate)  # sa: F ← F + rate·(W − F), one pass
             else:
                 _decay_step(X, s, decay, g_act)
                 if self_:
                     X.add_(W_self, alpha=s * self_)
-        else:  # a data curvature (a 0-d tensor): no host synchronisation (but on CPU)
+        else:  # a data curvature off the CPU (a 0-d tensor): no host synchronisation
             s = rate / kappa.clamp_min(torch.finfo(kappa.dtype).tiny)
             s = s.to(F.dtype)
             _decay_step(X, s, decay, g_act)

@@ -77,12 +77,15 @@ class LayerOps:
         examples and positions: the weight gradient when ``y`` is the output's gradient."""
         raise NotImplementedError
 
-    def core_outer_into(self, xp: Tensor, y: Tensor, out: Tensor) -> Tensor:
-        """:meth:`core_outer`, written into ``out`` (kernel-shaped, the products' dtype) where
-        the product can be: kept memory instead of a fresh kernel-sized tensor every step.
-        Returns the result, which this default computes fresh (a copy into ``out`` would cost
-        a pass and, on resnet18's convolutions, saved nothing measurable)."""
-        return self.core_outer(xp, y)
+    def scaled_outer(self, xp: Tensor, y: Tensor, alpha: float = 1.0,
+                     out: Tensor | None = None) -> Tensor:
+        """``alpha ·`` :meth:`core_outer`, written into ``out`` (kernel-shaped, the products'
+        dtype) where the family can: kept memory instead of a fresh kernel-sized tensor every
+        step. Returns the result. This default computes the product fresh (a copy into
+        ``out`` would cost a pass and, on resnet18's convolutions, saved nothing measurable)
+        and scales it: a pass over the kernel, not over the activation-sized ``y``."""
+        h = self.core_outer(xp, y)
+        return h if alpha == 1 else h.mul_(alpha)
 
     def bias_grad(self, dy: Tensor) -> Tensor:
         """The bias gradient: ``dy`` summed over everything but the output channels."""
@@ -152,11 +155,17 @@ def _rows(t: Tensor) -> Tensor:
     return t.flatten(0, -2) if t.dim() > 1 else t[None]
 
 
-def _linear_outer(xp: Tensor, y: Tensor, out: Tensor | None = None) -> Tensor:
-    """``Σ y xᵀ`` over every leading dimension, into ``out`` when given."""
+def _linear_outer(xp: Tensor, y: Tensor, alpha: float = 1.0, out: Tensor | None = None
+                  ) -> Tensor:
+    """``alpha · Σ y xᵀ`` over every leading dimension, into ``out`` when given (the scale
+    is the product's own: no pass of its own)."""
     if y.dim() != 2:  # ([N, features] needs no reshape: a few µs a call on small layers)
         y, xp = _rows(y), _rows(xp)
-    return torch.mm(y.t(), xp, out=out)
+    if alpha == 1:
+        return torch.mm(y.t(), xp, out=out)
+    if out is None:
+        out = xp.new_empty(y.shape[1], xp.shape[1])
+    return out.addmm_(y.t(), xp, beta=0, alpha=alpha)  # (beta 0: out's values are not read)
 
 
 class LinearOps(LayerOps):
@@ -179,10 +188,10 @@ class LinearOps(LayerOps):
     def core_outer(self, xp, y):
         return _linear_outer(xp, y)
 
-    def core_outer_into(self, xp, y, out):
+    def scaled_outer(self, xp, y, alpha=1.0, out=None):
         if type(self).core_outer is not LinearOps.core_outer:  # a subclass's own map
-            return super().core_outer_into(xp, y, out)
-        return _linear_outer(xp, y, out)
+            return super().scaled_outer(xp, y, alpha, out)
+        return _linear_outer(xp, y, alpha, out)
 
     def bias_grad(self, dy):
         return dy.sum(0) if dy.dim() == 2 else _rows(dy).sum(0)

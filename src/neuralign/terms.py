@@ -101,30 +101,27 @@ def rule_grad(
     amp, null, sparse = (coeffs.get(t, 0.0) / n for t in ACTIVITY_TERMS)
     g = None
 
-    def outer(a: Tensor, b: Tensor) -> Tensor:  # the first kernel-sized product: into `out`
-        if g is None and out is not None and out.dtype == a.dtype == b.dtype:
-            return ops.core_outer_into(a, b, out)
-        return ops.core_outer(a, b)
+    def outer(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+        # alpha · outer(a, b), the first kernel-sized product into `out`
+        into = out if g is None and out is not None and out.dtype == a.dtype == b.dtype else None
+        return ops.scaled_outer(a, b, alpha, into)
 
     if null:
         assert y is not None, "null needs the output y"
-        u = ops.pad(ops.pad_T(ops.core_T(y, F, xp.shape)))
-        u = u.mul_(null) if not amp else torch.add(u.mul_(null), xp, alpha=-amp)
-        h = outer(u, y)
+        u = ops.pad(ops.pad_T(ops.core_T(y, F, xp.shape)))  # (fresh: may change in place)
+        h = outer(u if not amp else u.sub_(xp, alpha=amp / null), y, null)
         g = h if g is None else g.add_(h)
         amp = 0.0
     if sparse or amp:
-        v: Tensor | None
         if amp and y is None:  # amp on the data, the output not kept: x (sparse F − amp W)ᵀ
             K = torch.mul(W, -amp) if not sparse else torch.sub(F, W, alpha=amp / sparse)
-            v = ops.core(xp, K) if not sparse else ops.core(xp, K).mul_(sparse)
-        else:
-            v = ops.core(xp, F).mul_(sparse) if sparse else None
-            if amp:
-                assert y is not None
-                v = y * -amp if v is None else v.sub_(y, alpha=amp)
-        assert v is not None
-        h = outer(xp, v)
+            h = outer(xp, ops.core(xp, K), sparse or 1.0)
+        elif sparse:
+            v = ops.core(xp, F)
+            h = outer(xp, v if not amp else v.sub_(y, alpha=amp / sparse), sparse)
+        else:  # amp alone, on the output: its scale in the product's
+            assert y is not None
+            h = outer(xp, y, -amp)
         g = h if g is None else g.add_(h)
     if g is not None and g.dtype != F.dtype:  # under autocast: accumulate in F's own dtype
         g = g.to(F.dtype)
