@@ -116,12 +116,12 @@ def rule_grad(
         if amp and y is None:  # amp on the data, the output not kept: x (sparse F − amp W)ᵀ
             K = torch.mul(W, -amp) if not sparse else torch.sub(F, W, alpha=amp / sparse)
             h = outer(xp, ops.core(xp, K), sparse or 1.0)
-        elif sparse:
-            v = ops.core(xp, F)
-            h = outer(xp, v if not amp else v.sub_(y, alpha=amp / sparse), sparse)
-        else:  # amp alone, on the output: its scale in the product's
+        elif not sparse:  # amp alone, on the output: its scale in the product's
             assert y is not None
             h = outer(xp, y, -amp)
+        else:  # x (sparse·apply(x, F) − amp·y)ᵀ, sparse in the product's scale
+            v = ops.core(xp, F)
+            h = outer(xp, v.sub_(y, alpha=amp / sparse) if y is not None and amp else v, sparse)
         g = h if g is None else g.add_(h)
     if g is not None and g.dtype != F.dtype:  # under autocast: accumulate in F's own dtype
         g = g.to(F.dtype)
