@@ -83,6 +83,44 @@ def test_scaled_outer_is_alpha_times_outer_and_never_reads_out(case):
         _close(ops.scaled_outer(xp, dy, alpha), alpha * want)
 
 
+# (dim, kernel, stride, dilation, padding, input size): each output a single position
+ONE_POSITION = [(1, 3, 1, 1, 1, 1), (1, 5, 3, 2, 4, 3), (2, 3, 2, 1, 1, 2), (2, 1, 2, 1, 0, 2),
+                (2, 3, 1, 2, 2, 1), (3, 3, 1, 1, 1, 1), (3, 2, 2, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("dim,k,stride,dilation,padding,n", ONE_POSITION)
+def test_a_weight_gradient_tap_by_tap_is_autograd_s(dim, k, stride, dilation, padding, n):
+    """On a single output position the rules' weight-gradient-type products (outer, the
+    sparse curvature's patch Gram) go one product per tap that reads inside the input,
+    skipping the zero padding: the same as autograd of the convolution."""
+    conv = getattr(torch.nn, f"Conv{dim}d")(3, 4, k, stride=stride, dilation=dilation,
+                                             padding=padding, bias=False).double()
+    ops = ops_for(conv)
+    x = torch.randn(5, 3, *[n] * dim, dtype=torch.float64)
+    K = conv.weight.detach().clone().requires_grad_()
+    y = conv._conv_forward(x, K, None)
+    assert y.shape[2:] == (1,) * dim
+    assert ops._taps(x.shape[2:], y.shape[2:]) is not None  # (the path under test is taken)
+    dy = torch.randn_like(y)
+    (want,) = torch.autograd.grad(y, K, dy)
+    _close(ops.core_outer(x, dy), want)
+    u = torch.randn(ops.probe_shape(K), dtype=torch.float64, requires_grad=True)
+    v = conv._conv_forward(x, u, None)
+    (want,) = torch.autograd.grad(v, u, v.detach())  # Σ_p patch_p patch_pᵀ u
+    _close(ops.patch_gram(x, u.detach()), want)
+
+
+def test_taps_are_not_taken_where_onednn_s_product_is_faster():
+    """A 2x2 output, a kernel reading mostly inside the input, groups: oneDNN's product."""
+    for conv, n in [(torch.nn.Conv2d(4, 4, 3, padding=1), 2), (torch.nn.Conv2d(4, 4, 3), 3),
+                    (torch.nn.Conv2d(4, 4, 3, padding=1, groups=2), 1)]:
+        ops = ops_for(conv)
+        x = torch.randn(2, 4, n, n)
+        y = conv(x).detach()
+        assert ops._outer_by_taps(x, y) is None
+        _close(ops.core_outer(x, y), ops._conv_backward(y, x, conv.weight, (False, True, False))[1])
+
+
 @pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("left,right", [(0, 2), (2, 1), (3, 3)])
 def test_pad_adjoint_per_mode(mode, left, right):

@@ -16,6 +16,7 @@ before its convolution (non-zero padding modes, or asymmetric ``'same'`` padding
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -218,6 +219,24 @@ class LinearOps(LayerOps):
 
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+#: Most output positions of a convolution whose weight gradient may go tap by tap (ConvOps._taps).
+TAPS_MAX_POSITIONS = 1
+
+
+def _tap_spans(n_in: int, n_out: int, k: int, stride: int, dilation: int, padding: int
+               ) -> list[tuple[int, slice, slice]]:
+    """Along one dimension, each kernel index ``j`` whose tap reads inside the input, with the
+    outputs ``i`` it reads for (``0 <= i·stride + j·dilation − padding < n_in``) and the
+    inputs it reads there (a slice with the stride's step)."""
+    spans = []
+    for j in range(k):
+        off = j * dilation - padding
+        lo, hi = max(0, -(off // stride)), min(n_out, (n_in - 1 - off) // stride + 1)
+        if hi > lo:
+            first = lo * stride + off
+            spans.append((j, slice(lo, hi), slice(first, first + (hi - lo - 1) * stride + 1,
+                                                  stride)))
+    return spans
 
 
 class ConvOps(LayerOps):
@@ -246,6 +265,7 @@ class ConvOps(LayerOps):
         self.pre_pad = tuple(pre_pad) if pre_pad is not None and any(pre_pad) else None
         self.pad_mode = pad_mode
         self._conv = _CONV[dim]
+        self._tap_plans: dict[tuple, list | None] = {}  # per (input, output) spatial size
         # along each dimension, taps j*dilation land on one input position from at most
         # ceil(k / (stride / gcd(stride, dilation))) output positions
         self.overlap = math.prod(
@@ -314,16 +334,61 @@ class ConvOps(LayerOps):
         return self._conv_backward(y, xp, K, (True, False, False))[0]
 
     def core_outer(self, xp, y):
-        if self.dim == 2 and self.groups == 1 and xp.device.type == "cpu" and \
-                y.shape[-1] * y.shape[-2] <= 4:
-            # oneDNN's weight gradient is several times slower than its forward when the
-            # output has a few positions (resnet layer3/4 at 32x32); unfold + mm is not.
-            cols = F.unfold(xp, self.weight_shape[2:], dilation=self.dilation,
-                            padding=self.padding, stride=self.stride)  # [N, C*k*k, L]
-            dy = y.flatten(2).transpose(0, 1).reshape(y.shape[1], -1)  # [C_out, N*L]
-            return dy.mm(cols.transpose(1, 2).reshape(-1, cols.shape[1])).view(self.weight_shape)
+        h = self._outer_by_taps(xp, y)
+        if h is not None:
+            return h
         K = xp.new_empty(1).expand(self.weight_shape)
         return self._conv_backward(y, xp, K, (False, True, False))[1]
+
+    def _taps(self, in_size: torch.Size, out_size: torch.Size) -> list | None:
+        """How the weight gradient goes tap by tap on CPU (:meth:`_tap_plan`), or None for
+        oneDNN's: tap by tap where the output has at most ``TAPS_MAX_POSITIONS`` positions
+        and the kernel's reads land in the zero padding at least half the time (or it has one
+        tap). There oneDNN's weight gradient runs up to ten times slower than the forward
+        (resnet18's layer4 at 32 px: a 3x3 kernel on a 1x1 output reads padding with 8 taps
+        of 9), and a product per tap skips the padding; on a 2x2 output it does not pay
+        (``benchmarks/conv_outer.py``)."""
+        key = (tuple(in_size), tuple(out_size))
+        if key in self._tap_plans:
+            return self._tap_plans[key]
+        plan = None
+        if math.prod(out_size) <= TAPS_MAX_POSITIONS:
+            plan, inside = self._tap_plan(in_size, out_size)
+            if math.prod(self.weight_shape[2:]) > 1 and inside > 0.5:
+                plan = None
+        if not torch.compiler.is_compiling():  # (traced, the plan is made again: no side effect)
+            self._tap_plans[key] = plan
+        return plan
+
+    def _tap_plan(self, in_size: torch.Size, out_size: torch.Size) -> tuple[list, float]:
+        """Every kernel tap that reads inside the input: its index and, per dimension, the
+        slices of the outputs it reads for and of the inputs it reads; and the share of the
+        kernel's reads (over all outputs) that land inside the input."""
+        per_dim = [_tap_spans(*a) for a in zip(in_size, out_size, self.weight_shape[2:],
+                                               self.stride, self.dilation, self.padding,
+                                               strict=True)]
+        inside = math.prod(sum(s.stop - s.start for _, s, _ in d) for d in per_dim)
+        plan = [tuple(zip(*taps, strict=True)) for taps in itertools.product(*per_dim)]
+        return plan, inside / (math.prod(self.weight_shape[2:]) * math.prod(out_size))
+
+    def _outer_by_taps(self, xp: Tensor, y: Tensor, taps: list | None = None) -> Tensor | None:
+        """:meth:`core_outer` (``y`` with any number of channels) as one product per tap over
+        the outputs whose tap reads inside the input, ``dW[:, :, j] = Σ y[:, :, outputs]
+        x[:, :, inputs]ᵀ``, on CPU where :meth:`_taps` chooses it (or by the given ``taps``);
+        else None."""
+        if taps is None:
+            if self.groups != 1 or xp.device.type != "cpu":
+                return None
+            taps = self._taps(xp.shape[2:], y.shape[2:])
+            if taps is None:
+                return None
+        c_out, c_in = y.shape[1], xp.shape[1]
+        out = y.new_zeros(c_out, c_in, *self.weight_shape[2:])
+        for j, outputs, inputs in taps:
+            ys = y[(slice(None), slice(None), *outputs)].transpose(0, 1).reshape(c_out, -1)
+            xs = xp[(slice(None), slice(None), *inputs)].transpose(0, 1).reshape(c_in, -1)
+            out[(slice(None), slice(None), *j)] = ys.mm(xs.t())
+        return out
 
     def bias_grad(self, dy):
         return dy.sum([0] + list(range(2, dy.dim())))
@@ -331,7 +396,8 @@ class ConvOps(LayerOps):
     def patch_gram(self, xp, u):
         # one output channel per group: conv with u, then the weight gradient in u's shape
         v = self._conv(xp, u, None, self.stride, self.padding, self.dilation, self.groups)
-        return self._conv_backward(v, xp, u, (False, True, False))[1]
+        h = self._outer_by_taps(xp, v)
+        return h if h is not None else self._conv_backward(v, xp, u, (False, True, False))[1]
 
     def output_gram(self, y, u):
         v = torch.einsum("no...,o->n...", y, u)
