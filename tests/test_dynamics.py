@@ -505,19 +505,25 @@ def test_only_layers_that_write_into_kept_memory_keep_their_f_grad():
     assert model[0]._spec.spare is None and model[0].feedback.grad is None
 
 
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), (6,)),
+    # a convolution on a single output position: its products go tap by tap (ConvOps._taps)
+    (lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                           nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(4, 3)),
+     (2, 2, 2))], ids=["mlp", "conv"])
 @pytest.mark.parametrize("name", ["aa", "ia", "wm"])
-def test_the_recipe_compiles_without_graph_breaks_and_matches_eager(name):
+def test_the_recipe_compiles_without_graph_breaks_and_matches_eager(name, make, shape):
     """Under torch.compile the curvature estimate's backward writes only tensors, so a model
     with the recipe compiles without a graph break, and its steps (8 power iterations at the
     first backward, then 1: a recompile) give eager's F and power-iteration vectors; the
     mirror noise (ia, wm) is eager's draw, so the same seed gives the same F."""
     def run(compiled: bool):
         torch.manual_seed(0)
-        model = na.convert(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), name)
+        model = na.convert(make(), name)
         opt = na.feedback_optimizer(model)
         forward = torch.compile(model, backend="aot_eager") if compiled else model
         for _ in range(3):
-            x = torch.randn(5, 6)
+            x = torch.randn(5, *shape)
             opt.zero_grad()
             forward(x).square().sum().backward()
             opt.step()
@@ -534,4 +540,4 @@ def test_the_recipe_compiles_without_graph_breaks_and_matches_eager(name):
     for a, b in zip(got_opt.state.values(), want_opt.state.values(), strict=True):
         for key in ("u_in", "u_out") if "u_in" in a else ():
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-    assert torch._dynamo.explain(got)(torch.randn(5, 6)).graph_break_count == 0
+    assert torch._dynamo.explain(got)(torch.randn(5, *shape)).graph_break_count == 0
