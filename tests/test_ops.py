@@ -83,16 +83,39 @@ def test_scaled_outer_is_alpha_times_outer_and_never_reads_out(case):
         _close(ops.scaled_outer(xp, dy, alpha), alpha * want)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_the_curvature_products_are_the_gram_matrices_applied(case):
+    """``output_gram(y, u) = Σ_p y_p y_pᵀ u`` over examples and positions; ``patch_gram(x, u)
+    = Σ_p patch_p patch_pᵀ u``, the kernel gradient of ``<v, apply(x, u)>`` at ``v =
+    apply(x, u)`` (u a kernel with one output channel per group)."""
+    layer, x = case.make(), _batched(case, case.input())
+    ops = ops_for(layer)
+    W = layer.weight.detach()
+    xp = ops.pad(x)
+    y = ops.core(xp, W)
+    channels = ops.out_channels(W)
+    rows = (y if case.cls is torch.nn.Linear else y.movedim(1, -1)).reshape(-1, channels)
+    u = torch.randn(channels, dtype=y.dtype)
+    _close(ops.output_gram(y, u), rows.t() @ (rows @ u))
+    if "Transpose" in case.cls.__name__:
+        return  # (its patch_gram reshapes u to its own kernel layout)
+    K = torch.randn(ops.probe_shape(W), dtype=W.dtype, requires_grad=True)
+    out = ops.core(xp, K)
+    (want,) = torch.autograd.grad(out, K, out.detach())
+    _close(ops.patch_gram(xp, K.detach()), want)
+
+
 # (dim, kernel, stride, dilation, padding, input size): each output a single position
 ONE_POSITION = [(1, 3, 1, 1, 1, 1), (1, 5, 3, 2, 4, 3), (2, 3, 2, 1, 1, 2), (2, 1, 2, 1, 0, 2),
                 (2, 3, 1, 2, 2, 1), (3, 3, 1, 1, 1, 1), (3, 2, 2, 1, 1, 1)]
 
 
 @pytest.mark.parametrize("dim,k,stride,dilation,padding,n", ONE_POSITION)
-def test_a_weight_gradient_tap_by_tap_is_autograd_s(dim, k, stride, dilation, padding, n):
+def test_products_on_a_single_output_position(dim, k, stride, dilation, padding, n):
     """On a single output position the rules' weight-gradient-type products (outer, the
     sparse curvature's patch Gram) go one product per tap that reads inside the input,
-    skipping the zero padding: the same as autograd of the convolution."""
+    skipping the zero padding: the same as autograd of the convolution. The output Gram
+    takes a Linear layer's two products there."""
     conv = getattr(torch.nn, f"Conv{dim}d")(3, 4, k, stride=stride, dilation=dilation,
                                              padding=padding, bias=False).double()
     ops = ops_for(conv)
@@ -108,6 +131,8 @@ def test_a_weight_gradient_tap_by_tap_is_autograd_s(dim, k, stride, dilation, pa
     v = conv._conv_forward(x, u, None)
     (want,) = torch.autograd.grad(v, u, v.detach())  # Σ_p patch_p patch_pᵀ u
     _close(ops.patch_gram(x, u.detach()), want)
+    rows, w = y.detach().flatten(1), torch.randn(4, dtype=torch.float64)
+    _close(ops.output_gram(y.detach(), w), rows.t() @ (rows @ w))
 
 
 def test_taps_are_not_taken_where_onednn_s_product_is_faster():
