@@ -138,6 +138,27 @@ def test_from_module_shares_parameters_and_to_module_goes_back():
         na.FeedbackConv1d.from_module(nn.Conv2d(1, 1, 1), "fa")
 
 
+def test_a_parametrized_weight_is_the_weight_the_layer_uses():
+    """The layer reads W, b and F from its dicts; a parametrized weight (torch's
+    ``parametrize``), which they do not hold, is read through the module's lookup."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, X):
+            return 2 * X
+
+    torch.manual_seed(0)
+    layer = na.convert(nn.Linear(4, 3).double(), na.get_rule("fa"))
+    parametrize.register_parametrization(layer, "weight", Double())
+    W0 = layer.parametrizations.weight.original
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out = layer(x)
+    torch.testing.assert_close(out, x @ (2 * W0).T + layer.bias)
+    dy = torch.randn_like(out)
+    out.backward(dy)
+    torch.testing.assert_close(W0.grad, 2 * dy.T @ x)  # through the parametrization
+
+
 def test_layers_can_be_built_directly():
     layer = na.FeedbackLinear(4, 3, rule="kp")
     assert layer.rule.name == "kp" and layer.feedback.requires_grad

@@ -197,12 +197,21 @@ class LinearOps(LayerOps):
     def bias_grad(self, dy):
         return dy.sum(0) if dy.dim() == 2 else _rows(dy).sum(0)
 
+    def backward(self, dy, xp, K, mask):
+        # (on [N, features], the three products inline: on small layers each Python call of
+        # the generic backward costs what a small product does)
+        if type(self) is not LinearOps or dy.dim() != 2:  # a subclass's own maps, or N-D
+            return super().backward(dy, xp, K, mask)
+        need_x, need_w, need_b = mask
+        return (dy.mm(K) if need_x else None, dy.t().mm(xp) if need_w else None,
+                dy.sum(0) if need_b else None)
+
     def patch_gram(self, xp, u):
-        x2 = _rows(xp)
+        x2 = xp if xp.dim() == 2 else _rows(xp)
         return x2.t().mv(x2.mv(u[0]))[None]
 
     def output_gram(self, y, u):
-        y2 = _rows(y)
+        y2 = y if y.dim() == 2 else _rows(y)
         return y2.t().mv(y2.mv(u))
 
     def remove_bias(self, out, b):
@@ -406,8 +415,9 @@ class ConvOps(LayerOps):
         if y3.shape[2] == 1:  # (one position: a Linear layer's two products)
             y2 = y3.squeeze(2)
             return y2.t().mv(y2.mv(u))
-        v = torch.matmul(u, y3)  # [N, positions]: u·y at each position
-        return torch.matmul(y3, v.unsqueeze(-1)).sum(0).view(-1)
+        # (bmm, not matmul: matmul takes another path traced than eager, with another rounding)
+        v = torch.bmm(u.expand(y3.shape[0], 1, -1), y3)  # [N, 1, positions]: u·y at each
+        return torch.bmm(y3, v.transpose(1, 2)).sum(0).view(-1)
 
     def backward(self, dy, xp, K, mask):
         # One call gives the input gradient through K, the weight gradient and the bias gradient
