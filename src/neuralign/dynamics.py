@@ -143,10 +143,13 @@ class _Observer:
             u = u if u.dtype == src.dtype else u.to(src.dtype)
             for _ in range(iters):
                 h = _mean_over_processes(ops.patch_gram(src, u))  # one block per group
-                lam = h.flatten(1).norm(dim=1).view(-1, *[1] * (h.dim() - 1))
+                # (one block, a Linear layer's or an ungrouped convolution's: one op for its
+                # norm, where the per-block norms take three)
+                lam = h.norm() if h.shape[0] == 1 else \
+                    h.flatten(1).norm(dim=1).view(-1, *[1] * (h.dim() - 1))
                 u = _normalised(h, lam, u)
             state["u_in"].copy_(u)
-            state["curv_in"].add_(lam.max() if lam.numel() > 1 else lam.view(()), alpha=1 / n)
+            state["curv_in"].add_(lam if lam.dim() == 0 else lam.max(), alpha=1 / n)
         if self.null and y is not None:
             u = state["u_out"]
             u = u if u.dtype == y.dtype else u.to(y.dtype)
