@@ -8,6 +8,8 @@ WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Modes:
   (``ia-cut``), for the resume test.
 - ``compiled``: as ``train``, with ``train.compile=aot_eager``; saves ``RULE-compiled-rankR.pt``.
 - ``fail``: rank 1 raises during the second step; the others must not hang.
+- ``accumulate``: for each rule of ``runs.ACCUMULATE``, :func:`runs.accumulate` in 2
+  micro-batches a step; saves ``RULE-accumulate-rankR.pt``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from neuralign.train import (  # noqa: E402
     distributed,  # noqa: E402
     load_config,
 )
-from runs import DIST, EXTRA, tiny  # noqa: E402
+from runs import DIST, EXTRA, accumulate, tiny  # noqa: E402
 
 
 class _Boom(Callback):
@@ -45,6 +47,9 @@ def main() -> int:
             distributed.cleanup(wait=True)
             return 0
         for rule in rules:
+            if mode == "accumulate":
+                state = accumulate(rule, r, distributed.world_size(), parts=2)
+                torch.save(state, root / f"{rule}-accumulate-rank{r}.pt")
             if mode == "compiled":
                 t = Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}",
                                                    f"train.name={rule}-compiled",

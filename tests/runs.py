@@ -41,3 +41,37 @@ def train_with_recipe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
         opt_w.step()
         opt_f.step()
     return loss
+
+
+#: The gradient-accumulation runs' rules (no mirror noise: each rank draws its own)
+ACCUMULATE = {"aa": "aa", "kp": "kp", "sa": "sa",
+              "null": na.Rule(terms={"amp": 1.0, "null": 0.5, "decay": 1.0}, rate=0.3)}
+
+
+def accumulate(rule: str, rank: int = 0, world: int = 1, parts: int = 1) -> dict:
+    """Three steps of a small float64 MLP under the recipe (W by SGD), on global batches of
+    16: this process's share (``rank`` of ``world``), from the second step on split into
+    ``parts`` micro-batches with ``loss / parts`` (under DistributedDataParallel, no_sync
+    for all but the last). Returns the model's state dict."""
+    import contextlib
+
+    torch.manual_seed(0)
+    model = na.convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double(),
+                       ACCUMULATE[rule])
+    opt_f = na.feedback_optimizer(model)  # (before DDP: sa's and kp's F need no gradient)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    opt_w = torch.optim.SGD(na.param_groups(model)["forward"], lr=0.1)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        x = torch.randn(16, 6, generator=g, dtype=torch.float64).chunk(world)[rank]
+        y = torch.randint(0, 3, (16,), generator=g).chunk(world)[rank]
+        k = 1 if step == 0 else parts
+        opt_w.zero_grad()
+        opt_f.zero_grad()
+        for i, (xs, ys) in enumerate(zip(x.chunk(k), y.chunk(k), strict=True)):
+            sync = world == 1 or i == k - 1
+            with contextlib.nullcontext() if sync else net.no_sync():  # type: ignore[operator]
+                (nn.functional.cross_entropy(net(xs), ys) / k).backward()
+        opt_w.step()
+        opt_f.step()
+    return model.state_dict()

@@ -20,7 +20,7 @@ import torch
 
 from neuralign.train import Trainer, load_checkpoint, load_config
 from neuralign.train.distributed import strip_option
-from runs import DIST, EXTRA, tiny
+from runs import ACCUMULATE, DIST, EXTRA, accumulate, tiny
 
 RULES = ("fa", "kp", "sa", "aa", "ia")
 NO_MIRROR_NOISE = ("fa", "kp", "sa", "aa")
@@ -215,6 +215,22 @@ def test_search_runs_each_trial_on_every_rank(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("study space: 2 trials (2 ok)") == 1  # printed by rank 0 only
     assert (tmp_path / "out" / "best.yaml").is_file()
+
+
+def test_accumulated_micro_batches_under_ddp_step_as_the_single_process_batch(tmp_path):
+    """Two processes, each accumulating two micro-batches of its share (``no_sync`` on the
+    first), take the step of one process on the global batch: F's activity sums are averaged
+    by DDP, the curvature products in the backward, and DDP's buffer broadcast at each
+    forward finds the same sums on every rank."""
+    _spawn_ok("accumulate", tmp_path, *ACCUMULATE)
+    for rule in ACCUMULATE:
+        want = accumulate(rule)
+        for rank in (0, 1):
+            got = _state(tmp_path / f"{rule}-accumulate-rank{rank}.pt")
+            assert got.keys() == want.keys()
+            for k in want:
+                torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-12,
+                                           msg=f"{rule} {k}")
 
 
 @pytest.mark.parametrize("kind", ["tensor", "dataloader"])

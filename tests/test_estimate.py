@@ -116,7 +116,7 @@ def test_phases_run_every_so_many_steps_and_count_their_trials():
         estimates.append(model[0].weight_estimate.clone())
     changed = [not torch.equal(a, b) for a, b in zip(estimates, estimates[1:], strict=False)]
     assert changed == [False, False, True, False, False, True]  # phases at steps 0, 3, 6
-    assert opt.state[model[0].feedback]["estimate_trials"] == 300
+    assert model[0].recipe_state.estimate_trials == 300
     errors = na.metrics.estimate_errors(model)
     assert set(errors) == {"0", "2"} and all(0 < a < 90 for a, _ in errors.values())
 

@@ -15,7 +15,7 @@ from .convert import (
     param_groups,
     revert,
 )
-from .dynamics import FeedbackOptimizer, feedback_optimizer
+from .recipe import FeedbackOptimizer, feedback_optimizer
 from .layers import (
     FeedbackConv1d,
     FeedbackConv2d,

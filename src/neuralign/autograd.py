@@ -9,8 +9,9 @@ generic over :class:`~neuralign.ops.LayerOps`: a new layer family only needs new
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,12 +22,17 @@ from .draws import noise_like
 from .ops import LayerOps
 from .rules import Rule
 
-__all__ = ["Spec", "FeedbackFunction", "feedback_forward", "angle"]
+__all__ = ["Spec", "FeedbackFunction", "feedback_forward", "angle", "WARMUP_ITERATIONS"]
+
+
+#: Power iterations of a layer's curvature products in each backward before the recipe's first
+#: step on it (afterwards one per backward).
+WARMUP_ITERATIONS = 8
 
 
 @dataclass
 class Spec:
-    """What the Function needs besides tensors.
+    """What the Function needs besides tensors: the layer's own, fixed when it is converted.
 
     Attributes:
         ops: the layer family's linear map.
@@ -38,19 +44,10 @@ class Spec:
         dfa: for direct feedback alignment, the model's :class:`~neuralign.dfa.DFAState`.
         project: for direct feedback alignment, ``project(e) -> D``: the layer's projection
             for an output error ``e`` (made at the first backward, once the outputs are known).
-        terms: the term coefficients whose gradient the backward puts in ``F.grad`` (default:
-            all of the rule's); the feedback recipe keeps only the activity terms here and
-            applies the others itself.
-        kp: whether ``F.grad`` also receives W's task gradient (default: the rule's switch).
-        observe: ``observe(ops, src, y, n)``, called by each backward that computes F's
-            gradient (the recipe's curvature estimate), or None.
-        loaded: called after the layer's state dict was loaded (the recipe's Kolen-Pollack
-            state follows the loaded F and W), or None.
         self_weight: for a rule with an estimator, ``self_weight() -> Ŵ``, what the self term
             reads instead of W; None reads W.
-        spare: ``spare() -> Tensor | None``: memory of F's shape that the backward may write
-            F's gradient into (the recipe hands back last step's ``F.grad``, so that a fresh
-            weight-sized tensor is not allocated and faulted in every step), or None.
+        recipe: for a learned rule, the layer's :class:`~neuralign.layers.RecipeState`, which
+            the backward fills while a feedback recipe steps the layer.
     """
 
     ops: LayerOps
@@ -59,20 +56,8 @@ class Spec:
     probe: Tensor | None = field(default=None)
     dfa: DFAState | None = None
     project: Callable[[Tensor], Tensor] | None = None
-    terms: Mapping[str, float] | None = None
-    kp: bool | None = None
-    observe: Callable | None = None
-    loaded: Callable[[], None] | None = None
     self_weight: Callable[[], Tensor] | None = None
-    spare: Callable[[], Tensor | None] | None = None
-
-    def __post_init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        """Back to the rule's own backward: every term in ``F.grad``, no observer."""
-        self.terms, self.kp = dict(self.rule.terms), self.rule.kp
-        self.observe = self.loaded = self.spare = None
+    recipe: Any = None
 
 
 def mirror_noise(x: Tensor, rule: Rule, dout: Tensor) -> Tensor:
@@ -93,14 +78,16 @@ def angle(a: Tensor, b: Tensor) -> Tensor:
 
 class FeedbackFunction(torch.autograd.Function):
     """``out = layer(x; W, b)``; backward: ``dx = apply_T(dy, F)``, ``dW``, ``db`` as
-    backprop, and ``dF = Σ c_t ∇R_t (+ dW for Kolen-Pollack)``."""
+    backprop, and ``dF = Σ c_t ∇R_t (+ dW for Kolen-Pollack)``: the rule's own gradient, or,
+    with ``collect`` (a feedback recipe steps the layer), the activity terms' sums over the
+    call's samples, the rest being the recipe's step's (see :func:`collect`)."""
 
     # forward(ctx, ...) rather than forward + setup_context: with a separate setup_context,
     # torch binds the arguments through inspect.signature at every call, about 20 µs a layer.
     @staticmethod
-    def forward(ctx, x, weight, bias, feedback, spec, tap=False):
+    def forward(ctx, x, weight, bias, feedback, spec, collect=0, tap=False):
         output = spec.ops.forward(x, weight, bias)
-        ctx.spec = spec
+        ctx.spec, ctx.collect = spec, collect
         # The output is kept for null, and for amp where it is smaller than W (else amp folds
         # into a W-sized kernel in the backward): never an activation larger than both.
         keep_out = ctx.needs_input_grad[3] and (spec.rule.uses_output or (
@@ -140,7 +127,8 @@ class FeedbackFunction(torch.autograd.Function):
         if spec.derive is not None and (need_x or spec.probe is not None):
             F = spec.derive(W)  # derived only where it is used: a first layer sends nothing
         x, W, F = _cast(dout.dtype, x, W, F)
-        kp = need_f and spec.kp
+        recipe = spec.recipe if ctx.collect else None
+        kp = need_f and rule.kp and recipe is None
         xp = ops.pad(x)
         # (a derived F that is not used is None; the weight gradient only needs W's shape)
         dxp, dw, db = ops.backward(dout, xp, W if F is None else F, (need_x, need_w or kp, need_b))
@@ -158,20 +146,66 @@ class FeedbackFunction(torch.autograd.Function):
                 y = None if out is None else (out if b is None else ops.remove_bias(out, b))
                 y = y if y is None else y.to(dout.dtype)
             n = ops.num_samples(x, dout, W)
-            W_self = spec.self_weight().to(F.dtype) if spec.self_weight is not None else None
-            df = terms.rule_grad(spec.terms, ops, src, W, F, y, n, base=dw if kp else None,
-                                 W_self=W_self, out=_spare(spec))
-            if spec.observe is not None:
-                spec.observe(ops, src, y, n)
-        return dx, dw if need_w else None, db, df, None, None
+            if recipe is None:
+                W_self = spec.self_weight().to(F.dtype) if spec.self_weight is not None \
+                    else None
+                df = terms.rule_grad(rule.terms, ops, src, W, F, y, n,
+                                     base=dw if kp else None, W_self=W_self)
+            else:  # sums over the samples: the recipe divides by all of its calls' samples
+                df = terms.rule_grad(recipe.terms, ops, src, W, F, y, 1)
+                collect(recipe, ops, src, y, n, ctx.collect)
+        return dx, dw if need_w else None, db, df, None, None, None
 
 
-def _spare(spec: Spec) -> Tensor | None:
-    """The recipe's kept memory for F's gradient, if any (not under torch.compile: taking it
-    is a side effect on the recipe's state, which dynamo would refuse with a graph break)."""
-    if spec.spare is None or torch.compiler.is_compiling():
-        return None
-    return spec.spare()
+@torch.no_grad()
+def collect(state, ops: LayerOps, src: Tensor, y: Tensor | None, n: int, iters: int) -> None:
+    """What a feedback recipe's step needs from one backward call, added into the layer's
+    :class:`~neuralign.layers.RecipeState`: the call's ``n`` samples, and for each data
+    curvature the rule has (the input-patch Gram for sparse, the output Gram for null) the
+    Gram summed over the samples applied to the state's probe vector. The step divides by
+    the samples and takes the norm (the curvature) and the direction (the next probe: one
+    power iteration a step). Sums over the calls are exactly one batch of all their samples:
+    accumulated micro-batches, a recurrent layer's time steps.
+
+    With ``iters > 1`` (before the recipe's first step on the layer) the probe first iterates
+    ``iters - 1`` times on this call's batch: a first step's curvature from one iteration on
+    an arbitrary vector would be too small, and the step too long.
+
+    Under DistributedDataParallel every product is averaged over the processes, so each holds
+    the same sums (DDP's buffer broadcast then changes nothing) and takes the single process's
+    step on the global batch. Only tensors are written, in place: a compiled backward has no
+    Python side effect."""
+    state.samples.add_(n)
+    for term, probe, gram, product, data in (("sparse", "probe_in", "gram_in", ops.patch_gram, src),
+                                             ("null", "probe_out", "gram_out", ops.output_gram, y)):
+        if term not in state.terms or data is None:
+            continue
+        u = state._buffers[probe]
+        u = u if u.dtype == data.dtype else u.to(data.dtype)
+        for _ in range(iters - 1):
+            u = unit_blocks(_mean_over_processes(product(data, u)), u)
+        if iters > 1:
+            state._buffers[probe].copy_(u)
+        state._buffers[gram].add_(_mean_over_processes(product(data, u)))
+
+
+def unit_blocks(h: Tensor, u: Tensor) -> Tensor:
+    """``h`` with each block (its first dimension's entries; a single vector is one block)
+    scaled to unit norm, and ``u``'s block where ``h``'s is zero: the power iteration's next
+    vector."""
+    lam = h.norm() if h.dim() == 1 else h.flatten(1).norm(dim=1).view(-1, *[1] * (h.dim() - 1))
+    return torch.where(lam > 0, h / lam.clamp_min(torch.finfo(lam.dtype).tiny), u)
+
+
+def _mean_over_processes(t: Tensor) -> Tensor:
+    """``t`` averaged over the processes of a distributed run (in place; ``t`` alone otherwise).
+    Each process holds an equal share of the global batch, so the mean of the per-process
+    sums, over the per-process samples, is the global batch's average."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t
 
 
 def _cast(dtype, *tensors):
@@ -212,7 +246,7 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b, e=None):
         dx = _project_error(ops, spec, e, n, x.shape)
         if spec.probe is not None:
             _record_angle(spec, dx, dout, W, xp.shape)
-    return dx if need_x else None, dw if need_w else None, db, None, None, None
+    return dx if need_x else None, dw if need_w else None, db, None, None, None, None
 
 
 def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Size) -> Tensor:
@@ -239,12 +273,14 @@ def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Si
 
 
 def feedback_forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,
-                     spec: Spec) -> Tensor:
+                     spec: Spec, collect: int = 0) -> Tensor:
     """Apply the layer through :class:`FeedbackFunction` (a dfa layer in a compiled pass
-    also hands its tap to the output marker: see :mod:`neuralign.dfa`)."""
+    also hands its tap to the output marker: see :mod:`neuralign.dfa`). ``collect``: 0 for
+    the rule's own backward, else the power iterations of the recipe's backward (see
+    :func:`collect`)."""
     dfa = spec.dfa
     if dfa is not None and dfa.taps is not None and x.dim() > 1:
-        out, tap = FeedbackFunction.apply(x, weight, bias, feedback, spec, True)
+        out, tap = FeedbackFunction.apply(x, weight, bias, feedback, spec, 0, True)
         dfa.taps.append(tap)
         return out
-    return FeedbackFunction.apply(x, weight, bias, feedback, spec)
+    return FeedbackFunction.apply(x, weight, bias, feedback, spec, collect)

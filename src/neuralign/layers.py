@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
@@ -16,13 +17,14 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .autograd import Spec, feedback_forward
+from .autograd import WARMUP_ITERATIONS, Spec, feedback_forward
 from .dfa import DFAState
 from .draws import UniformMagnitudes
 from .ops import OPS, ConvOps, ConvTransposeOps, LayerOps, LinearOps, ops_for
 from .rules import INITS, Rule, get_rule
+from .terms import ACTIVITY_TERMS
 
-__all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d",
+__all__ = ["FeedbackLayer", "RecipeState", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d",
            "FeedbackConv3d", "FeedbackConvTranspose1d", "FeedbackConvTranspose2d",
            "FeedbackConvTranspose3d", "FEEDBACK_CLASSES", "register_layer", "init_feedback",
            "shared_copy"]
@@ -99,6 +101,105 @@ def _fans(t: Tensor) -> tuple[int, int]:
     return nn.init._calculate_fan_in_and_fan_out(t)
 
 
+class RecipeState(nn.Module):
+    """What the feedback recipe (:mod:`neuralign.recipe`) keeps for one learned feedback
+    layer: the layer's child ``recipe_state``, made when the layer is converted, whether a
+    recipe ever steps it or not. Its buffers and fields are in the model's state dict, move
+    with the model, and are copied and pickled with it; the layer's backward writes the
+    buffers while a recipe steps the layer, and the recipe's step reads and resets them.
+
+    Buffers (each only where the rule needs it):
+        samples: int64 ``[]``: the samples (examples × positions) of the backward calls since
+            the last step, by which the recipe divides ``F.grad`` (the activity terms' sums)
+            and the curvature products: accumulated micro-batches and a recurrent layer's time
+            steps count as one batch of all their samples.
+        probe_in, gram_in: the sparse term's power iteration, ``[groups, *kernel]`` (see
+            :meth:`neuralign.ops.LayerOps.patch_gram`): the unit vector of each block, and the
+            sum over those calls of the input-patch Gram applied to it.
+        probe_out, gram_out: the null term's, ``[out_channels]``, with the outputs' Gram.
+        kp_delta: Kolen-Pollack's ``F − W``, in ``W``'s layout, as ``kp_scale · kp_delta``.
+
+    Fields (in the state dict as 0-d tensors):
+        steps: the recipe steps taken (the first backward's power iterations warm up until
+            one was; weight estimation runs every ``estimate.every`` of them).
+        warm: ``steps > 0``, read by the forward (a bool: a compiled forward recompiles once).
+        kp_scale: see ``kp_delta``; None until a recipe first steps the layer.
+        estimate_trials: trials of the weight estimation phases so far.
+
+    Args:
+        rule: the layer's rule (a learned one).
+        probe_shape: the shape of the sparse term's probe vector.
+        out_channels: the number of output channels (the null term's probe).
+        weight: the layer's W (dtype, device, and Kolen-Pollack's layout).
+    """
+
+    def __init__(self, rule: Rule, probe_shape: tuple[int, ...], out_channels: int,
+                 weight: Tensor):
+        super().__init__()
+        #: the terms the backward puts in F.grad while a recipe steps the layer
+        self.terms = {t: c for t, c in rule.terms.items() if t in ACTIVITY_TERMS}
+        self.steps, self.warm, self.estimate_trials = 0, False, 0
+        self.kp_scale: float | None = None
+        like = {"device": weight.device, "dtype": weight.dtype}
+        if self.terms:
+            self.register_buffer("samples", torch.zeros((), dtype=torch.int64,
+                                                        device=weight.device))
+        if "sparse" in self.terms:  # every block starts as the unit vector of equal entries
+            u = torch.ones(probe_shape, **like)
+            self.register_buffer("probe_in", u.div_(math.sqrt(max(1, u[0].numel()))))
+            self.register_buffer("gram_in", torch.zeros(probe_shape, **like))
+        if "null" in self.terms:
+            self.register_buffer("probe_out", torch.full((out_channels,), 1 / math.sqrt(
+                max(1, out_channels)), **like))
+            self.register_buffer("gram_out", torch.zeros(out_channels, **like))
+        if rule.kp:
+            self.register_buffer("kp_delta", torch.zeros_like(weight, requires_grad=False))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget the backward calls since the last step (their samples and Gram products)."""
+        for name in ("samples", "gram_in", "gram_out"):
+            t = self._buffers.get(name)
+            if t is not None:
+                t.zero_()
+
+    #: the fields, as 0-d tensors in the state dict (a state dict of tensors only, as code
+    #: that clones or averages one expects); kp_scale only with kp_delta, None as -1
+    _FIELDS = (("steps", torch.int64), ("kp_scale", torch.float64),
+               ("estimate_trials", torch.int64))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, dtype in self._FIELDS:
+            value = getattr(self, name)
+            if name != "kp_scale" or "kp_delta" in self._buffers:
+                destination[prefix + name] = torch.tensor(-1 if value is None else value,
+                                                          dtype=dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A state dict without the recipe's state (saved before it was kept here) loads: the
+        # state starts afresh, and Kolen-Pollack's F − W is taken from F and W again.
+        missing, unexpected = len(missing_keys), len(unexpected_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                      missing_keys, unexpected_keys, error_msgs)
+        del missing_keys[missing:]
+        fields = {prefix + name for name, _ in self._FIELDS}
+        unexpected_keys[unexpected:] = [k for k in unexpected_keys[unexpected:]
+                                        if k not in fields]
+        values = {name: state_dict.get(prefix + name) for name, _ in self._FIELDS}
+        self.steps = int(values["steps"]) if values["steps"] is not None else 0
+        self.warm = self.steps > 0
+        self.estimate_trials = int(values["estimate_trials"]) \
+            if values["estimate_trials"] is not None else 0
+        scale = values["kp_scale"]
+        self.kp_scale = None if scale is None or float(scale) < 0 \
+            or prefix + "kp_delta" not in state_dict else float(scale)
+
+    def extra_repr(self) -> str:
+        return f"steps={self.steps}"
+
+
 class FeedbackLayer(nn.Module):
     """Mixin for feedback layers; put it before the torch layer class in the bases (and
     register the pair with :func:`register_layer` to have ``convert`` use it by default)."""
@@ -107,6 +208,7 @@ class FeedbackLayer(nn.Module):
     weight: Tensor
     feedback: Tensor
     weight_estimate: Tensor
+    recipe_state: RecipeState
     dfa_seed: Tensor
     rule: Rule
     _spec: Spec
@@ -147,9 +249,10 @@ class FeedbackLayer(nn.Module):
             plain._parameters.pop(name, None)
             plain._buffers.pop(name, None)
             plain._non_persistent_buffers_set.discard(name)
+        plain._modules.pop("recipe_state", None)
         return plain
 
-    _ADDED = ("rule", "_spec", "_exact_backprop")
+    _ADDED = ("rule", "_spec", "_exact_backprop", "_recipe", "_recipe_froze")
     _FEEDBACK_TENSORS = ("feedback", "feedback_norm", "weight_estimate",
                          "dfa_seed")
 
@@ -158,6 +261,10 @@ class FeedbackLayer(nn.Module):
             raise ValueError("rule 'bp' means no feedback weight: keep the plain torch layer")
         self.rule = rule
         self._exact_backprop = False
+        # the feedback recipe stepping this layer (a weak reference: see neuralign.recipe), and
+        # whether it switched F's requires_grad off; neither outlives a copy or a pickle
+        self._recipe: weakref.ref | None = None
+        self._recipe_froze = False
         W = self.weight
         if rule.kind == "dfa":
             # D: [outputs, in_channels], in the layout of a Linear map from the layer's input
@@ -192,9 +299,26 @@ class FeedbackLayer(nn.Module):
         if rule.estimate is not None:  # Ŵ for the self term, from neuralign.estimate's phases
             self.register_buffer("weight_estimate", torch.zeros_like(W, requires_grad=False))
             self_weight = self._weight_estimate
-        self._spec = Spec(ops_for(self), rule, derive=derive, self_weight=self_weight)
+        ops = ops_for(self)
+        recipe = None
+        if rule.learns:
+            self.recipe_state = recipe = RecipeState(rule, ops.probe_shape(W),
+                                                     ops.out_channels(W), W)
+        self._spec = Spec(ops, rule, derive=derive, self_weight=self_weight, recipe=recipe)
         if derive is not None:
             derive(W.detach())
+
+    # -- copies and pickles: a recipe steps the layer it was built for, not its copies ------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_recipe"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if state.get("_recipe_froze"):  # the copy's F learns again (its own recipe may stop it)
+            self._parameters["feedback"].requires_grad_(True)  # type: ignore[union-attr]
+            self._recipe_froze = False
 
     def _weight_estimate(self) -> Tensor:
         return self.weight_estimate
@@ -245,8 +369,6 @@ class FeedbackLayer(nn.Module):
         if self.rule.kind == "dfa" and saved is not None and saved.shape != self.feedback.shape:
             self.feedback = self.feedback.new_empty(saved.shape)  # D not yet made here
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if self._spec.loaded is not None:
-            self._spec.loaded()
 
     # -- forward --------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -264,9 +386,13 @@ class FeedbackLayer(nn.Module):
         F = buffers["feedback"] if "feedback" in buffers else (
             p["feedback"] if "feedback" in p else self.feedback)
         assert W is not None and F is not None
+        # While a recipe steps the layer, its backward collects what the recipe's step needs
+        # (power iterations: a few on the first batch, then one a call)
+        collect = 0 if self._recipe is None else (
+            1 if self._modules["recipe_state"].warm else WARMUP_ITERATIONS)  # type: ignore[union-attr]
         if W.dim() > 2 and x.dim() == W.dim() - 1:  # one unbatched conv example, as torch takes
-            return feedback_forward(x.unsqueeze(0), W, b, F, spec).squeeze(0)
-        return feedback_forward(x, W, b, F, spec)
+            return feedback_forward(x.unsqueeze(0), W, b, F, spec, collect).squeeze(0)
+        return feedback_forward(x, W, b, F, spec, collect)
 
     # -- after the optimizer step ------------------------------------------------------------------
     @torch.no_grad()

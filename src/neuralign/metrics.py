@@ -71,16 +71,16 @@ def backprop_angles(model: nn.Module, closure: Callable[[], Tensor]) -> dict[str
     sources = [layer._source[:2] if isinstance(layer, Projection) else (layer.weight, None)
                for _, layer in layers]
     params = list({id(p): p for p, _ in sources}.values())
-    observers = [layer._spec.observe for _, layer in layers]
-    for _, layer in layers:  # this backward is a measurement: the recipe does not see it
-        layer._spec.observe = None
+    recipes = [layer._recipe for _, layer in layers]
+    for _, layer in layers:  # a measurement: the recipe's state does not see its backward
+        layer._recipe = None
     try:
         rule_grads = torch.autograd.grad(closure(), params, allow_unused=True)
         with exact_backprop(model):
             bp_grads = torch.autograd.grad(closure(), params, allow_unused=True)
     finally:
-        for (_, layer), observe in zip(layers, observers, strict=True):
-            layer._spec.observe = observe
+        for (_, layer), recipe in zip(layers, recipes, strict=True):
+            layer._recipe = recipe
     by_id = {id(p): (g, h) for p, g, h in zip(params, rule_grads, bp_grads, strict=True)}
     out = {}
     for (name, _), (p, rows) in zip(layers, sources, strict=True):

@@ -73,7 +73,7 @@ def grad(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
 def rule_grad(
     coeffs: Mapping[str, float], ops: LayerOps, xp: Tensor, W: Tensor, F: Tensor, y: Tensor | None,
     n: int,
-    base: Tensor | None = None, W_self: Tensor | None = None, out: Tensor | None = None,
+    base: Tensor | None = None, W_self: Tensor | None = None,
 ) -> Tensor:
     """``Σ_t c_t ∇_F R_t``, merged: the fewest kernel-sized products.
 
@@ -89,9 +89,6 @@ def rule_grad(
         base: a kernel-shaped tensor added to the result, left unchanged (Kolen-Pollack's task
             share), or None.
         W_self: what the self term reads in place of ``W`` (an estimate Ŵ), or None for W.
-        out: kernel-shaped memory the result may be written into (the recipe's kept
-            ``F.grad``), or None for a fresh tensor. Used only where an activity term makes
-            the first product and ``out`` has the products' dtype.
 
     amp shares ``x`` with sparse and ``y`` with null: with null present, amp joins null as
     ``outer(null·apply_T(y, F) − amp·x, y)``; otherwise it joins sparse as
@@ -100,11 +97,7 @@ def rule_grad(
     """
     amp, null, sparse = (coeffs.get(t, 0.0) / n for t in ACTIVITY_TERMS)
     g = None
-
-    def outer(a: Tensor, b: Tensor, alpha: float) -> Tensor:
-        # alpha · outer(a, b), the first kernel-sized product into `out`
-        into = out if g is None and out is not None and out.dtype == a.dtype == b.dtype else None
-        return ops.scaled_outer(a, b, alpha, into)
+    outer = ops.scaled_outer  # alpha · outer(a, b), the scale in the product's own
 
     if null:
         assert y is not None, "null needs the output y"

@@ -504,9 +504,9 @@ class Trainer:
         if estimates:  # rules with weight estimation: Ŵ against W, and the phases' cost
             m["estimate_angle"] = mean({k: a for k, (a, _) in estimates.items()})
             m["estimate_error"] = mean({k: e for k, (_, e) in estimates.items()})
-            fo = self.feedback_optimizer
             m["estimate_trials"] = float(sum(
-                st.get("estimate_trials", 0) for st in fo.state.values())) if fo else nan
+                layer.recipe_state.estimate_trials for _, layer in na.feedback_layers(self.model)
+                if layer.rule.estimate is not None)) if self.recipe else nan
             for name in self.layer_names:
                 m[f"estimate_angle/{name}"] = estimates.get(name, (nan, nan))[0]
         return m

@@ -1,8 +1,11 @@
 """The feedback recipe (``na.feedback_optimizer``): each step against its closed form, the
 curvature normalisation (scale-free steps), Kolen-Pollack's exact tracking, noise and
-normalisation, state, and training stability under several forward optimizers."""
+normalisation, its state on the layers (copies, pickles, state dicts, a second recipe),
+gradient accumulation, and training stability under several forward optimizers."""
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -11,7 +14,7 @@ from torch.nn import functional as F
 
 import neuralign as na
 from neuralign import terms as T
-from neuralign.dynamics import curvature
+from neuralign.recipe import curvature
 
 LEARNED = [r for r in na.list_rules() if na.get_rule(r).learns]
 
@@ -47,79 +50,16 @@ def test_activity_step_is_minus_rate_over_curvature_times_the_rule_gradient(rule
     layer = _linear(rule)
     opt = na.feedback_optimizer(layer, rate=0.7)
     x = torch.randn(32, 6, dtype=torch.float64)
+    ref = copy.deepcopy(layer)  # a copy: the rule's own backward, every term in F.grad
     F0 = layer.feedback.detach().clone()
     state = torch.random.get_rng_state()
     layer(x).sum().backward()
-    kappa = float(curvature(layer, opt.state[layer.feedback]))
+    kappa = float(curvature(layer))
     assert kappa > 0
     opt.step()
-    # the full rule gradient, from the rule's own (plain) backward on the same noise
-    ref = copy.deepcopy(layer)
-    ref._spec.reset()
-    with torch.no_grad():
-        ref.feedback.copy_(F0)
-    ref.feedback.requires_grad_(True)
-    torch.random.set_rng_state(state)
+    torch.random.set_rng_state(state)  # (the same noise)
     ref(x).sum().backward()
     torch.testing.assert_close(layer.feedback.detach(), F0 - 0.7 / kappa * ref.feedback.grad)
-
-
-@pytest.mark.parametrize("rule", ["aa", "ia", na.Rule(terms={"sparse": 1.0, "null": 0.5,
-                                                             "amp": 1.0, "decay": 0.2,
-                                                             "self": 0.3})])
-def test_a_data_curvature_read_off_the_cpu_steps_as_the_host_s_float(rule, monkeypatch):
-    """On CPU the recipe reads the data curvature as a float; on an accelerator it stays a 0-d
-    tensor (no host synchronisation) and the step's arithmetic is tensor ops: the same step."""
-    from neuralign import dynamics
-
-    def run():
-        torch.manual_seed(0)
-        model = na.convert(nn.Sequential(nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 5)), rule)
-        opt = na.feedback_optimizer(model, rate=0.7)
-        F0 = model[2].feedback.detach().clone()
-        for _ in range(3):
-            opt.zero_grad()
-            model(torch.randn(16, 30)).square().sum().backward()
-            opt.step()
-        assert (model[2].feedback - F0).abs().max() > 1e-3  # (steps were taken)
-        return [model[0].feedback.detach(), model[2].feedback.detach()]
-
-    on_host = run()
-    kinds = []
-
-    def on_device(layer, state=None):  # what curvature gives off the CPU
-        c = layer.rule.terms
-        kappa = c.get("decay", 0.0) + c.get("sparse", 0.0) * state["curv_in"] + \
-            c.get("null", 0.0) * state["curv_out"]
-        kinds.append(type(kappa))
-        return kappa
-
-    monkeypatch.setattr(dynamics, "curvature", on_device)
-    for got, want in zip(run(), on_host, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    assert set(kinds) == {torch.Tensor}
-
-
-def test_the_power_iteration_s_host_branch_is_the_graph_s_where():
-    """The observer's next vector: on CPU with one block a host branch, elsewhere (and
-    under torch.compile) ``torch.where``: the same values, bit for bit, for a positive, a
-    zero and a NaN norm, and per block for several."""
-    from neuralign.dynamics import _normalised
-
-    def where(h, lam, u):
-        return torch.where(lam > 0, h / lam.clamp_min(torch.finfo(lam.dtype).tiny), u)
-
-    torch.manual_seed(0)
-    u = torch.randn(1, 7)
-    for lam in (torch.tensor(3.7), torch.tensor(0.0), torch.tensor(float("nan"))):
-        h = torch.randn(1, 7) if lam > 0 else torch.zeros(1, 7)
-        assert torch.equal(_normalised(h.clone(), lam, u), where(h, lam, u))
-    h = torch.randn(3, 7)
-    h[1] = 0
-    lam = h.norm(dim=1, keepdim=True)
-    u = torch.randn(3, 7)
-    got = _normalised(h.clone(), lam, u)
-    assert torch.equal(got, where(h, lam, u)) and torch.equal(got[1], u[1])
 
 
 def test_curvature_estimate_is_the_top_eigenvalue_of_the_sample_gram():
@@ -128,15 +68,15 @@ def test_curvature_estimate_is_the_top_eigenvalue_of_the_sample_gram():
     opt = na.feedback_optimizer(layer)
     x = torch.randn(500, 6, dtype=torch.float64) * torch.tensor([5.0, 1, 1, 1, 1, 0.5],
                                                                  dtype=torch.float64)
-    for _ in range(5):  # the same batch: power iteration converges
+    for _ in range(5):  # the same batch: power iteration (warming up) converges
         layer(x).sum().backward()
     top = torch.linalg.eigvalsh(x.T @ x / len(x))[-1]
-    # five backward calls before a step: their curvatures add up, as their gradients do
-    torch.testing.assert_close(opt.state[layer.feedback]["curv_in"], 5 * top, rtol=1e-3, atol=0)
-    opt.step()  # the step resets them; one call gives the eigenvalue itself
-    opt.zero_grad()
+    # five backward calls before a step: one batch of their samples, the same Gram
+    assert int(layer.recipe_state.samples) == 5 * len(x)
+    torch.testing.assert_close(curvature(layer), top, rtol=1e-3, atol=0)
+    opt.step()  # the step takes them; one call gives the eigenvalue again
     layer(x).sum().backward()
-    torch.testing.assert_close(opt.state[layer.feedback]["curv_in"], top, rtol=1e-6, atol=0)
+    torch.testing.assert_close(curvature(layer), top, rtol=1e-6, atol=0)
 
 
 def test_angle_measurements_leave_the_curvature_alone():
@@ -147,11 +87,16 @@ def test_angle_measurements_leave_the_curvature_alone():
     opt = na.feedback_optimizer(model)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     nn.functional.cross_entropy(model(x), y).backward()
-    before = [opt.state[layer.feedback]["curv_in"].clone() for _, layer in na.feedback_layers(model)]
+
+    def collected():
+        return [t.clone() for _, layer in na.feedback_layers(model)
+                for t in layer.recipe_state.buffers()]
+
+    before = collected()
     na.metrics.backprop_angles(model, lambda: nn.functional.cross_entropy(model(x), y))
-    after = [opt.state[layer.feedback]["curv_in"] for _, layer in na.feedback_layers(model)]
-    for a, b in zip(before, after, strict=True):
+    for a, b in zip(before, collected(), strict=True):
         assert torch.equal(a, b)
+    assert all(layer._recipe() is opt for _, layer in na.feedback_layers(model))
 
 
 def test_conv_curvatures_match_the_dense_hessian():
@@ -168,9 +113,13 @@ def test_conv_curvatures_match_the_dense_hessian():
         conv = na.convert(make().double(), na.Rule(terms=terms))
         opt = na.feedback_optimizer(conv)
         x = torch.randn(4, conv.in_channels, 9, dtype=torch.float64)
-        for _ in range(150):  # power iteration on one batch: converged
+        for _ in range(20):  # power iteration on one batch (8 a call until a step): converged
             conv(x).sum().backward()
-        opt.step()  # (the curvatures add up until a step; one more call gives its own)
+        opt.step()
+        for _ in range(100):
+            opt.zero_grad()
+            conv(x).sum().backward()
+            opt.step()
         conv(x).sum().backward()
         name = "sparse" if "sparse" in terms else "null"
 
@@ -179,7 +128,7 @@ def test_conv_curvatures_match_the_dense_hessian():
 
         H = torch.autograd.functional.hessian(loss, conv.weight.detach().flatten().clone())
         top = torch.linalg.eigvalsh(H)[-1]
-        est = opt.state[conv.feedback]["curv_in" if name == "sparse" else "curv_out"]
+        est = curvature(conv)
         if name == "sparse":  # power iteration: from below, to within its eigengap's pace
             assert top * (1 - 1e-3) <= est <= top * (1 + 1e-9), (float(top), float(est))
         else:  # an upper bound within the overlap factor
@@ -389,88 +338,6 @@ def _activity_mlp(rule):
     return na.convert(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), rule)
 
 
-@pytest.mark.parametrize("rule", ["aa", "wm", "ia"])
-def test_the_recipe_writes_each_step_s_f_grad_into_the_last_one_s_memory(rule):
-    """zero_grad keeps the F.grad it drops and the next backward writes into it (a Linear
-    layer's product takes ``out=``): the same values as in fresh memory, bit for bit."""
-    kept, fresh = _activity_mlp(rule), _activity_mlp(rule)
-    opts = [na.feedback_optimizer(m) for m in (kept, fresh)]
-    ptrs = []
-    for step in range(3):
-        x = torch.randn(8, 20, generator=torch.Generator().manual_seed(step))
-        for m, opt in zip((kept, fresh), opts, strict=True):
-            opt.zero_grad()
-            if m is fresh:
-                opt._spares.clear()  # nothing kept: the backward takes fresh memory
-            torch.manual_seed(step)  # (the same mirror noise)
-            m(x).sum().backward()
-        for a, b in zip(kept, fresh, strict=True):
-            if hasattr(a, "feedback"):
-                assert torch.equal(a.feedback.grad, b.feedback.grad)
-        ptrs.append([m.feedback.grad.data_ptr() for m in (kept[0], kept[2])])
-        for opt in opts:
-            opt.step()
-    assert ptrs[0] == ptrs[1] == ptrs[2]
-    assert torch.equal(kept[2].feedback, fresh[2].feedback)
-
-
-@pytest.mark.parametrize("rule", ["wm", "ia", na.Rule(terms={"decay": 0.5, "sparse": 1.0})])
-def test_the_native_step_is_torch_s_two_passes_bit_for_bit(rule, monkeypatch):
-    """The recipe's ``F ← a·F + b·F.grad`` (decay with an activity term: a float step for wm,
-    a data curvature's for ia and decay + sparse) is one native pass where torch takes two,
-    with torch's rounding: the same F, bit for bit, as with the kernels off."""
-    from neuralign import native
-
-    if native.library() is None:
-        pytest.skip("no C compiler here for the native kernels")
-    calls = []
-    kernel = native.scale_add
-    monkeypatch.setattr(native, "scale_add", lambda *a: calls.append(a[1].numel()) or kernel(*a))
-
-    def run(library):
-        with monkeypatch.context() as m:
-            m.setattr(native, "library", library)
-            torch.manual_seed(0)
-            model = na.convert(nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 5)),
-                               rule)
-            opt = na.feedback_optimizer(model)
-            for _ in range(3):
-                opt.zero_grad()
-                model(torch.randn(16, 300)).square().sum().backward()
-                opt.step()
-            return [model[0].feedback.detach(), model[2].feedback.detach()]
-
-    native_run = run(native.library)
-    assert calls and set(calls) == {60000, 1000}  # (the first layer's above the threads' bar)
-    for got, want in zip(native_run, run(lambda: None), strict=True):
-        assert torch.equal(got, want)
-
-
-@pytest.mark.parametrize("hold", ["reference", "view"])
-def test_a_kept_f_grad_that_the_caller_still_holds_is_not_overwritten(hold):
-    model = _activity_mlp("aa")
-    opt = na.feedback_optimizer(model)
-    model(torch.randn(8, 20)).sum().backward()
-    grad = model[2].feedback.grad
-    held = grad if hold == "reference" else grad.view(-1)
-    before, ptr = held.clone(), grad.data_ptr()
-    del grad
-    opt.zero_grad()
-    model(torch.randn(8, 20)).sum().backward()
-    assert torch.equal(held, before)  # the caller's tensor keeps last step's values
-    assert model[2].feedback.grad.data_ptr() != ptr
-
-
-def test_a_released_recipe_keeps_no_f_grad():
-    model = _activity_mlp("aa")
-    opt = na.feedback_optimizer(model)
-    model(torch.randn(8, 20)).sum().backward()
-    opt.zero_grad()
-    assert opt._spares
-    opt.release()
-    assert not opt._spares and model[2]._spec.spare is None
-
-
 def test_sa_layers_stepped_together_match_the_per_layer_step_bit_for_bit():
     """The recipe steps every plain sa layer in one foreach call per rate; layers with
     anything more (an estimator, update noise, normalisation) keep the per-layer step."""
@@ -491,18 +358,6 @@ def test_sa_layers_stepped_together_match_the_per_layer_step_bit_for_bit():
             opt.step()
     for i in (0, 2, 4):
         assert torch.equal(together[i].feedback, alone[i].feedback)
-
-
-def test_only_layers_that_write_into_kept_memory_keep_their_f_grad():
-    """A convolution's product cannot be written into given memory: its F.grad is freed at
-    zero_grad as torch's would be, not kept alive for nothing."""
-    torch.manual_seed(0)
-    model = na.convert(nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 4)), "aa")
-    opt = na.feedback_optimizer(model)
-    model(torch.randn(5, 2, 4, 4)).sum().backward()
-    opt.zero_grad()
-    assert list(opt._spares) == [model[2].feedback]
-    assert model[0]._spec.spare is None and model[0].feedback.grad is None
 
 
 @pytest.mark.parametrize("make,shape", [
@@ -534,10 +389,187 @@ def test_the_recipe_compiles_without_graph_breaks_and_matches_eager(name, make, 
     got, got_opt = run(True)
     for (n, a), b in zip(got.named_parameters(), want.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
-    for fb, state in got_opt.state.items():
-        if "u_in" in state:  # (wm has no data curvature)
-            assert got_opt._observers[fb].iters == 1 and state["observed"] == 3
-    for a, b in zip(got_opt.state.values(), want_opt.state.values(), strict=True):
-        for key in ("u_in", "u_out") if "u_in" in a else ():
-            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    for (_, a), (_, b) in zip(na.feedback_layers(got), na.feedback_layers(want), strict=True):
+        assert a.recipe_state.steps == 3 and a.recipe_state.warm
+        for (key, u), v in zip(a.recipe_state.named_buffers(), b.recipe_state.buffers(),
+                               strict=True):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6, msg=key)
     assert torch._dynamo.explain(got)(torch.randn(5, *shape)).graph_break_count == 0
+
+
+# -- the state lives on the layers: copies, saves, a second recipe --------------------------------
+CONVERTIBLE = [r for r in na.list_rules() if r != "bp"]
+
+
+def _trained(rule, steps=3, seed=0):
+    """A small converted model with its recipe, after ``steps`` steps (W by plain SGD)."""
+    torch.manual_seed(seed)
+    model = na.convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), rule)
+    opt_f = na.feedback_optimizer(model)
+    _train(model, opt_f, steps, seed=100)
+    return model, opt_f
+
+
+def _train(model, opt_f, steps, seed):
+    """``steps`` steps on batches drawn from ``seed`` (the mirror noise from it too), W by
+    SGD without momentum (so a copy's own SGD continues it exactly)."""
+    opt_w = torch.optim.SGD(na.param_groups(model)["forward"], lr=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 6, generator=g)
+        torch.manual_seed(int(torch.randint(2**31, (), generator=g)))
+        opt_w.zero_grad()
+        opt_f.zero_grad()
+        F.cross_entropy(model(x), x[:, :3].argmax(1)).backward()
+        opt_w.step()
+        opt_f.step()
+
+
+def _assert_same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("rule", CONVERTIBLE)
+def test_copies_pickles_and_state_dicts_work_before_and_after_a_recipe(rule):
+    """On main the recipe installed closures into the layers: pickle and torch.save failed
+    (ia, aa, wm, kp), and a copy shared them with the original's recipe."""
+    torch.manual_seed(0)
+    model = na.convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), rule)
+    for stage in ("before", "after"):
+        if stage == "after":
+            _train(model, na.feedback_optimizer(model), 2, seed=1)
+        copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        copies.append(torch.load(buf, weights_only=False))
+        torch.manual_seed(0)
+        fresh = na.convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), rule)
+        fresh.load_state_dict(model.state_dict())
+        copies.append(fresh)
+        for c in copies:
+            _assert_same_state(c, model)
+            assert all(layer._recipe is None for _, layer in na.feedback_layers(c))
+
+
+@pytest.mark.parametrize("rule", LEARNED)
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save", "state_dict"])
+def test_a_copy_under_its_own_recipe_continues_exactly_as_the_original(rule, how):
+    """A copy (or a model loaded from a save) trained under a recipe built for it takes the
+    original's steps bit for bit, and making it changes nothing for the original."""
+    reference, ref_opt = _trained(rule)
+    _train(reference, ref_opt, 3, seed=7)
+    model, opt_f = _trained(rule)
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    elif how == "torch.save":
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
+    else:
+        torch.manual_seed(5)  # (another init, overwritten by the load)
+        twin = na.convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), rule)
+        twin.load_state_dict(model.state_dict())
+    twin.load_state_dict(twin.state_dict())  # (on main this re-synchronised the original's kp)
+    _train(twin, na.feedback_optimizer(twin), 3, seed=7)
+    _train(model, opt_f, 3, seed=7)
+    _assert_same_state(twin, reference)
+    _assert_same_state(model, reference)
+
+
+@pytest.mark.parametrize("rule", LEARNED)
+def test_a_copy_trained_by_a_torch_optimizer_gets_the_rule_s_full_gradient(rule):
+    """A copy of a model that a recipe steps (an EMA or SWA copy, a snapshot) backpropagates
+    the rule's own gradient, decay and self included; on main it kept the recipe's backward
+    (the activity terms only, or no gradient for F at all)."""
+    model, _ = _trained(rule)
+    twin = copy.deepcopy(model)
+    torch.manual_seed(0)
+    plain = na.convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), rule)
+    plain.load_state_dict(model.state_dict())  # never stepped by a recipe
+    x = torch.randn(16, 6)
+    for m in (twin, plain):
+        torch.manual_seed(3)  # (the same mirror noise)
+        F.cross_entropy(m(x), x[:, :3].argmax(1)).backward()
+    for (_, a), (_, b) in zip(na.feedback_layers(twin), na.feedback_layers(plain), strict=True):
+        assert a.feedback.requires_grad and a.feedback.grad is not None
+        torch.testing.assert_close(a.feedback.grad, b.feedback.grad, rtol=0, atol=0)
+    opt = torch.optim.SGD(na.param_groups(twin)["feedback"], lr=0.1)
+    opt.step()  # (an ordinary optimizer steps it)
+
+
+@pytest.mark.parametrize("rule", LEARNED)
+def test_a_second_recipe_is_refused_and_the_first_steps_as_before(rule):
+    """On main a second recipe took the layers over, and the first then stepped with zero
+    curvature (aa: F from about 0.39 to about 1e37 in one step)."""
+    reference, ref_opt = _trained(rule)
+    _train(reference, ref_opt, 2, seed=9)
+    model, opt_f = _trained(rule)
+    with pytest.raises(ValueError, match="another feedback recipe, still alive, steps 0, 2"):
+        na.feedback_optimizer(model)
+    _train(model, opt_f, 2, seed=9)
+    _assert_same_state(model, reference)
+    opt_f.release()  # released (or deleted), the layers take a new recipe
+    na.feedback_optimizer(model)
+
+
+def test_a_deleted_recipe_gives_its_layers_back():
+    model, opt_f = _trained("sa")
+    assert not model[0].feedback.requires_grad
+    del opt_f
+    assert model[0]._recipe is None and model[0].feedback.requires_grad
+    na.feedback_optimizer(model)
+
+
+# -- gradient accumulation ------------------------------------------------------------------------
+def _mlp_case():
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), (6,)
+
+
+def _cnn_case():
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 3, 3, stride=2),
+                         nn.Flatten(), nn.Linear(3 * 2 * 2, 3)), (2, 6, 6)
+
+
+@pytest.mark.parametrize("rule", [*LEARNED, na.Rule(terms={"sparse": 1.0, "null": 0.5,
+                                                           "amp": 1.0, "decay": 0.2})])
+@pytest.mark.parametrize("case", [_mlp_case, _cnn_case], ids=["mlp", "cnn"])
+def test_accumulated_micro_batches_step_as_one_batch(rule, case, monkeypatch):
+    """k micro-batches with ``loss / k`` give F the step of one batch k times the size,
+    curvatures included (after a first step, which both take on the same batch). On main,
+    F's rule gradient grew k-fold (aa |F.grad| 3.24, 6.48, 12.97 for k = 1, 2, 4)."""
+    from neuralign import autograd
+
+    # mirror noise as a function of the input, so that a micro-batch sees its share of the
+    # batch's noise (torch's generator draws another sequence in other chunks)
+    monkeypatch.setattr(autograd, "mirror_noise", lambda x, rule, dout: torch.sin(3 * x + 1))
+
+    def run(k):
+        torch.manual_seed(0)
+        net, shape = case()
+        model = na.convert(net.double(), rule)
+        opt_w = torch.optim.SGD(na.param_groups(model)["forward"], lr=0.1)
+        opt_f = na.feedback_optimizer(model)
+        g = torch.Generator().manual_seed(1)
+        for step in range(3):
+            x = torch.randn(16, *shape, generator=g, dtype=torch.float64)
+            y = torch.randint(0, 3, (16,), generator=g)
+            opt_w.zero_grad()
+            opt_f.zero_grad()
+            parts = 1 if step == 0 else k  # (the first step warms the probes up alike)
+            for xs, ys in zip(x.chunk(parts), y.chunk(parts), strict=True):
+                (F.cross_entropy(model(xs), ys) / parts).backward()
+            opt_w.step()
+            opt_f.step()
+        return model
+
+    one = run(1)
+    for k in (2, 4):
+        got = run(k)
+        for (name, a), b in zip(got.state_dict().items(), one.state_dict().values(),
+                                strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
