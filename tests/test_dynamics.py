@@ -414,38 +414,6 @@ def test_the_recipe_writes_each_step_s_f_grad_into_the_last_one_s_memory(rule):
     assert torch.equal(kept[2].feedback, fresh[2].feedback)
 
 
-@pytest.mark.parametrize("rule", ["wm", "ia", na.Rule(terms={"decay": 0.5, "sparse": 1.0})])
-def test_the_native_step_is_torch_s_two_passes_bit_for_bit(rule, monkeypatch):
-    """The recipe's ``F ← a·F + b·F.grad`` (decay with an activity term: a float step for wm,
-    a data curvature's for ia and decay + sparse) is one native pass where torch takes two,
-    with torch's rounding: the same F, bit for bit, as with the kernels off."""
-    from neuralign import native
-
-    if native.library() is None:
-        pytest.skip("no C compiler here for the native kernels")
-    calls = []
-    kernel = native.scale_add
-    monkeypatch.setattr(native, "scale_add", lambda *a: calls.append(a[1].numel()) or kernel(*a))
-
-    def run(library):
-        with monkeypatch.context() as m:
-            m.setattr(native, "library", library)
-            torch.manual_seed(0)
-            model = na.convert(nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 5)),
-                               rule)
-            opt = na.feedback_optimizer(model)
-            for _ in range(3):
-                opt.zero_grad()
-                model(torch.randn(16, 300)).square().sum().backward()
-                opt.step()
-            return [model[0].feedback.detach(), model[2].feedback.detach()]
-
-    native_run = run(native.library)
-    assert calls and set(calls) == {60000, 1000}  # (the first layer's above the threads' bar)
-    for got, want in zip(native_run, run(lambda: None), strict=True):
-        assert torch.equal(got, want)
-
-
 @pytest.mark.parametrize("hold", ["reference", "view"])
 def test_a_kept_f_grad_that_the_caller_still_holds_is_not_overwritten(hold):
     model = _activity_mlp("aa")

@@ -53,7 +53,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from . import native
 from .convert import feedback_layers
 from .estimate import estimate_layer
 from .layers import FeedbackLayer
@@ -189,16 +188,7 @@ def curvature(layer: FeedbackLayer, state: dict | None = None) -> float | Tensor
 
 def _decay_step(X: Tensor, s: float | Tensor, decay: float, g: Tensor | None) -> None:
     """``X ← (1 − s·decay)·X − s·g`` (``g`` None: the decay alone), for a step ``s`` that is
-    a float, or a 0-d tensor of X's dtype (a data curvature's, kept on its device). Two
-    torch ops; for a float step with decay and ``g``, one native pass where the kernels take
-    ``X`` and ``g`` (float32 on CPU), with the same factors and rounding, so the same X bit
-    for bit."""
-    if decay and g is not None and not isinstance(s, Tensor):
-        lib = native.library()
-        # (1 − s·decay, rounded to float32 by the call, as by torch's mul_)
-        if lib is not None and native.fits(X, g) and native.scale_add(lib, X, g, 1.0 - s * decay,
-                                                                      -s):
-            return
+    a float, or a 0-d tensor of X's dtype (a data curvature's, kept on its device)."""
     if decay:
         X.mul_(1.0 - s * decay)
     if g is not None:

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from .autograd import Spec, feedback_forward
 from .dfa import DFAState
-from .draws import UniformMagnitudes
 from .ops import OPS, ConvOps, ConvTransposeOps, LayerOps, LinearOps, ops_for
+from .random_draws import UniformMagnitudes
 from .rules import INITS, Rule, get_rule
 
 __all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d",
