@@ -1,23 +1,16 @@
-"""The random draws of brsf and of mirror noise, against torch's own, on one tensor.
+"""The random draws of brsf and of mirror noise, on one tensor, against a plain implementation.
 
 A benchmark, not a test: for a few sizes it times (best of 7 repeats, microseconds a call)
 
 * brsf's fresh magnitudes and sign: torch's ``uniform_`` then ``copysign`` (what a plain
-  implementation does) against ``neuralign.draws.UniformMagnitudes`` with the sign, with the
-  native kernel and with it off (torch ops); and ``copysign`` alone, usf's step;
-* the hash's words (one per eight entries) computed in fresh memory against the kept
-  workspace (``random_words(..., workspace=True)``);
-* mirror noise N(0, 1): torch's ``normal_`` against the native kernel (at every size;
-  ``neuralign.draws.noise_like`` calls it from ``NATIVE_NOISE_FROM`` entries) and against
-  ``noise_like`` with the kernel off (the hash and Box-Muller in torch ops from
-  ``NOISE_HASH_FROM`` entries, ``normal_`` below).
+  implementation does) against ``neuralign.random_draws.UniformMagnitudes`` with the sign
+  (one random byte an entry, from torch's full-range int64 ``random_``), and ``copysign``
+  alone, usf's step (the floor of any brsf draw);
+* mirror noise, ``noise_like`` with ``dist='normal'`` and ``dist='uniform'`` (torch's
+  ``normal_`` and ``uniform_`` into a fresh tensor).
 
     python benchmarks/draws.py --threads 2
-    python benchmarks/draws.py --threads 2 --evict --sizes 3200,8192,12800
-
-``--evict`` runs a 256 × 256 matrix product before each timed call (untimed), as the
-training step's products come before each draw: a call's fixed cost then grows. (The step
-costs more still: ``NATIVE_NOISE_FROM`` was set from step times, ``benchmarks/step_time.py``.)
+    python benchmarks/draws.py --device cuda --sizes 100000,1000000,10000000
 """
 
 from __future__ import annotations
@@ -27,71 +20,59 @@ import time
 
 import torch
 
-from layer_overhead import best_time as _best_time  # (this folder is on the path when run as a script)
-from neuralign import native
-from neuralign.draws import UniformMagnitudes, noise_like, random_words
+from neuralign.random_draws import UniformMagnitudes, noise_like
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="10000,128000,1000000", help="comma list of entries")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
-    p.add_argument("--evict", action="store_true",
-                   help="a matrix product before each timed call (the best of 200 calls)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; us per call\n")
-    if native.library() is None:
-        raise SystemExit("the native kernels did not build here (see the warning)")
-    print("| entries | brsf: uniform_ + copysign | brsf: UniformMagnitudes | brsf: same, "
-          "native off | copysign alone | words: fresh | words: kept | noise: normal_ "
-          "| noise: native kernel | noise: noise_like, native off |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads; us per call\n")
+    print("| entries | brsf: uniform_ + copysign | brsf: UniformMagnitudes | copysign alone "
+          "| noise: normal | noise: uniform |")
+    print("|---|---|---|---|---|---|")
     for n in (int(s) for s in args.sizes.split(",") if s):
-        print(f"| {n} | " + " | ".join(f"{t:.1f}" for t in _row(n, args.evict)) + " |")
+        print(f"| {n} | " + " | ".join(f"{t:.1f}" for t in _row(n, device)) + " |")
 
 
-def evicted_time(fn, calls: int = 200) -> float:
-    """Microseconds per call, the best of ``calls`` calls, each after a matrix product."""
-    a, b = torch.randn(256, 256), torch.randn(256, 256)
-    best = float("inf")
-    for _ in range(calls):
-        a @ b
-        t0 = time.perf_counter()
+def best_time(fn, calls: int, device: torch.device, repeats: int = 7) -> float:
+    """Microseconds per call, the best of ``repeats`` runs of ``calls`` calls (after warm-up;
+    on a GPU, synchronised around each run)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(20):
         fn()
-        best = min(best, time.perf_counter() - t0)
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / calls)
     return best * 1e6
 
 
-def _row(n: int, evict: bool) -> list[float]:
-    F, W = torch.empty(n), torch.randn(n)
+def _row(n: int, device: torch.device) -> list[float]:
+    F, W = torch.empty(n, device=device), torch.randn(n, device=device)
     draw = UniformMagnitudes(0.1)
     calls = max(20, min(2000, 20_000_000 // n))
-    words = (n + 7) // 8
-    best_time = _best_time if not evict else lambda fn, calls: evicted_time(fn)
     return [
-        best_time(lambda: torch.copysign(F.uniform_(0, 0.1), W, out=F), calls),
-        best_time(lambda: draw(F, W), calls),
-        _without_native(lambda: best_time(lambda: draw(F, W), calls)),
-        best_time(lambda: torch.copysign(F, W, out=F), calls),
-        best_time(lambda: random_words(words), calls),
-        best_time(lambda: random_words(words, workspace=True), calls),
-        best_time(lambda: torch.empty_like(F).normal_(), calls),
-        best_time(lambda: native.noise(native.library(), torch.empty_like(F), "normal", 1.0,
-                                       torch.randint(2**62, ())), calls),
-        _without_native(lambda: best_time(lambda: noise_like(F, "normal", 1.0), calls)),
+        best_time(lambda: torch.copysign(F.uniform_(0, 0.1), W, out=F), calls, device),
+        best_time(lambda: draw(F, W), calls, device),
+        best_time(lambda: torch.copysign(F, W, out=F), calls, device),
+        best_time(lambda: noise_like(F, "normal", 1.0), calls, device),
+        best_time(lambda: noise_like(F, "uniform", 1.0), calls, device),
     ]
 
-
-def _without_native(run):
-    lib = native.library
-    native.library = lambda: None  # (as NEURALIGN_NATIVE=0 does, in this process)
-    try:
-        return run()
-    finally:
-        native.library = lib
 
 if __name__ == "__main__":
     main()

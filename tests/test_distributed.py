@@ -258,24 +258,3 @@ def test_sharded_batches_make_up_the_single_process_batch(kind):
             assert sorted(torch.cat([a[1], b[1]]).tolist()) == sorted(full[1].tolist())
     test = TensorLoader(x[:9], y[:9], 4, shuffle=False).shard(1, 2)  # evaluation: unpadded
     assert torch.cat([b[1] for b in test]).tolist() == [1, 3, 5, 7]
-
-
-def test_init_builds_the_native_kernels_before_the_process_group(monkeypatch):
-    """Built mid-run, with the group's threads running, the kernels' compilation made a gloo
-    rank abort at exit now and then; distributed.init builds them first."""
-    from neuralign import native
-    from neuralign.train import distributed
-
-    order = []
-
-    def init_process_group(**kwargs):
-        order.append("group")
-        raise RuntimeError("stop here")
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(native, "library", lambda: order.append("native"))
-    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed.dist, "init_process_group", init_process_group)
-    with pytest.raises(RuntimeError, match="stop here"):
-        distributed.init()
-    assert order == ["native", "group"]

@@ -333,11 +333,6 @@ def test_recipe_keeps_training_finite_under_any_forward_optimizer(rule, net, for
         assert mean < 0.6 * sum(lag0.values()) / len(lag0), (lag0, lag)
 
 
-def _activity_mlp(rule):
-    torch.manual_seed(0)
-    return na.convert(nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5)), rule)
-
-
 def test_sa_layers_stepped_together_match_the_per_layer_step_bit_for_bit():
     """The recipe steps every plain sa layer in one foreach call per rate; layers with
     anything more (an estimator, update noise, normalisation) keep the per-layer step."""

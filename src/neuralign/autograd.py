@@ -18,8 +18,8 @@ from torch import Tensor
 
 from . import terms
 from .dfa import DFAState, examples_error, missing_error
-from .draws import noise_like
 from .ops import LayerOps
+from .random_draws import noise_like
 from .rules import Rule
 
 __all__ = ["Spec", "FeedbackFunction", "feedback_forward", "angle", "WARMUP_ITERATIONS"]

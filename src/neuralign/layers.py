@@ -19,8 +19,8 @@ from torch import Tensor, nn
 
 from .autograd import WARMUP_ITERATIONS, Spec, feedback_forward
 from .dfa import DFAState
-from .draws import UniformMagnitudes
 from .ops import OPS, ConvOps, ConvTransposeOps, LayerOps, LinearOps, ops_for
+from .random_draws import UniformMagnitudes
 from .rules import INITS, Rule, get_rule
 from .terms import ACTIVITY_TERMS
 

@@ -30,8 +30,6 @@ import torch
 from torch import distributed as dist
 from torch import nn
 
-from .. import native
-
 log = logging.getLogger(__name__)
 
 __all__ = ["requested", "init", "cleanup", "rank", "world_size", "local_rank", "is_main", "timestamp",
@@ -70,11 +68,6 @@ def init() -> bool:
             torch.cuda.set_device(lr)
     else:
         backend = "gloo"
-    # The native kernels are built (or found in the cache) now, before the group's threads
-    # exist: a rank that compiled them mid-run, in a step, was seen to abort at exit
-    # ("terminate called without an active exception", gloo: 2 of 8 runs; built first, 0 of
-    # 14, then 1 of 120 in later loops: rarer, not gone, cause unknown)
-    native.library()
     dist.init_process_group(backend=backend, timeout=timeout)
     log.debug("rank %d of %d joined (%s, timeout %s)", rank(), world_size(), backend, timeout)
     return dist.get_world_size() > 1
