@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import logging
 import math
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import yaml
 
 import neuralign as na
 import runs
+from neuralign.rules import MirrorNoise, WeightEstimate
 from neuralign.train import (
     Callback,
     ConfigError,
@@ -23,7 +27,15 @@ from neuralign.train import (
     load_config,
     save_checkpoint,
 )
-from neuralign.train.config import Config, ScheduleConfig, config_from_dict
+from neuralign.train.build import build_layer_rules
+from neuralign.train.config import (
+    Config,
+    LayerRuleConfig,
+    RuleConfig,
+    ScheduleConfig,
+    config_from_dict,
+    config_to_yaml,
+)
 from neuralign.train.optim import build_schedule
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -123,6 +135,164 @@ def test_config_round_trip():
     from neuralign.train.config import config_to_dict
 
     assert config_from_dict(yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))) == cfg
+
+
+# -- the rule section, derived from neuralign.Rule -----------------------------------------------
+
+# Rules that between them give every field of Rule (and of its nested dataclasses) a value other
+# than its default: a field added to Rule needs a value here, and nothing in the config.
+_DONORS = [
+    ("sa", na.Rule(terms={"self": 0.5, "amp": 2.0, "decay": 1.5}, kp=True,
+                   noise=MirrorNoise("uniform", 0.5), update_noise=0.2, normalize=3.0,
+                   init="xavier_normal", rate=0.25,
+                   estimate=WeightEstimate("rdd", samples=40, every=7, noise=0.5, window=0.4,
+                                           drive_noise=0.0, unit="lif", steps=5, tau=2.0,
+                                           memory=0.5))),
+    ("fa", na.Rule(kind="frsf", init="weight", rate=0.7)),
+]
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def test_the_donors_set_every_field_of_rule():
+    for f in dataclasses.fields(na.Rule):
+        if f.name != "name":
+            assert any(getattr(d, f.name) != _default(f) for _, d in _DONORS), (
+                f"Rule.{f.name}: give one of _DONORS a value other than its default")
+    for cls in (MirrorNoise, WeightEstimate):
+        for f in dataclasses.fields(cls):
+            assert any(isinstance(getattr(d, n), cls) and getattr(getattr(d, n), f.name)
+                       != _default(f) for _, d in _DONORS for n in ("noise", "estimate")), f
+
+
+def test_the_rule_config_has_every_field_of_rule():
+    keys = {f.name for f in dataclasses.fields(RuleConfig)}
+    assert {f.name for f in dataclasses.fields(na.Rule)} <= keys
+    for name, cls in (("noise", MirrorNoise), ("estimate", WeightEstimate)):
+        section = getattr(RuleConfig(), name)
+        assert [f.name for f in dataclasses.fields(section)] == \
+            [f.name for f in dataclasses.fields(cls)]
+    for f in dataclasses.fields(LayerRuleConfig):  # None: the catalog's own
+        value = getattr(LayerRuleConfig(), f.name)
+        assert value in (None, {}) or not _fields_of_section(value), f.name
+
+
+def _fields_of_section(section) -> dict:
+    return {k: v for k, v in dataclasses.asdict(section).items() if v is not None}
+
+
+def _fields_of(rule: na.Rule) -> dict:
+    d = rule.to_dict()
+    del d["name"]
+    return d
+
+
+@pytest.mark.parametrize("start,donor", _DONORS, ids=[d.kind for _, d in _DONORS])
+@pytest.mark.parametrize("where", ["yaml", "command line", "layer"])
+def test_every_field_of_rule_reaches_the_rule(tmp_path, start, donor, where):
+    fields = _fields_of(donor)
+    for name in ("custom", start):  # from no rule, and over a catalog entry
+        if where == "yaml":
+            f = tmp_path / "c.yaml"
+            f.write_text(yaml.safe_dump({"rule": {"name": name, **fields}}))
+            rule = build_rule(load_config(f).rule)
+        elif where == "command line":
+            rule = build_rule(load_config(None, [f"rule.name={name}"] + [
+                f"rule.{k}={json.dumps(v)}" for k, v in fields.items()]).rule)
+        else:  # a rule.layers entry, over the run's rule ia
+            cfg = load_config(None, [f"rule.layers.fc={json.dumps({'name': name, **fields})}"])
+            rule = build_layer_rules(cfg.rule, build_rule(cfg.rule))["fc"]
+        assert _fields_of(rule) == fields and rule.name == name
+
+
+def test_the_rate_is_a_key_of_the_rule(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("rule:\n  name: sa\n  rate: 0.3\n")
+    for cfg in (load_config(f), load_config(None, ["rule.name=sa", "rule.rate=0.3"])):
+        assert build_rule(cfg.rule).rate == 0.3
+    t = Trainer(load_config(f, tiny(tmp_path)))
+    assert all(layer.rule.rate == 0.3 for _, layer in na.feedback_layers(t.model))
+    assert {g["lr"] for g in t.feedback_optimizer.param_groups} == {0.3}
+
+
+def test_the_shorthand_and_the_older_forms_still_load(tmp_path):
+    rule = build_rule(load_config(None, ["rule.name=wm", "rule.noise_std=0.5",
+                                         "rule.noise_dist=uniform"]).rule)
+    assert rule.noise == MirrorNoise("uniform", 0.5)
+    with pytest.raises(ConfigError, match="rule.noise_std is short for rule.noise.std"):
+        build_rule(load_config(None, ["rule.noise_std=0.5", "rule.noise.std=2"]).rule)
+    # a run folder's config.yaml from before: estimate a method's name, the shorthand keys
+    f = tmp_path / "old.yaml"
+    f.write_text("rule: {name: sa, terms: {}, noise_std: null, noise_dist: null, "
+                 "update_noise: null, normalize: null, init: null, kp: null, estimate: rdd, "
+                 "layers: {fc: bp}, on_unsupported: warn}\n")
+    cfg = load_config(f, ["rule.estimate.samples=40"])
+    assert build_rule(cfg.rule).estimate == WeightEstimate("rdd", samples=40)
+    assert build_rule(apply_overrides(cfg, ["rule.estimate=null"]).rule).estimate is None
+    assert cfg.rule.layers == {"fc": "bp"}
+
+
+def test_a_layer_entry_is_checked_and_kept_as_written(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'rule.layers.fc.rat'.*valid keys: "
+                                          r"rule.layers.fc.name, rule.layers.fc.terms"):
+        load_config(None, ["rule.layers.fc={rat: 0.3}"])
+    with pytest.raises(ConfigError, match="rule.layers.fc.rate: expected float"):
+        load_config(None, ["rule.layers.fc={rate: fast}"])
+    f = tmp_path / "c.yaml"
+    f.write_text("rule:\n  layers:\n    fc: {name: sa, rate: 1, noise: {}}\n    'conv*': fa\n")
+    cfg = load_config(f)
+    assert cfg.rule.layers == {"fc": {"name": "sa", "rate": 1.0}, "conv*": "fa"}
+    assert config_from_dict(yaml.safe_load(config_to_yaml(cfg))) == cfg
+
+
+def test_a_layer_entry_reaches_its_layers_only(tmp_path):
+    t = Trainer(load_config(None, tiny(
+        tmp_path, "rule.name=sa", "rule.update_noise=0.1",
+        "rule.layers.fc={rate: 0.2, terms: {decay: 2}}",
+        "rule.layers.conv3={name: wm, noise: {std: 0.5}}")))
+    rules = {name: layer.rule for name, layer in na.feedback_layers(t.model)}
+    # fc: the run's rule (its update noise kept) with the entry's changes
+    assert (rules["fc"].name, rules["fc"].rate, rules["fc"].update_noise) == ("sa", 0.2, 0.1)
+    assert dict(rules["fc"].terms) == {"self": 1.0, "decay": 2.0}
+    # conv3: wm with its own noise; the run's update noise is sa's, not wm's
+    assert rules["conv3"].noise == MirrorNoise("normal", 0.5)
+    assert (rules["conv3"].name, rules["conv3"].update_noise) == ("wm", 0.0)
+    assert rules["conv1"] == rules["conv2"] == t.rule == na.get_rule("sa", update_noise=0.1)
+    rates = {g["layer"]: g["lr"] for g in t.feedback_optimizer.param_groups}
+    assert rates == {"conv1": 0.5, "conv2": 0.5, "conv3": 0.1, "fc": 0.2}
+
+
+def test_feedback_optim_rate_overrides_every_layer_and_excludes_the_rules_rates(tmp_path):
+    t = Trainer(load_config(None, tiny(tmp_path, "rule.name=sa", "rule.layers.fc=aa",
+                                       "feedback_optim.rate=0.05")))
+    assert {g["lr"] for g in t.feedback_optimizer.param_groups} == {0.05}
+    for extra, named in ((["rule.rate=0.3"], "rule.rate"),
+                         (["rule.layers.fc={rate: 0.3}"], "rule.layers.fc.rate")):
+        with pytest.raises(ConfigError, match=f"feedback_optim.rate sets every layer's rate.*"
+                                              f"{named}"):
+            Trainer(load_config(None, tiny(tmp_path, "feedback_optim.rate=0.05", *extra)))
+        with pytest.raises(ConfigError, match=f"{named}: a rule's rate is the recipe's; with "
+                                              f"feedback_optim.name=sgd set feedback_optim.lr"):
+            Trainer(load_config(None, tiny(tmp_path, "feedback_optim.name=sgd", *extra)))
+
+
+def test_the_trainer_logs_every_layers_rate(tmp_path, caplog):
+    # sa's rate 0.5 on the convolutions, aa's 1 on the read-out
+    over = tiny(tmp_path, "rule.name=sa", "rule.layers.fc=aa", "train.epochs=1")
+    with caplog.at_level(logging.INFO, logger="neuralign"):
+        hist = Trainer(load_config(None, over)).fit()
+    assert "rate 0.5: conv1, conv2, conv3; rate 1: fc" in caplog.text
+    rates = {k: v for k, v in hist[-1].items() if k.startswith("feedback_lr")}
+    assert rates == {"feedback_lr": 0.5, "feedback_lr/conv1": 0.5, "feedback_lr/conv2": 0.5,
+                     "feedback_lr/conv3": 0.5, "feedback_lr/fc": 1.0}
+    header = (tmp_path / "runs" / "t" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"feedback_lr", "feedback_lr/conv1", "feedback_lr/fc"} <= set(header)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="neuralign"):  # one rate: said once
+        Trainer(load_config(None, tiny(tmp_path, "rule.name=sa", "rule.rate=0.3")))
+    assert "neuralign.feedback_optimizer), rate 0.3\n" in caplog.text
 
 
 # -- schedules -----------------------------------------------------------------------------------

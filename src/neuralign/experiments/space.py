@@ -222,8 +222,8 @@ def _check_config(base: Config, p: Param, errors: list[str]) -> None:
 
     from ..data import list_datasets
     from ..models import list_models
+    from ..train.build import build_layer_rules, build_rule, check_rates
     from ..train.optim import FEEDBACK_OPTIMIZERS, OPTIMIZERS
-    from ..train.trainer import build_rule
 
     head = p.key.split(".")
     if head[:2] == ["rule", "terms"] and len(head) == 3:
@@ -244,7 +244,8 @@ def _check_config(base: Config, p: Param, errors: list[str]) -> None:
                 errors.append(f"{p.key}: value {v!r} ({p.type}) is not accepted: {msg}")
             return
         try:
-            build_rule(cfg.rule)
+            build_layer_rules(cfg.rule, build_rule(cfg.rule))
+            check_rates(cfg)
         except (ConfigError, ValueError, TypeError) as e:
             errors.append(f"{p.key}={v!r}: the rule cannot be built: {e}")
             return

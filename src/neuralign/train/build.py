@@ -3,9 +3,10 @@ itself is the loop (``Trainer.__init__`` calls these in order)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,43 +18,100 @@ from ..data import DataBundle, DataInfo, build_data
 from ..models import build_model
 from ..terms import TERMS
 from . import distributed
-from .config import Config, ConfigError, TrainConfig, check_run_name
+from .config import (
+    RULE_SHORTHANDS,
+    Config,
+    ConfigError,
+    LayerRuleConfig,
+    RuleConfig,
+    TrainConfig,
+    check_run_name,
+    layer_rule_config,
+)
 from .events import Callback
 from .optim import build_feedback_optimizer, build_optimizer, build_schedule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_rule", "device_from", "setup_process", "build_data_for", "build_network",
-           "build_optimizers", "wrap_distributed", "build_schedules", "describe",
-           "standard_callbacks"]
+__all__ = ["build_rule", "rule_overrides", "build_layer_rules", "device_from", "setup_process",
+           "build_data_for", "build_network", "build_optimizers", "check_rates",
+           "wrap_distributed", "build_schedules", "describe", "layer_rates", "standard_callbacks"]
 
 
-def build_rule(cfg) -> na.Rule:
-    """The :class:`neuralign.Rule` of a :class:`RuleConfig` (``name: custom`` builds one from
-    ``terms`` and the switches)."""
-    overrides: dict[str, Any] = {}
-    for key in ("noise_std", "noise_dist", "update_noise", "normalize", "init", "kp", "estimate"):
-        value = getattr(cfg, key)
-        if value is not None:
-            overrides[key] = value
+def build_rule(cfg: LayerRuleConfig, base: na.Rule | None = None, key: str = "rule"
+               ) -> na.Rule:
+    """The :class:`neuralign.Rule` of a rule config: the catalog entry ``cfg.name`` with every
+    field the config sets over it (:func:`neuralign.get_rule`). ``name: custom`` starts from no
+    rule (the fields set make it); a ``rule.layers`` entry without a name starts from ``base``,
+    the run's rule. ``key`` names the config section in errors."""
     unknown = [t for t in cfg.terms if t not in TERMS]
     if unknown:
-        raise ConfigError(f"rule.terms: unknown term {unknown[0]!r}; valid terms: "
+        raise ConfigError(f"{key}.terms: unknown term {unknown[0]!r}; valid terms: "
                           f"{', '.join(TERMS)}")
     try:
         if cfg.name == "custom":
-            if not cfg.terms:
-                raise ConfigError("rule.name=custom needs rule.terms, e.g. "
-                                  "rule.terms={amp: 1.0, null: 1.0, decay: 1.0}")
-            return na.Rule(terms=dict(cfg.terms), name="custom").replace(**overrides)
+            if not (cfg.terms or cfg.kp or cfg.kind not in (None, "learned")):
+                raise ConfigError(f"{key}.name=custom needs {key}.terms, e.g. "
+                                  f"{key}.terms={{amp: 1.0, null: 1.0, decay: 1.0}}")
+            return na.Rule(name="custom", **rule_overrides(cfg, None, key))
+        if cfg.name is None and base is not None:
+            return na.get_rule(base, **rule_overrides(cfg, base, key))
         if cfg.name not in na.list_rules():
-            raise ConfigError(f"unknown rule.name {cfg.name!r}; valid: "
+            raise ConfigError(f"unknown {key}.name {cfg.name!r}; valid: "
                               f"{', '.join(na.list_rules())}, custom")
-        return na.get_rule(cfg.name, **cfg.terms, **overrides)
+        start = na.get_rule(cfg.name)
+        return na.get_rule(start, **rule_overrides(cfg, start, key))
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"rule: {e}") from None
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def rule_overrides(cfg: LayerRuleConfig, start: na.Rule | None, key: str = "rule"
+                   ) -> dict[str, Any]:
+    """The fields of :class:`neuralign.Rule` that ``cfg`` sets, as overrides of ``start``'s
+    (None: a rule of its own): a section's fields set go over ``start``'s value (mirror noise,
+    weight estimate), a mapping's entries over its entries (terms), any other value set
+    replaces it; None leaves ``start``'s own."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(na.Rule):
+        if f.name == "name":  # the rule's label: the catalog entry's, or custom
+            continue
+        value, own = getattr(cfg, f.name), getattr(start, f.name, None)
+        if dataclasses.is_dataclass(value):
+            given = {k: v for k, v in dataclasses.asdict(value).items() if v is not None}
+            given.update(_shorthands(cfg, f.name, given, key))
+            if given:
+                out[f.name] = {**(dataclasses.asdict(own) if own is not None else {}), **given}
+        elif isinstance(value, Mapping):
+            if value:
+                out[f.name] = {**(own or {}), **value}
+        elif value is not None:
+            out[f.name] = value
+    return out
+
+
+def _shorthands(cfg: LayerRuleConfig, section: str, given: dict[str, Any], key: str
+                ) -> dict[str, Any]:
+    """The fields of ``section`` that shorthand keys set (``noise_std``: ``noise.std``)."""
+    out = {}
+    for short, (where, sub) in RULE_SHORTHANDS.items():
+        value = getattr(cfg, short)
+        if where == section and value is not None:
+            if sub in given:
+                raise ConfigError(f"{key}.{short} is short for {key}.{where}.{sub}, and both "
+                                  f"are set: set one")
+            out[sub] = value
+    return out
+
+
+def build_layer_rules(cfg: RuleConfig, rule: na.Rule) -> dict[str, na.Rule]:
+    """The rule of each ``rule.layers`` glob: a catalog name, or a mapping of rule keys built as
+    :func:`build_rule` builds ``rule`` (without a ``name``: ``rule``, the run's, with its
+    changes)."""
+    return {glob: build_rule(layer_rule_config(entry, f"rule.layers.{glob}"), rule,
+                             f"rule.layers.{glob}")
+            for glob, entry in cfg.layers.items()}
 
 
 def device_from(name: str) -> torch.device:
@@ -120,11 +178,14 @@ def build_data_for(cfg: Config, device: torch.device, rank: int, world: int,
     return data
 
 
-def build_network(cfg: Config, rule: na.Rule, info: DataInfo, device: torch.device
-                  ) -> torch.nn.Module:
-    """The model for the data, converted with the rule (and its per-layer exceptions)."""
+def build_network(cfg: Config, rule: na.Rule, info: DataInfo, device: torch.device,
+                  layer_rules: Mapping[str, na.Rule] | None = None) -> torch.nn.Module:
+    """The model for the data, converted with the rule and its per-layer exceptions
+    (``layer_rules``; default :func:`build_layer_rules` of ``cfg.rule``)."""
+    if layer_rules is None:
+        layer_rules = build_layer_rules(cfg.rule, rule)
     plain = build_model(cfg.model, info.input_shape, info.num_classes)
-    model = na.convert(plain, rule, layer_rules=dict(cfg.rule.layers),
+    model = na.convert(plain, rule, layer_rules=dict(layer_rules),
                        on_unsupported=cfg.rule.on_unsupported).to(device)
     # a converted layer whose weight the model reads itself still trains by backprop: say so
     # (one forward in training mode, as the run will call it; random streams and buffers such
@@ -146,13 +207,34 @@ def build_network(cfg: Config, rule: na.Rule, info: DataInfo, device: torch.devi
 def build_optimizers(model: torch.nn.Module, cfg: Config, generator: torch.Generator
                      ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """The forward weights' optimizer, and the feedback weights' (the rules' recipe by
-    default; None without learned feedback weights)."""
+    default; None without learned feedback weights). The :class:`Trainer` calls
+    :func:`check_rates` first."""
     optimizer = build_optimizer(na.param_groups(model)["forward"], cfg.optim, "optim")
     try:
         feedback = build_feedback_optimizer(model, cfg.feedback_optim, generator)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return optimizer, feedback
+
+
+def check_rates(cfg: Config) -> None:
+    """A :class:`ConfigError` for rates that contradict each other: ``feedback_optim.rate`` is
+    one rate for every layer, over the rules' own, so it excludes ``rule.rate`` and the
+    ``rule.layers`` entries' rates; and a torch optimizer on F reads none of them."""
+    rates = (["rule.rate"] if cfg.rule.rate is not None else []) + [
+        f"rule.layers.{glob}.rate" for glob, entry in cfg.rule.layers.items()
+        if isinstance(entry, Mapping) and entry.get("rate") is not None]
+    if not rates:
+        return
+    name = cfg.feedback_optim.name.lower()
+    if name != "recipe":
+        raise ConfigError(f"{', '.join(rates)}: a rule's rate is the recipe's; with "
+                          f"feedback_optim.name={name} set feedback_optim.lr instead")
+    if cfg.feedback_optim.rate is not None:
+        raise ConfigError(f"feedback_optim.rate sets every layer's rate, over the rules' own, "
+                          f"and {', '.join(rates)} set(s) rules' own: set feedback_optim.rate "
+                          f"alone for one rate everywhere, or rule.rate and the layers' rates "
+                          f"alone for each layer its own")
 
 
 def wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device, rank: int,
@@ -221,13 +303,24 @@ def describe(cfg: Config, model: torch.nn.Module, rule: na.Rule,
              f"{sum(p.numel() for p in groups['feedback'])} learned feedback parameters, "
              f"device {device}"]
     if isinstance(feedback, na.FeedbackOptimizer):
-        rates = sorted({g["lr"] for g in feedback.param_groups})
-        lines.append("feedback weights: the rules' recipe (neuralign.feedback_optimizer), rate "
-                     + ", ".join(f"{r:g}" for r in rates))
+        lines.append("feedback weights: the rules' recipe (neuralign.feedback_optimizer), "
+                     + layer_rates(feedback))
     elif feedback is not None:
         lines.append(f"feedback weights: {cfg.feedback_optim.name}, lr "
                      f"{cfg.feedback_optim.lr:g}")
     return lines
+
+
+def layer_rates(feedback: torch.optim.Optimizer) -> str:
+    """The rate of each layer of the recipe, one entry per distinct rate: ``rate 0.1`` when
+    every layer has it, else ``rate 0.1: conv1, conv2; rate 0.3: fc``."""
+    layers: dict[float, list[str]] = {}
+    for g in feedback.param_groups:
+        if g["params"]:
+            layers.setdefault(g["lr"], []).append(g.get("layer") or "(the model)")
+    if len(layers) == 1:
+        return f"rate {next(iter(layers)):g}"
+    return "; ".join(f"rate {r:g}: {', '.join(names)}" for r, names in sorted(layers.items()))
 
 
 def standard_callbacks(tc: TrainConfig, is_main: bool, quiet: bool = False) -> list[Callback]:

@@ -5,15 +5,21 @@ the keys, nested as in :class:`Config`), then command-line overrides such as ``o
 ``optim.schedule.milestones=[30,60,80]`` (values are parsed as YAML). Unknown keys and values of
 the wrong type are rejected with a :class:`ConfigError` that lists the valid keys. Keys of a
 mapping field (``rule.layers``, ``rule.terms``, ``model.kwargs``) are free: everything after the
-field's name is the key, so ``rule.layers.layer1.*=bp`` sets the glob ``layer1.*``.
+field's name is the key, so ``rule.layers.layer1.*=bp`` sets the glob ``layer1.*``. A section set
+to ``null`` goes back to its defaults.
+
+The ``rule`` section is derived from :class:`neuralign.Rule` itself (:class:`RuleConfig`): every
+field of a rule is a key, its nested mirror noise and weight estimate are sections of their own.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +28,13 @@ import yaml
 
 from ..data import DataConfig
 from ..models import ModelConfig
+from ..rules import Rule
 
 __all__ = [
     "Config",
     "ConfigError",
     "FeedbackOptimConfig",
+    "LayerRuleConfig",
     "OptimConfig",
     "RuleConfig",
     "ScheduleConfig",
@@ -38,6 +46,8 @@ __all__ = [
     "check_run_name",
     "save_config",
     "config_to_yaml",
+    "layer_rule_config",
+    "RULE_SHORTHANDS",
 ]
 
 
@@ -45,42 +55,121 @@ class ConfigError(ValueError):
     """A configuration key is unknown or its value has the wrong type."""
 
 
-@dataclass
-class RuleConfig:
-    """The learning rule and its per-layer exceptions.
+def _config_fields(cls: type, skip: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
+    """``(name, type, field)`` in a config for each field of the dataclass ``cls``: a nested
+    dataclass (the rule's mirror noise, its weight estimate) becomes a section of its own
+    fields; a mapping (the rule's terms) a dict, whose entries go over the rule's own; any other
+    field takes its type or None, which keeps the rule's own value."""
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[str, Any, Any]] = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp = hints[f.name]
+        nested = [a for a in typing.get_args(tp) or (tp,) if dataclasses.is_dataclass(a)]
+        if nested:
+            section = _section(nested[0])
+            out.append((f.name, section, field(default_factory=section)))
+        elif typing.get_origin(tp) is Mapping:
+            out.append((f.name, dict[typing.get_args(tp)], field(default_factory=dict)))
+        else:
+            out.append((f.name, tp | None, field(default=None)))
+    return out
+
+
+@functools.cache
+def _section(cls: type) -> type:
+    """The config section of a rule's nested dataclass: its fields, each None by default (the
+    rule's own value). A single value instead of a mapping sets its first field, as
+    ``rule.estimate=rdd`` sets ``rule.estimate.method``."""
+    fields = _config_fields(cls)
+    section = dataclasses.make_dataclass(f"{cls.__name__}Config", fields, namespace={
+        "__doc__": f"The fields of :class:`neuralign.rules.{cls.__name__}`, each None for the "
+                   f"rule's own value.",
+        "_scalar": fields[0][0]})
+    return section
+
+
+def _with_rule_fields(cls: type) -> type:
+    """``cls`` as a dataclass: its ``name``, then a field for every field of
+    :class:`neuralign.Rule` (the rule's label, ``name``, aside), then its other fields."""
+    derived = _config_fields(Rule, skip=("name",))
+    for name, _, default in derived:
+        setattr(cls, name, default)
+    own = dict(cls.__annotations__)
+    cls.__annotations__ = {"name": own.pop("name"), **{n: tp for n, tp, _ in derived}, **own}
+    return dataclass(cls)
+
+
+#: Shorthand rule keys (from before the rule's sections): key -> (section, its field).
+RULE_SHORTHANDS = {"noise_std": ("noise", "std"), "noise_dist": ("noise", "dist")}
+
+
+@_with_rule_fields
+class LayerRuleConfig:
+    """A rule in the config: a catalog entry and every field of :class:`neuralign.Rule` over it.
+
+    The fields after ``name`` are :class:`neuralign.Rule`'s own, generated from it (a field added
+    to ``Rule`` is a config key with no edit here); each is None by default, which keeps the
+    catalog entry's value.
 
     Attributes:
-        name: a rule of ``neuralign.list_rules()``.
-        terms: term coefficients overriding the rule's defaults (``decay``, ``amp``, ``null``,
-            ``sparse``, ``self``).
-        noise_std: mirror-noise standard deviation (rules with mirror noise).
-        noise_dist: mirror-noise distribution, ``normal`` or ``uniform``.
-        update_noise: standard deviation σ of the update noise ``F += lr_F * N(0, σ²)``.
+        name: the catalog rule to start from (``neuralign.list_rules()``), or ``custom`` (none:
+            the rule is made of the fields set, ``terms`` at least). In a ``rule.layers``
+            entry, None (left out) starts from the run's rule, with its overrides.
+        terms: term coefficients over the rule's own (``decay``, ``amp``, ``null``, ``sparse``,
+            ``self``; 0 removes a term).
+        kind: how F comes about: ``learned``, ``fixed``, ``usf``, ``brsf``, ``frsf``, ``dfa``,
+            ``bp``.
+        kp: add W's task gradient to F's (Kolen-Pollack's switch).
+        noise: mirror noise, a section: ``dist`` (``normal`` or ``uniform``), ``std``.
+        update_noise: standard deviation σ of the update noise ``F += rate * N(0, σ²)``.
         normalize: rescale F after each step to its initial norm (true) or to this norm.
         init: initialisation of F: ``default``, ``kaiming_uniform``, ``kaiming_normal``,
             ``xavier_uniform``, ``xavier_normal`` or ``weight`` (F starts equal to W).
-        kp: add W's task gradient to F's (Kolen-Pollack's switch; for ``custom`` rules).
-        estimate: where the self term's W comes from: ``exact`` (W itself), ``rdd`` or
-            ``perturb`` (an estimate Ŵ, neuralign.estimate), or a mapping of the estimator's
-            fields, e.g. ``{method: rdd, samples: 4000, every: 100}``.
-        layers: module-name glob -> rule name, e.g. ``{fc: bp}`` keeps the read-out exact.
+        rate: the recipe's rate, the fraction of the way to the rule's fixed point per step, in
+            (0, 1] (``feedback_optim.rate`` overrides every layer's; see docs/cli.md).
+        estimate: where the self term's W comes from, a section of
+            :class:`neuralign.rules.WeightEstimate`'s fields (``method``: ``exact``, ``rdd`` or
+            ``perturb``; ``samples``, ``every``, ...); ``rule.estimate=rdd`` is short for
+            ``rule.estimate.method=rdd``.
+        noise_std: short for ``noise.std`` (mirror-noise standard deviation).
+        noise_dist: short for ``noise.dist`` (mirror-noise distribution).
+
+    ``None`` keeps the rule's own default; a section given ``null`` goes back to its defaults.
+    """
+
+    name: str | None = None
+    noise_std: float | None = None
+    noise_dist: str | None = None
+
+
+@dataclass
+class RuleConfig(LayerRuleConfig):
+    """The learning rule (every key of :class:`LayerRuleConfig`) and its per-layer exceptions.
+
+    Attributes:
+        name: a rule of ``neuralign.list_rules()``, or ``custom``.
+        layers: module-name glob -> the rule of the layers it matches (the last matching glob
+            wins): a catalog name (``{fc: bp}`` keeps the read-out exact), or a mapping of the
+            keys of :class:`LayerRuleConfig` (``{fc: {name: sa, rate: 0.3}}``; without a
+            ``name``, the run's rule with these changes: ``{fc: {rate: 0.3}}``).
         on_unsupported: what ``convert`` does with layer types it cannot convert:
             ``warn``, ``ignore`` or ``raise``.
-
-    ``None`` keeps the rule's own default.
     """
 
     name: str = "ia"
-    terms: dict[str, float] = field(default_factory=dict)
-    noise_std: float | None = None
-    noise_dist: str | None = None
-    update_noise: float | None = None
-    normalize: bool | float | None = None
-    init: str | None = None
-    kp: bool | None = None
-    estimate: str | dict[str, Any] | None = None
-    layers: dict[str, str] = field(default_factory=dict)
+    # (a mapping entry is checked against LayerRuleConfig's keys and kept as the data it sets)
+    layers: dict[str, str | LayerRuleConfig] = field(default_factory=dict)
     on_unsupported: str = "warn"
+
+
+def layer_rule_config(entry: str | dict[str, Any], key: str = "rule.layers") -> LayerRuleConfig:
+    """The :class:`LayerRuleConfig` of a ``rule.layers`` entry (a rule name, or a mapping of
+    rule keys)."""
+    cfg = LayerRuleConfig()
+    _merge(cfg, {"name": entry} if isinstance(entry, str) else entry, f"{key}.")
+    return cfg
 
 
 @dataclass
@@ -210,6 +299,8 @@ def _type_name(tp: Any) -> str:
         return "null"
     if tp is Any:
         return "any"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -231,6 +322,9 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if sections and isinstance(value, dict):  # (its own errors name the valid keys)
+            return _check(value, sections[0], key)
         # bool before float: YAML's true must stay a bool for `bool | float`.
         for a in sorted(args, key=lambda a: a is not bool and a is not type(None)):
             try:
@@ -254,6 +348,12 @@ def _check(value: Any, tp: Any, key: str) -> Any:
         # YAML reads a key written `null` (the term's name) as None: give it its name back
         return {("null" if k is None else str(k)): _check(v, vt, f"{key}.{k}")
                 for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        # a section inside a mapping (a rule.layers entry): checked against the section's keys,
+        # kept as the plain data of what it sets
+        section = tp()
+        _merge(section, value, f"{key}.")
+        return _given(dataclasses.asdict(section))
     if tp is type(None):
         if value is None:
             return None
@@ -277,6 +377,18 @@ def _check(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
+def _given(d: dict[str, Any]) -> dict[str, Any]:
+    """``d`` without its None values and empty mappings (what a section leaves at its
+    defaults)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _given(v)
+        if v is not None and v != {}:
+            out[k] = v
+    return out
+
+
 def _fields(obj: Any) -> dict[str, Any]:
     hints = typing.get_type_hints(type(obj))
     return {f.name: hints[f.name] for f in dataclasses.fields(obj)}
@@ -296,11 +408,22 @@ def _merge(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     for k, v in data.items():
         if k not in fields:
             raise _unknown(f"{prefix}{k}", prefix, obj)
-        cur = getattr(obj, k)
-        if dataclasses.is_dataclass(cur):
-            _merge(cur, v if v is not None else {}, f"{prefix}{k}.")
-        else:
-            setattr(obj, k, _check(v, fields[k], f"{prefix}{k}"))
+        _set(obj, k, v, f"{prefix}{k}")
+
+
+def _set(obj: Any, name: str, value: Any, key: str) -> None:
+    """Field ``name`` of ``obj`` from plain data: a section merges a mapping (``null``: back to
+    its defaults; a single value: its first field, where it takes one); a value is checked."""
+    cur = getattr(obj, name)
+    if not dataclasses.is_dataclass(cur):
+        setattr(obj, name, _check(value, _fields(obj)[name], key))
+    elif value is None:
+        setattr(obj, name, type(cur)())
+    else:
+        scalar = getattr(cur, "_scalar", None)
+        if scalar is not None and not isinstance(value, dict):
+            value = {scalar: value}
+        _merge(cur, value, f"{key}.")
 
 
 def config_from_dict(data: dict[str, Any] | None) -> Config:
@@ -341,14 +464,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
                 raise _unknown(prefix + part, prefix, obj)
             cur = getattr(obj, part)
             last = i == len(parts) - 1
-            if dataclasses.is_dataclass(cur):
-                if last:
-                    _merge(cur, value, prefix + part + ".")
-                    break
+            if last:
+                _set(obj, part, value, prefix + part)
+            elif dataclasses.is_dataclass(cur):
                 obj, prefix = cur, prefix + part + "."
                 continue
-            if last:
-                setattr(obj, part, _check(value, fields[part], prefix + part))
             elif typing.get_origin(fields[part]) is dict:
                 sub = ".".join(parts[i + 1:])
                 _, vt = typing.get_args(fields[part])

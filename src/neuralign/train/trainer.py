@@ -141,9 +141,12 @@ class Trainer:
         self.rank, self.world_size, self.device, self.run_dir = build.setup_process(cfg, run_dir)
         self.is_main = self.rank == 0
         self.rule = build.build_rule(cfg.rule)
+        self.layer_rules = build.build_layer_rules(cfg.rule, self.rule)
+        build.check_rates(cfg)
         torch.manual_seed(tc.seed)
         self.data = build.build_data_for(cfg, self.device, self.rank, self.world_size, data)
-        self.model = build.build_network(cfg, self.rule, self.data.info, self.device)
+        self.model = build.build_network(cfg, self.rule, self.data.info, self.device,
+                                         self.layer_rules)
         # update noise: one stream, the same on every rank, so F stays identical everywhere
         self.update_generator = torch.Generator(device=self.device).manual_seed(
             tc.seed + 20_011)
@@ -500,6 +503,10 @@ class Trainer:
             m[f"backprop_angle/{name}"] = tr["_bp"].get(name, nan)
         for name in self.layer_names:
             m[f"feedback_lag/{name}"] = lags.get(name, nan)
+        if self.recipe:  # each layer's rate: its rule's (or feedback_optim.rate), scheduled
+            for g in self.feedback_optimizer.param_groups:
+                if g["params"]:
+                    m[f"feedback_lr/{g['layer']}"] = g["lr"]
         estimates = na.metrics.estimate_errors(self.model)
         if estimates:  # rules with weight estimation: Ŵ against W, and the phases' cost
             m["estimate_angle"] = mean({k: a for k, (a, _) in estimates.items()})
