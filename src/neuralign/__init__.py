@@ -15,7 +15,6 @@ from .convert import (
     param_groups,
     revert,
 )
-from .recipe import FeedbackOptimizer, feedback_optimizer
 from .layers import (
     FeedbackConv1d,
     FeedbackConv2d,
@@ -25,6 +24,7 @@ from .layers import (
     FeedbackConvTranspose3d,
     FeedbackLinear,
 )
+from .recipe import FeedbackOptimizer, feedback_optimizer
 from .recurrent import (
     FeedbackGRU,
     FeedbackGRUCell,

@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .autograd import WARMUP_ITERATIONS, Spec, feedback_forward
+from .autograd import WARMUP_ITERATIONS, Spec, feedback_forward, unit_blocks
 from .dfa import DFAState
 from .ops import OPS, ConvOps, ConvTransposeOps, LayerOps, LinearOps, ops_for
 from .random_draws import UniformMagnitudes
@@ -133,6 +133,13 @@ class RecipeState(nn.Module):
         weight: the layer's W (dtype, device, and Kolen-Pollack's layout).
     """
 
+    samples: Tensor
+    probe_in: Tensor
+    gram_in: Tensor
+    probe_out: Tensor
+    gram_out: Tensor
+    kp_delta: Tensor
+
     def __init__(self, rule: Rule, probe_shape: tuple[int, ...], out_channels: int,
                  weight: Tensor):
         super().__init__()
@@ -140,20 +147,30 @@ class RecipeState(nn.Module):
         self.terms = {t: c for t, c in rule.terms.items() if t in ACTIVITY_TERMS}
         self.steps, self.warm, self.estimate_trials = 0, False, 0
         self.kp_scale: float | None = None
-        like = {"device": weight.device, "dtype": weight.dtype}
+        W = weight.detach()
         if self.terms:
             self.register_buffer("samples", torch.zeros((), dtype=torch.int64,
-                                                        device=weight.device))
+                                                        device=W.device))
         if "sparse" in self.terms:  # every block starts as the unit vector of equal entries
-            u = torch.ones(probe_shape, **like)
+            u = W.new_ones(probe_shape)
             self.register_buffer("probe_in", u.div_(math.sqrt(max(1, u[0].numel()))))
-            self.register_buffer("gram_in", torch.zeros(probe_shape, **like))
+            self.register_buffer("gram_in", W.new_zeros(probe_shape))
         if "null" in self.terms:
-            self.register_buffer("probe_out", torch.full((out_channels,), 1 / math.sqrt(
-                max(1, out_channels)), **like))
-            self.register_buffer("gram_out", torch.zeros(out_channels, **like))
+            self.register_buffer("probe_out", W.new_full((out_channels,), 1 / math.sqrt(
+                max(1, out_channels))))
+            self.register_buffer("gram_out", W.new_zeros(out_channels))
         if rule.kp:
-            self.register_buffer("kp_delta", torch.zeros_like(weight, requires_grad=False))
+            self.register_buffer("kp_delta", torch.zeros_like(W))
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """At a step: each probe becomes the direction of its summed Gram product (one power
+        iteration a step), and the calls are forgotten."""
+        for probe, gram in (("probe_in", "gram_in"), ("probe_out", "gram_out")):
+            u = self._buffers.get(probe)
+            if u is not None:
+                u.copy_(unit_blocks(self._buffers[gram], u))  # type: ignore[arg-type]
+        self.reset()
 
     @torch.no_grad()
     def reset(self) -> None:

@@ -74,7 +74,6 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from .autograd import unit_blocks
 from .convert import feedback_layers
 from .estimate import estimate_layer
 from .layers import FeedbackLayer, RecipeState
@@ -279,11 +278,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         kappa = curvature(layer)
         if state.terms:  # the activity terms' sums: consumed here
             g, samples, F.grad = F.grad, state.samples.clone(), None
-            for probe, gram in (("probe_in", "gram_in"), ("probe_out", "gram_out")):
-                if probe in state._buffers:  # the power iteration's next vector
-                    state._buffers[probe].copy_(unit_blocks(state._buffers[gram],
-                                                            state._buffers[probe]))
-            state.reset()
+            state.advance()
         if rule.kp:
             if state.kp_scale is None:  # (a state dict without it: from F and W now)
                 _sync_kp(layer, state)
@@ -306,7 +301,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         s: float | Tensor
         if not any(c.get(t) for t in ("decay", "sparse", "null")):
             # no curvature (e.g. amp or self alone): a step of `rate` times F's norm
-            d = torch.zeros_like(F) if g is None else g / samples
+            d = torch.zeros_like(F) if g is None or samples is None else g / samples
             if self_:
                 d.sub_(W_self, alpha=self_)
             s = rate * F.norm() / d.norm().clamp_min(torch.finfo(F.dtype).tiny)
