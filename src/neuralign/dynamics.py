@@ -19,9 +19,10 @@ curvature of the rule's R in F along its stiffest direction:
 | null | top eigenvalue of E[y yᵀ], the output Gram matrix (× a conv's overlap) |
 
 (with mirror noise, ``x`` is the noise; a conv's overlap is the number of output positions
-that read one input position). So ``rate`` is the fraction of the way to the fixed
-point covered per step along the stiffest direction, at any layer size, depth or activity
-scale, and any rate in (0, 1] is stable (for mirror noise, in expectation over the noise: a
+that read one input position; a layer family that writes only its map gets both from the
+terms' Hessians themselves, :class:`~neuralign.ops.LayerOps`). So ``rate`` is the fraction of
+the way to the fixed point covered per step along the stiffest direction, at any layer size,
+depth or activity scale, and any rate in (0, 1] is stable (for mirror noise, in expectation over the noise: a
 high rate makes F a noisy one-batch estimate). The data curvatures are estimated by power iteration,
 one step per backward, from the tensors the backward already holds; under
 DistributedDataParallel each product is averaged over processes, like F's gradient, so every
@@ -154,7 +155,7 @@ class _Observer:
             u = state["u_out"]
             u = u if u.dtype == y.dtype else u.to(y.dtype)
             for _ in range(iters):
-                h = _mean_over_processes(ops.output_gram(y, u))
+                h = _mean_over_processes(ops.output_gram(y, u, src.shape))
                 lam = h.norm()
                 u = _normalised(h, lam, u)
             state["u_out"].copy_(u)
@@ -296,9 +297,8 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                 W, ops = layer.weight, layer._spec.ops
                 u_in = torch.ones(ops.probe_shape(W), device=W.device, dtype=W.dtype)
                 state["u_in"] = u_in.div_(u_in[0].norm())
-                n_out = ops.out_channels(W)
-                state["u_out"] = torch.ones(n_out, device=W.device,
-                                            dtype=W.dtype).div_(math.sqrt(n_out))
+                u_out = torch.ones(ops.output_probe_shape(W), device=W.device, dtype=W.dtype)
+                state["u_out"] = u_out.div_(math.sqrt(u_out.numel()))
                 state["curv_in"] = W.new_zeros(())
                 state["curv_out"] = W.new_zeros(())
                 state["observed"] = 0  # steps taken after a backward
