@@ -176,24 +176,33 @@ def collect(state, ops: LayerOps, src: Tensor, y: Tensor | None, n: int, iters: 
     step on the global batch. Only tensors are written, in place: a compiled backward has no
     Python side effect."""
     state.samples.add_(n)
-    for term, probe, gram, product, data in (("sparse", "probe_in", "gram_in", ops.patch_gram, src),
-                                             ("null", "probe_out", "gram_out", ops.output_gram, y)):
-        if term not in state.terms or data is None:
-            continue
-        u = state._buffers[probe]
-        u = u if u.dtype == data.dtype else u.to(data.dtype)
-        for _ in range(iters - 1):
-            u = unit_blocks(_mean_over_processes(product(data, u)), u)
-        if iters > 1:
-            state._buffers[probe].copy_(u)
-        state._buffers[gram].add_(_mean_over_processes(product(data, u)))
+    if "sparse" in state.terms:
+        _iterate(state.probe_in, state.gram_in, lambda u: ops.patch_gram(src, u), iters, True,
+                 src.dtype)
+    if "null" in state.terms and y is not None:
+        out = y
+        _iterate(state.probe_out, state.gram_out, lambda u: ops.output_gram(out, u, src.shape),
+                 iters, False, src.dtype)
 
 
-def unit_blocks(h: Tensor, u: Tensor) -> Tensor:
-    """``h`` with each block (its first dimension's entries; a single vector is one block)
-    scaled to unit norm, and ``u``'s block where ``h``'s is zero: the power iteration's next
-    vector."""
-    lam = h.norm() if h.dim() == 1 else h.flatten(1).norm(dim=1).view(-1, *[1] * (h.dim() - 1))
+def _iterate(probe: Tensor, gram: Tensor, product: Callable[[Tensor], Tensor], iters: int,
+             blocks: bool, dtype: torch.dtype) -> None:
+    """``iters - 1`` power iterations of ``probe`` (written back), then ``product(probe)``
+    added into ``gram``, the products in ``dtype`` (the backward's, under autocast) and each
+    averaged over the processes."""
+    u = probe if probe.dtype == dtype else probe.to(dtype)
+    for _ in range(iters - 1):
+        u = unit_blocks(_mean_over_processes(product(u)), u, blocks)
+    if iters > 1:
+        probe.copy_(u)
+    gram.add_(_mean_over_processes(product(u)))
+
+
+def unit_blocks(h: Tensor, u: Tensor, blocks: bool) -> Tensor:
+    """``h`` scaled to unit norm, and ``u`` where ``h`` is zero: the power iteration's next
+    vector. With ``blocks``, each block alone (the sparse term's probe: one block per group,
+    along the first dimension)."""
+    lam = h.flatten(1).norm(dim=1).view(-1, *[1] * (h.dim() - 1)) if blocks else h.norm()
     return torch.where(lam > 0, h / lam.clamp_min(torch.finfo(lam.dtype).tiny), u)
 
 

@@ -116,7 +116,9 @@ class RecipeState(nn.Module):
         probe_in, gram_in: the sparse term's power iteration, ``[groups, *kernel]`` (see
             :meth:`neuralign.ops.LayerOps.patch_gram`): the unit vector of each block, and the
             sum over those calls of the input-patch Gram applied to it.
-        probe_out, gram_out: the null term's, ``[out_channels]``, with the outputs' Gram.
+        probe_out, gram_out: the null term's, one vector of
+            :meth:`~neuralign.ops.LayerOps.output_probe_shape` (the built-in families:
+            ``[out_channels]``), with the outputs' Gram.
         kp_delta: Kolen-Pollack's ``F − W``, in ``W``'s layout, as ``kp_scale · kp_delta``.
 
     Fields (in the state dict as 0-d tensors):
@@ -129,7 +131,7 @@ class RecipeState(nn.Module):
     Args:
         rule: the layer's rule (a learned one).
         probe_shape: the shape of the sparse term's probe vector.
-        out_channels: the number of output channels (the null term's probe).
+        out_probe_shape: the shape of the null term's probe vector.
         weight: the layer's W (dtype, device, and Kolen-Pollack's layout).
     """
 
@@ -140,8 +142,8 @@ class RecipeState(nn.Module):
     gram_out: Tensor
     kp_delta: Tensor
 
-    def __init__(self, rule: Rule, probe_shape: tuple[int, ...], out_channels: int,
-                 weight: Tensor):
+    def __init__(self, rule: Rule, probe_shape: tuple[int, ...],
+                 out_probe_shape: tuple[int, ...], weight: Tensor):
         super().__init__()
         #: the terms the backward puts in F.grad while a recipe steps the layer
         self.terms = {t: c for t, c in rule.terms.items() if t in ACTIVITY_TERMS}
@@ -156,9 +158,9 @@ class RecipeState(nn.Module):
             self.register_buffer("probe_in", u.div_(math.sqrt(max(1, u[0].numel()))))
             self.register_buffer("gram_in", W.new_zeros(probe_shape))
         if "null" in self.terms:
-            self.register_buffer("probe_out", W.new_full((out_channels,), 1 / math.sqrt(
-                max(1, out_channels))))
-            self.register_buffer("gram_out", W.new_zeros(out_channels))
+            u = W.new_ones(out_probe_shape)
+            self.register_buffer("probe_out", u.div_(math.sqrt(max(1, u.numel()))))
+            self.register_buffer("gram_out", W.new_zeros(out_probe_shape))
         if rule.kp:
             self.register_buffer("kp_delta", torch.zeros_like(W))
 
@@ -166,10 +168,11 @@ class RecipeState(nn.Module):
     def advance(self) -> None:
         """At a step: each probe becomes the direction of its summed Gram product (one power
         iteration a step), and the calls are forgotten."""
-        for probe, gram in (("probe_in", "gram_in"), ("probe_out", "gram_out")):
+        for probe, gram, blocks in (("probe_in", "gram_in", True),
+                                    ("probe_out", "gram_out", False)):
             u = self._buffers.get(probe)
             if u is not None:
-                u.copy_(unit_blocks(self._buffers[gram], u))  # type: ignore[arg-type]
+                u.copy_(unit_blocks(self._buffers[gram], u, blocks))  # type: ignore[arg-type]
         self.reset()
 
     @torch.no_grad()
@@ -320,7 +323,7 @@ class FeedbackLayer(nn.Module):
         recipe = None
         if rule.learns:
             self.recipe_state = recipe = RecipeState(rule, ops.probe_shape(W),
-                                                     ops.out_channels(W), W)
+                                                     ops.output_probe_shape(W), W)
         self._spec = Spec(ops, rule, derive=derive, self_weight=self_weight, recipe=recipe)
         if derive is not None:
             derive(W.detach())

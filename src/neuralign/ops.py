@@ -1,4 +1,4 @@
-"""The three linear-map operations of each layer family: the only module that knows shapes.
+"""Each layer family's linear map and what is derived from it: the only module that knows shapes.
 
 A layer computes ``y = A_W(x) + b``. For its kernel ``K`` (the forward weight ``W`` or the
 feedback weight ``F``, both in the forward weight's layout) every layer family provides:
@@ -6,7 +6,14 @@ feedback weight ``F``, both in the forward weight's layout) every layer family p
 * ``apply(x, K)``: the forward map ``A_K(x)`` (padding included, no bias);
 * ``apply_T(y, K, shape)``: its exact adjoint, back in the input space of ``shape``;
 * ``outer(x, y)``: the kernel-shaped product, summed over examples and positions, such that
-  ``<y, apply(x, K)> == <outer(x, y), K>``.
+  ``<y, apply(x, K)> == <outer(x, y), K>``;
+* the curvature products of the feedback recipe (:meth:`LayerOps.patch_gram`,
+  :meth:`LayerOps.output_gram`).
+
+A family writes only its map (:class:`LayerOps` says what that is); the base class derives the
+rest with ``torch.func`` (BackPACK's automatic derivatives: slow, exact). The built-in families
+(:class:`LinearOps`, :class:`ConvOps`, :class:`ConvTransposeOps`) write fast paths by hand,
+private to the class they were written for.
 
 Internally a map is ``core ∘ pad``: ``pad`` is the explicit padding the torch layer applies
 before its convolution (non-zero padding modes, or asymmetric ``'same'`` padding), and the
@@ -18,24 +25,109 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerOps", "LinearOps", "ConvOps", "ConvTransposeOps", "OPS", "ops_for"]
+__all__ = ["LayerOps", "LinearOps", "ConvOps", "ConvTransposeOps", "OPS", "ops_for", "DERIVED"]
+
+#: What :class:`LayerOps` derives from a family's map (``core`` and ``forward`` from each
+#: other). A family's own version of one of these is a fast path, valid for its own map only.
+DERIVED = ("core", "forward", "core_T", "apply_T", "core_outer", "scaled_outer", "backward",
+           "bias_grad", "remove_bias", "positions", "from_channels_last", "probe_shape",
+           "patch_gram", "output_probe_shape", "output_gram", "overlap")
 
 
 class LayerOps:
-    """Base class: a layer family's linear map. Subclasses write the three ``core_*`` methods."""
+    """Base class: a layer family's linear map, and everything derived from it.
 
+    **What a family writes** (the contract):
+
+    * its map: ``forward(x, W, b)``, the torch layer's own op with bias (bit for bit its
+      output), from which ``core(xp, K) = forward(xp, K, None)``; or ``core`` (then
+      ``forward`` is ``core`` plus the bias); or both. The map must be linear in the input and
+      in the kernel, with the kernel in the layer's weight's layout and the bias added along
+      ``channel_dim``. A family that pads explicitly (writes ``pad``, ``pad_T`` and
+      ``padded_shape``) writes ``core``, its map on the padded input.
+    * ``channel_dim``: the dimension of its input and of its output that holds the channels
+      (``-1`` for ``[*, features]``, ``1`` for ``[N, C, *positions]``).
+    * the kernel's shape, ``weight_shape``: the constructor's argument, which
+      :meth:`from_module` reads from the layer.
+
+    The other layout facts have defaults for torch's kernel layout ``[out, in // groups,
+    *kernel]`` (:meth:`out_channels`, :meth:`in_channels`, :meth:`num_samples`). Everything
+    in :data:`DERIVED` is then derived from the map: the adjoint and the kernel-shaped product
+    as vector-Jacobian products, the bias's from ``channel_dim``, the curvature products as
+    the sparse and null terms' Hessians applied to a kernel-shaped probe.
+
+    **Fast paths.** A family may write any method of :data:`DERIVED` itself, for speed.
+    Such a shortcut holds for its own class's map only: a subclass that writes its own map
+    (``core`` or ``forward``) gets this class's derived version of every method of
+    :data:`DERIVED` that it does not write itself, never its parent's shortcut (see
+    :meth:`__init_subclass__`; a subclass re-binds a parent's fast path that holds for its map
+    too, as :class:`ConvTransposeOps` does).
+    """
+
+    #: The dimension of the input and of the output that holds the channels.
+    channel_dim: int
+
+    def __init__(self, weight_shape: Sequence[int]):
+        self.weight_shape = torch.Size(weight_shape)
+
+    @classmethod
+    def from_module(cls, m: Any) -> LayerOps:
+        """The ops of the torch layer ``m`` (they keep its weight's shape, nothing else of it)."""
+        return cls(m.weight.shape)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # The one rule for fast paths: a class that writes its own map starts again from the
+        # derived methods (a shortcut written for the parent's map would be silently wrong:
+        # a scaled map inherited a curvature 4 times too small).
+        super().__init_subclass__(**kwargs)
+        if "core" in vars(cls) or "forward" in vars(cls):
+            for name in DERIVED:
+                if name not in vars(cls):
+                    setattr(cls, name, getattr(LayerOps, name))
+        if cls.core is LayerOps.core:
+            if cls.forward is LayerOps.forward:
+                raise TypeError(f"{cls.__name__} has no map: write forward(x, W, b), the torch "
+                                f"layer's op, or core(xp, K)")
+            if cls.pad is not LayerOps.pad:
+                raise TypeError(f"{cls.__name__} pads explicitly: write core(xp, K), its map "
+                                f"on the padded input")
+        if not hasattr(cls, "channel_dim"):
+            raise TypeError(f"{cls.__name__} does not say where its channels are: set "
+                            f"channel_dim (-1 for [*, features], 1 for [N, C, *positions])")
+
+    # -- the map ------------------------------------------------------------------------------
+    def core(self, xp: Tensor, K: Tensor) -> Tensor:
+        """The linear map with kernel ``K`` on an already padded input ``xp``, without bias.
+        Derived: :meth:`forward` without bias."""
+        return self.forward(xp, K, None)
+
+    def forward(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
+        """The torch layer's own forward op (bias included): bit for bit its output. Derived:
+        :meth:`core` on the padded input, plus the bias (the same up to rounding)."""
+        y = self.core(self.pad(x), W)
+        return y if b is None else y + self._along_channels(b, y.dim())
+
+    # -- the layout ---------------------------------------------------------------------------
     def pad(self, x: Tensor) -> Tensor:
         """Explicit padding applied before the core map (identity unless overridden)."""
         return x
 
-    # -- the kernel's layout (Linear and ConvNd: ``[out, in // groups, *kernel]``) ---------------
+    def pad_T(self, g: Tensor) -> Tensor:
+        """Adjoint of :meth:`pad`."""
+        return g
+
+    def padded_shape(self, shape: torch.Size) -> torch.Size:
+        """The shape of an input of ``shape`` after :meth:`pad`."""
+        return shape
+
+    # (the kernel's layout: Linear and ConvNd: ``[out, in // groups, *kernel]``)
     def out_channels(self, W: Tensor) -> int:
         """The number of output channels (units) of kernel ``W``."""
         return W.shape[0]
@@ -51,32 +143,36 @@ class LayerOps:
         shape = y.shape if isinstance(y, Tensor) else y
         return max(1, math.prod(shape) // self.out_channels(W))
 
-    def probe_shape(self, W: Tensor) -> tuple[int, ...]:
-        """The shape of the vector :meth:`patch_gram` acts on: one block per group, each
-        the kernel of one output channel."""
-        return (getattr(self, "groups", 1), *W.shape[1:])
+    def _along_channels(self, b: Tensor, dim: int) -> Tensor:
+        """``b`` (``[channels]``) viewed to broadcast along ``channel_dim`` of ``dim`` dims."""
+        shape = [1] * dim
+        shape[self.channel_dim] = -1
+        return b.view(shape)
 
-    def pad_T(self, g: Tensor) -> Tensor:
-        """Adjoint of :meth:`pad`."""
-        return g
+    def positions(self, shape: torch.Size) -> torch.Size:
+        """The position dimensions of an input of ``shape``, between the examples and the
+        channels (a convolution's spatial ones, a Linear layer's leading ones)."""
+        c = self.channel_dim % len(shape)
+        return torch.Size(s for d, s in enumerate(shape) if d not in (0, c))
 
-    def padded_shape(self, shape: torch.Size) -> torch.Size:
-        """The shape of an input of ``shape`` after :meth:`pad`."""
-        return shape
+    def from_channels_last(self, v: Tensor, shape: torch.Size) -> Tensor:
+        """``v``, laid out ``[N, *positions, C]``, in the layout of an input of ``shape``
+        (direct feedback alignment's projected error)."""
+        return v.movedim(-1, self.channel_dim).reshape(shape)
 
-    def core(self, xp: Tensor, K: Tensor) -> Tensor:
-        """The linear map with kernel ``K`` on an already padded input ``xp``, without bias."""
-        raise NotImplementedError
-
+    # -- the adjoint and the kernel-shaped product --------------------------------------------
+    # (vector-Jacobian products of the map: it is linear, so any point will do, and zeros do)
     def core_T(self, y: Tensor, K: Tensor, xp_shape: torch.Size) -> Tensor:
         """The exact adjoint of :meth:`core`: ``y`` mapped back to a padded input of
         ``xp_shape``."""
-        raise NotImplementedError
+        pullback = torch.func.vjp(lambda xp: self.core(xp, K), y.new_zeros(xp_shape))[1]
+        return pullback(y)[0]
 
     def core_outer(self, xp: Tensor, y: Tensor) -> Tensor:
         """The kernel-shaped product of a padded input and an output-shaped ``y``, summed over
         examples and positions: the weight gradient when ``y`` is the output's gradient."""
-        raise NotImplementedError
+        pullback = torch.func.vjp(lambda K: self.core(xp, K), xp.new_zeros(self.weight_shape))[1]
+        return pullback(y)[0]
 
     def scaled_outer(self, xp: Tensor, y: Tensor, alpha: float = 1.0,
                      out: Tensor | None = None) -> Tensor:
@@ -90,38 +186,13 @@ class LayerOps:
 
     def bias_grad(self, dy: Tensor) -> Tensor:
         """The bias gradient: ``dy`` summed over everything but the output channels."""
-        raise NotImplementedError
+        c = self.channel_dim % dy.dim()
+        dims = [d for d in range(dy.dim()) if d != c]
+        return dy.sum(dims) if dims else dy  # (an empty list would sum over everything)
 
     def remove_bias(self, out: Tensor, b: Tensor) -> Tensor:
         """``out - b``: the linear output before bias, from the layer's output."""
-        raise NotImplementedError
-
-    def positions(self, shape: torch.Size) -> torch.Size:
-        """The position dimensions of an input of ``shape``, between the examples and the
-        channels (a convolution's spatial ones, a Linear layer's leading ones)."""
-        raise NotImplementedError
-
-    def from_channels_last(self, v: Tensor, shape: torch.Size) -> Tensor:
-        """``v``, laid out ``[N, *positions, C]``, in the layout of an input of ``shape``
-        (direct feedback alignment's projected error)."""
-        raise NotImplementedError
-
-    #: At most how many output positions read one input position (1 for Linear): the factor
-    #: by which the null term's curvature can exceed that of the outputs' own Gram matrix.
-    overlap: int = 1
-
-    def patch_gram(self, xp: Tensor, u: Tensor) -> Tensor:
-        """``Σ_p patch_p patch_pᵀ u`` (summed over examples and positions), per group: the
-        sparse term's curvature applied to ``u`` (``[groups, *weight.shape[1:]]``)."""
-        raise NotImplementedError
-
-    def output_gram(self, y: Tensor, u: Tensor) -> Tensor:
-        """``Σ_p y_p y_pᵀ u`` (summed over examples and positions) for ``u`` of ``[out]``."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor, W: Tensor, b: Tensor | None) -> Tensor:
-        """The torch layer's own forward op (bias included): bit for bit its output."""
-        raise NotImplementedError
+        return out - self._along_channels(b, out.dim())
 
     def backward(
         self, dy: Tensor, xp: Tensor, K: Tensor, mask: tuple[bool, bool, bool]
@@ -133,7 +204,47 @@ class LayerOps:
         db = self.bias_grad(dy) if need_b else None
         return dxp, dw, db
 
-    # The public maps, in the layer's real input space.
+    # -- the curvature products of the feedback recipe ----------------------------------------
+    # The sparse and null terms are quadratic in F: each one's gradient at F = u is its Hessian
+    # applied to u (times the samples). Derived here on the whole kernel, exact for any map; a
+    # family may probe a smaller space by hand (one output channel per group, the outputs'
+    # channels) where its map's structure allows.
+    def probe_shape(self, W: Tensor) -> tuple[int, ...]:
+        """The shape of the vector :meth:`patch_gram` acts on: blocks along the first
+        dimension, each iterated on its own (derived: the whole kernel, one block)."""
+        return (1, *W.shape)
+
+    def patch_gram(self, xp: Tensor, u: Tensor) -> Tensor:
+        """``Σ_p patch_p patch_pᵀ u`` (summed over examples and positions), per block: the
+        sparse term's Hessian, times its samples, applied to ``u`` (of :meth:`probe_shape`).
+        Derived: ``outer(x, apply(x, u))`` for ``u`` the whole kernel."""
+        return self.core_outer(xp, self.core(xp, u[0]))[None]
+
+    def output_probe_shape(self, W: Tensor) -> tuple[int, ...]:
+        """The shape of the vector :meth:`output_gram` acts on (derived: the whole kernel,
+        one block)."""
+        return (1, *W.shape)
+
+    def output_gram(self, y: Tensor, u: Tensor, xp_shape: torch.Size | None = None) -> Tensor:
+        """The null term's curvature product for the outputs ``y`` of a padded input of
+        ``xp_shape``, on ``u`` of :meth:`output_probe_shape`: times :attr:`overlap`, its top
+        eigenvalue bounds that of the null term's Hessian (times its samples). Derived: that
+        Hessian applied to ``u``, the whole kernel, ``outer(apply_T(y, u), y)`` (the overlap
+        is 1). The built-in families' is ``Σ_p y_p y_pᵀ u`` over examples and positions, for
+        ``u`` of ``[out_channels]``: the outputs' Gram matrix."""
+        if xp_shape is None:
+            raise ValueError(f"{type(self).__name__}.output_gram needs the input's shape")
+        z = self.pad(self.pad_T(self.core_T(y, u[0], xp_shape)))
+        return self.core_outer(z, y)[None]
+
+    @property
+    def overlap(self) -> int:
+        """The factor by which the null term's curvature can exceed :meth:`output_gram`'s
+        (1 for the derived, exact one; for a convolution's output Gram, at most how many
+        output positions read one input position)."""
+        return 1
+
+    # -- the public maps, in the layer's real input space -------------------------------------
     def apply(self, x: Tensor, K: Tensor) -> Tensor:
         """The layer's linear map with kernel ``K``, padding included, without bias."""
         return self.core(self.pad(x), K)
@@ -170,12 +281,10 @@ def _linear_outer(xp: Tensor, y: Tensor, alpha: float = 1.0, out: Tensor | None 
 
 
 class LinearOps(LayerOps):
-    """``nn.Linear`` with any number of leading dimensions (``[*, in] -> [*, out]``)."""
+    """``nn.Linear`` with any number of leading dimensions (``[*, in] -> [*, out]``). Every
+    method here is a fast path for this map (see :class:`LayerOps`)."""
 
-    @classmethod
-    def from_module(cls, m: nn.Linear) -> LinearOps:
-        """The ops of a Linear layer (they hold nothing of it)."""
-        return cls()
+    channel_dim = -1
 
     def core(self, xp, K):
         return F.linear(xp, K)
@@ -190,8 +299,6 @@ class LinearOps(LayerOps):
         return _linear_outer(xp, y)
 
     def scaled_outer(self, xp, y, alpha=1.0, out=None):
-        if type(self).core_outer is not LinearOps.core_outer:  # a subclass's own map
-            return super().scaled_outer(xp, y, alpha, out)
         return _linear_outer(xp, y, alpha, out)
 
     def bias_grad(self, dy):
@@ -200,25 +307,30 @@ class LinearOps(LayerOps):
     def backward(self, dy, xp, K, mask):
         # (on [N, features], the three products inline: on small layers each Python call of
         # the generic backward costs what a small product does)
-        if type(self) is not LinearOps or dy.dim() != 2:  # a subclass's own maps, or N-D
+        if dy.dim() != 2:
             return super().backward(dy, xp, K, mask)
         need_x, need_w, need_b = mask
         return (dy.mm(K) if need_x else None, dy.t().mm(xp) if need_w else None,
                 dy.sum(0) if need_b else None)
 
+    # (the sparse term's Hessian is the inputs' Gram for every output unit alike, and the
+    # null term's the outputs' Gram for every input feature alike: one unit, one feature)
+    def probe_shape(self, W):
+        return (1, *W.shape[1:])
+
     def patch_gram(self, xp, u):
         x2 = xp if xp.dim() == 2 else _rows(xp)
         return x2.t().mv(x2.mv(u[0]))[None]
 
-    def output_gram(self, y, u):
+    def output_probe_shape(self, W):
+        return (W.shape[0],)
+
+    def output_gram(self, y, u, xp_shape=None):
         y2 = y if y.dim() == 2 else _rows(y)
         return y2.t().mv(y2.mv(u))
 
     def remove_bias(self, out, b):
         return out - b
-
-    def positions(self, shape):
-        return shape[1:-1]
 
     def from_channels_last(self, v, shape):
         return v.reshape(shape)
@@ -261,12 +373,16 @@ class ConvOps(LayerOps):
         pre_pad: an ``F.pad`` tuple applied first (last dimension first), or ``None``.
         pad_mode: ``'constant'``, ``'reflect'``, ``'replicate'`` or ``'circular'`` for ``pre_pad``.
         groups: convolution groups.
+
+    Every method here is a fast path for this map (see :class:`LayerOps`).
     """
+
+    channel_dim = 1
 
     def __init__(self, dim, weight_shape, stride, padding, dilation, groups, pre_pad=None,
                  pad_mode="constant"):
+        super().__init__(weight_shape)
         self.dim = dim
-        self.weight_shape = torch.Size(weight_shape)
         self.stride = tuple(stride)
         self.padding = tuple(padding)
         self.dilation = tuple(dilation)
@@ -277,7 +393,7 @@ class ConvOps(LayerOps):
         self._tap_plans: dict[tuple, list | None] = {}  # per (input, output) spatial size
         # along each dimension, taps j*dilation land on one input position from at most
         # ceil(k / (stride / gcd(stride, dilation))) output positions
-        self.overlap = math.prod(
+        self._overlap = math.prod(
             -(-k // (s // math.gcd(s, d)))
             for k, s, d in zip(self.weight_shape[2:], self.stride, self.dilation, strict=True))
 
@@ -399,8 +515,15 @@ class ConvOps(LayerOps):
             out[(slice(None), slice(None), *j)] = ys.mm(xs.t())
         return out
 
-    def bias_grad(self, dy):
-        return dy.sum([0] + list(range(2, dy.dim())))
+    # (the sparse term's Hessian is the input patches' Gram for every output channel of a
+    # group alike: one channel per group. The null term's is bounded by the outputs' Gram
+    # times the overlap)
+    @property
+    def overlap(self):
+        return self._overlap
+
+    def probe_shape(self, W):
+        return (self.groups, *W.shape[1:])
 
     def patch_gram(self, xp, u):
         # one output channel per group: conv with u, then the weight gradient in u's shape
@@ -408,7 +531,10 @@ class ConvOps(LayerOps):
         h = self._outer_by_taps(xp, v)
         return h if h is not None else self._conv_backward(v, xp, u, (False, True, False))[1]
 
-    def output_gram(self, y, u):
+    def output_probe_shape(self, W):
+        return (self.out_channels(W),)
+
+    def output_gram(self, y, u, xp_shape=None):
         # (two batched products, no activation-sized temporary: 3-4 times einsum's speed on
         # resnet18's outputs)
         y3 = y.flatten(2)  # [N, C_out, positions]
@@ -426,15 +552,6 @@ class ConvOps(LayerOps):
             return None, None, None
         dxp, dw, db = self._conv_backward(dy, xp, K, mask, bias=mask[2])
         return dxp if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
-
-    def remove_bias(self, out, b):
-        return out - b.view([-1] + [1] * self.dim)
-
-    def positions(self, shape):
-        return shape[2:]
-
-    def from_channels_last(self, v, shape):
-        return v.movedim(-1, 1)
 
     def forward(self, x, W, b):
         return self._conv(self.pad(x), W, b, self.stride, self.padding, self.dilation, self.groups)
@@ -465,7 +582,16 @@ class ConvTransposeOps(ConvOps):
         self.output_padding = tuple(output_padding)
         self._conv = _CONV_T[dim]
         # each input position feeds one output position per tap: the adjoint reads them all
-        self.overlap = math.prod(self.weight_shape[2:])
+        self._overlap = math.prod(self.weight_shape[2:])
+
+    # ConvOps's fast paths that hold for this map too: they go through _conv_backward, which
+    # is the transposed convolution's here, or read only the output's channels. (A class that
+    # writes its own map gets LayerOps's derived version of every other: LayerOps's docstring.)
+    core_T = ConvOps.core_T
+    backward = ConvOps.backward
+    overlap = ConvOps.overlap
+    output_probe_shape = ConvOps.output_probe_shape
+    output_gram = ConvOps.output_gram
 
     @classmethod
     def from_module(cls, m: nn.modules.conv._ConvNd,

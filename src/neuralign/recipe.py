@@ -119,10 +119,10 @@ def _check_rate(rate) -> float:
     return float(rate)
 
 
-def _top(gram: Tensor, samples: Tensor) -> Tensor:
-    """The power iteration's eigenvalue estimate: the largest block norm of the summed Gram
-    product, per sample (0-d, the Gram's dtype)."""
-    lam = gram.norm() if gram.dim() == 1 else gram.flatten(1).norm(dim=1).max()
+def _top(gram: Tensor, samples: Tensor, blocks: bool) -> Tensor:
+    """The power iteration's eigenvalue estimate: the summed Gram product's norm (with
+    ``blocks``, its largest block's), per sample (0-d, the Gram's dtype)."""
+    lam = gram.flatten(1).norm(dim=1).max() if blocks else gram.norm()
     return lam / samples.clamp_min(1)
 
 
@@ -134,9 +134,10 @@ def curvature(layer: FeedbackLayer) -> float | Tensor:
     c, state = layer.rule.terms, layer.recipe_state
     kappa: float | Tensor = c.get("decay", 0.0)
     if c.get("sparse"):
-        kappa = kappa + c["sparse"] * _top(state.gram_in, state.samples)
+        kappa = kappa + c["sparse"] * _top(state.gram_in, state.samples, True)
     if c.get("null"):
-        kappa = kappa + c["null"] * layer._spec.ops.overlap * _top(state.gram_out, state.samples)
+        kappa = kappa + c["null"] * layer._spec.ops.overlap * _top(state.gram_out, state.samples,
+                                                                   False)
     return kappa
 
 
