@@ -4,9 +4,9 @@ repeated.
 Each spawn starts the worker of ``tests/test_distributed.py`` (``tests/_dist_worker.py``) as two
 gloo processes with torchrun's environment, trains the given rules (the tests' tiny runs), and
 exits. A spawn counts as an abort when a rank exits non-zero or prints ``terminate called``
-(the abort at exit seen in 2026-11 while native kernels were compiled in the process: about 1
-spawn in 120). Spawns that lost their port to another process before binding it
-(``DistNetworkError``) are retried and not counted.
+(an abort at exit that gloo ranks showed in 2026-11, about 1 spawn in 120). Spawns that lost
+their port to another process before binding it (``DistNetworkError``) are retried and not
+counted.
 
     python benchmarks/ddp_exits.py --spawns 200 --rules ia
 """

@@ -71,18 +71,13 @@ def test_fused_backward_matches_the_three_ops(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_scaled_outer_is_alpha_times_outer_and_never_reads_out(case):
+def test_scaled_outer_is_alpha_times_outer(case):
     layer, x = case.make(), _batched(case, case.input())
     ops = ops_for(layer)
     xp = ops.pad(x)
     dy = torch.randn_like(ops.core(xp, layer.weight))
     want = ops.core_outer(xp, dy)
     for alpha in (1.0, -0.3):
-        out = torch.full_like(layer.weight, float("nan"))  # kept memory: its values unused
-        got = ops.scaled_outer(xp, dy, alpha, out)
-        _close(got, alpha * want)
-        # a Linear layer's product goes into the given memory; the others' come fresh
-        assert (got.data_ptr() == out.data_ptr()) == (case.cls is torch.nn.Linear)
         _close(ops.scaled_outer(xp, dy, alpha), alpha * want)
 
 

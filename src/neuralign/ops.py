@@ -174,13 +174,10 @@ class LayerOps:
         pullback = torch.func.vjp(lambda K: self.core(xp, K), xp.new_zeros(self.weight_shape))[1]
         return pullback(y)[0]
 
-    def scaled_outer(self, xp: Tensor, y: Tensor, alpha: float = 1.0,
-                     out: Tensor | None = None) -> Tensor:
-        """``alpha ·`` :meth:`core_outer`, written into ``out`` (kernel-shaped, the products'
-        dtype) where the family can: kept memory instead of a fresh kernel-sized tensor every
-        step. Returns the result. This default computes the product fresh (a copy into
-        ``out`` would cost a pass and, on resnet18's convolutions, saved nothing measurable)
-        and scales it: a pass over the kernel, not over the activation-sized ``y``."""
+    def scaled_outer(self, xp: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
+        """``alpha ·`` :meth:`core_outer`: the rule's coefficient applied to the kernel-sized
+        product (here a pass over the kernel; a Linear layer's product takes it as its own
+        scale), never to the activation-sized ``y``."""
         h = self.core_outer(xp, y)
         return h if alpha == 1 else h.mul_(alpha)
 
@@ -267,16 +264,14 @@ def _rows(t: Tensor) -> Tensor:
     return t.flatten(0, -2) if t.dim() > 1 else t[None]
 
 
-def _linear_outer(xp: Tensor, y: Tensor, alpha: float = 1.0, out: Tensor | None = None
-                  ) -> Tensor:
-    """``alpha · Σ y xᵀ`` over every leading dimension, into ``out`` when given (the scale
-    is the product's own: no pass of its own)."""
+def _linear_outer(xp: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
+    """``alpha · Σ y xᵀ`` over every leading dimension (the scale is the product's own: no
+    pass of its own)."""
     if y.dim() != 2:  # ([N, features] needs no reshape: a few µs a call on small layers)
         y, xp = _rows(y), _rows(xp)
     if alpha == 1:
-        return torch.mm(y.t(), xp, out=out)
-    if out is None:
-        out = xp.new_empty(y.shape[1], xp.shape[1])
+        return torch.mm(y.t(), xp)
+    out = xp.new_empty(y.shape[1], xp.shape[1])
     return out.addmm_(y.t(), xp, beta=0, alpha=alpha)  # (beta 0: out's values are not read)
 
 
@@ -298,8 +293,8 @@ class LinearOps(LayerOps):
     def core_outer(self, xp, y):
         return _linear_outer(xp, y)
 
-    def scaled_outer(self, xp, y, alpha=1.0, out=None):
-        return _linear_outer(xp, y, alpha, out)
+    def scaled_outer(self, xp, y, alpha=1.0):
+        return _linear_outer(xp, y, alpha)
 
     def bias_grad(self, dy):
         return dy.sum(0) if dy.dim() == 2 else _rows(dy).sum(0)
