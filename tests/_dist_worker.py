@@ -36,6 +36,28 @@ class _Boom(Callback):
             raise RuntimeError("boom on rank 1")
 
 
+def _run(mode: str, root: Path, rule: str, r: int) -> None:
+    """One rule's job (in a function of its own: its trainer and DDP wrapper are garbage when
+    the process group is torn down)."""
+    if mode == "accumulate":
+        state = accumulate(rule, r, distributed.world_size(), parts=2)
+        torch.save(state, root / f"{rule}-accumulate-rank{r}.pt")
+    if mode == "compiled":
+        t = Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}",
+                                           f"train.name={rule}-compiled",
+                                           "train.compile=aot_eager", *EXTRA.get(rule, []))))
+        t.fit()
+        torch.save(t.model.state_dict(), root / f"{rule}-compiled-rank{r}.pt")
+    if mode == "train":
+        t = Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}",
+                                           f"train.name={rule}", *EXTRA.get(rule, []))))
+        t.fit()
+        torch.save(t.model.state_dict(), root / f"{rule}-rank{r}.pt")
+        if rule == "ia":
+            Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}", "train.epochs=1",
+                                           f"train.name={rule}-cut"))).fit()
+
+
 def main() -> int:
     mode, root, rules = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     distributed.init()
@@ -47,24 +69,7 @@ def main() -> int:
             distributed.cleanup(wait=True)
             return 0
         for rule in rules:
-            if mode == "accumulate":
-                state = accumulate(rule, r, distributed.world_size(), parts=2)
-                torch.save(state, root / f"{rule}-accumulate-rank{r}.pt")
-            if mode == "compiled":
-                t = Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}",
-                                                   f"train.name={rule}-compiled",
-                                                   "train.compile=aot_eager",
-                                                   *EXTRA.get(rule, []))))
-                t.fit()
-                torch.save(t.model.state_dict(), root / f"{rule}-compiled-rank{r}.pt")
-            if mode == "train":
-                t = Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}",
-                                                   f"train.name={rule}", *EXTRA.get(rule, []))))
-                t.fit()
-                torch.save(t.model.state_dict(), root / f"{rule}-rank{r}.pt")
-                if rule == "ia":
-                    Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}", "train.epochs=1",
-                                                   f"train.name={rule}-cut"))).fit()
+            _run(mode, root, rule, r)
         distributed.cleanup(wait=True)
         return 0
     finally:

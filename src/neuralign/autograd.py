@@ -90,7 +90,7 @@ class FeedbackFunction(torch.autograd.Function):
         ctx.spec, ctx.collect = spec, collect
         # The output is kept for null, and for amp where it is smaller than W (else amp folds
         # into a W-sized kernel in the backward): never an activation larger than both.
-        keep_out = ctx.needs_input_grad[3] and (spec.rule.uses_output or (
+        keep_out = (ctx.needs_input_grad[3] or collect) and (spec.rule.uses_output or (
             spec.rule.amp_on_data and output.numel() < weight.numel()))
         # Derived feedback is not saved: the backward derives it from the saved W, so writing
         # the buffer in place can never invalidate another pending graph.
@@ -127,8 +127,11 @@ class FeedbackFunction(torch.autograd.Function):
         if spec.derive is not None and (need_x or spec.probe is not None):
             F = spec.derive(W)  # derived only where it is used: a first layer sends nothing
         x, W, F = _cast(dout.dtype, x, W, F)
+        # while a recipe steps the layer (F needs no gradient then) the backward collects
+        # what its step needs into the layer's state
         recipe = spec.recipe if ctx.collect else None
-        kp = need_f and rule.kp and recipe is None
+        kp = need_f and rule.kp
+        need_f = need_f or recipe is not None
         xp = ops.pad(x)
         # (a derived F that is not used is None; the weight gradient only needs W's shape)
         dxp, dw, db = ops.backward(dout, xp, W if F is None else F, (need_x, need_w or kp, need_b))
@@ -151,16 +154,18 @@ class FeedbackFunction(torch.autograd.Function):
                     else None
                 df = terms.rule_grad(rule.terms, ops, src, W, F, y, n,
                                      base=dw if kp else None, W_self=W_self)
-            else:  # sums over the samples: the recipe divides by all of its calls' samples
-                df = terms.rule_grad(recipe.terms, ops, src, W, F, y, 1)
-                collect(recipe, ops, src, y, n, ctx.collect)
+            else:
+                collect(recipe, ops, src, W, F, y, n, ctx.collect)
         return dx, dw if need_w else None, db, df, None, None, None
 
 
 @torch.no_grad()
-def collect(state, ops: LayerOps, src: Tensor, y: Tensor | None, n: int, iters: int) -> None:
+def collect(state, ops: LayerOps, src: Tensor, W: Tensor, F: Tensor, y: Tensor | None, n: int,
+            iters: int) -> None:
     """What a feedback recipe's step needs from one backward call, added into the layer's
-    :class:`~neuralign.layers.RecipeState`: the call's ``n`` samples, and for each data
+    :class:`~neuralign.layers.RecipeState`: the activity terms' gradient summed over the
+    call's ``n`` samples (written into ``state.grad`` by the products themselves, where the
+    family can: no fresh kernel-sized tensor a call), the samples, and for each data
     curvature the rule has (the input-patch Gram for sparse, the output Gram for null) the
     Gram summed over the samples applied to the state's probe vector. The step divides by
     the samples and takes the norm (the curvature) and the direction (the next probe: one
@@ -168,13 +173,12 @@ def collect(state, ops: LayerOps, src: Tensor, y: Tensor | None, n: int, iters: 
     accumulated micro-batches, a recurrent layer's time steps.
 
     With ``iters > 1`` (before the recipe's first step on the layer) the probe first iterates
-    ``iters - 1`` times on this call's batch: a first step's curvature from one iteration on
-    an arbitrary vector would be too small, and the step too long.
+    ``iters - 1`` times on this call's batch, each product averaged over the processes of a
+    distributed run (so that they keep one probe): a first step's curvature from one
+    iteration on an arbitrary vector would be too small, and the step too long.
 
-    Under DistributedDataParallel every product is averaged over the processes, so each holds
-    the same sums (DDP's buffer broadcast then changes nothing) and takes the single process's
-    step on the global batch. Only tensors are written, in place: a compiled backward has no
-    Python side effect."""
+    Only tensors are written, in place: a compiled backward has no Python side effect."""
+    terms.rule_grad(state.terms, ops, src, W, F, y, 1, into=state.grad)
     state.samples.add_(n)
     if "sparse" in state.terms:
         _iterate(state.probe_in, state.gram_in, lambda u: ops.patch_gram(src, u), iters, True,
@@ -188,14 +192,13 @@ def collect(state, ops: LayerOps, src: Tensor, y: Tensor | None, n: int, iters: 
 def _iterate(probe: Tensor, gram: Tensor, product: Callable[[Tensor], Tensor], iters: int,
              blocks: bool, dtype: torch.dtype) -> None:
     """``iters - 1`` power iterations of ``probe`` (written back), then ``product(probe)``
-    added into ``gram``, the products in ``dtype`` (the backward's, under autocast) and each
-    averaged over the processes."""
+    added into ``gram``, the products in ``dtype`` (the backward's, under autocast)."""
     u = probe if probe.dtype == dtype else probe.to(dtype)
     for _ in range(iters - 1):
         u = unit_blocks(_mean_over_processes(product(u)), u, blocks)
     if iters > 1:
         probe.copy_(u)
-    gram.add_(_mean_over_processes(product(u)))
+    gram.add_(product(u))
 
 
 def unit_blocks(h: Tensor, u: Tensor, blocks: bool) -> Tensor:
@@ -207,9 +210,8 @@ def unit_blocks(h: Tensor, u: Tensor, blocks: bool) -> Tensor:
 
 
 def _mean_over_processes(t: Tensor) -> Tensor:
-    """``t`` averaged over the processes of a distributed run (in place; ``t`` alone otherwise).
-    Each process holds an equal share of the global batch, so the mean of the per-process
-    sums, over the per-process samples, is the global batch's average."""
+    """``t`` averaged over the processes of a distributed run (in place; ``t`` alone
+    otherwise)."""
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)

@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .autograd import WARMUP_ITERATIONS, Spec, feedback_forward, unit_blocks
+from .autograd import WARMUP_ITERATIONS, Spec, feedback_forward
 from .dfa import DFAState
 from .ops import OPS, ConvOps, ConvTransposeOps, LayerOps, LinearOps, ops_for
 from .random_draws import UniformMagnitudes
@@ -104,22 +104,30 @@ def _fans(t: Tensor) -> tuple[int, int]:
 class RecipeState(nn.Module):
     """What the feedback recipe (:mod:`neuralign.recipe`) keeps for one learned feedback
     layer: the layer's child ``recipe_state``, made when the layer is converted, whether a
-    recipe ever steps it or not. Its buffers and fields are in the model's state dict, move
-    with the model, and are copied and pickled with it; the layer's backward writes the
-    buffers while a recipe steps the layer, and the recipe's step reads and resets them.
+    recipe ever steps it or not. While a recipe steps the layer, its backward adds into the
+    collected tensors, and the recipe's step reads and resets them.
 
-    Buffers (each only where the rule needs it):
-        samples: int64 ``[]``: the samples (examples × positions) of the backward calls since
-            the last step, by which the recipe divides ``F.grad`` (the activity terms' sums)
-            and the curvature products: accumulated micro-batches and a recurrent layer's time
-            steps count as one batch of all their samples.
-        probe_in, gram_in: the sparse term's power iteration, ``[groups, *kernel]`` (see
-            :meth:`neuralign.ops.LayerOps.patch_gram`): the unit vector of each block, and the
-            sum over those calls of the input-patch Gram applied to it.
-        probe_out, gram_out: the null term's, one vector of
+    Its tensors are plain attributes (each only where the rule needs it): they move with the
+    model (``model.to(...)``), are copied and pickled with it, and DistributedDataParallel
+    neither broadcasts nor reduces them (the recipe's step sums the collected ones over the
+    processes). The persistent ones and the fields are in the model's state dict.
+
+    Persistent:
+        probe_in: the sparse term's power iteration, a unit vector per block,
+            ``[groups, *kernel]`` (see :meth:`neuralign.ops.LayerOps.patch_gram`).
+        probe_out: the null term's, one unit vector of
             :meth:`~neuralign.ops.LayerOps.output_probe_shape` (the built-in families:
-            ``[out_channels]``), with the outputs' Gram.
+            ``[out_channels]``).
         kp_delta: Kolen-Pollack's ``F − W``, in ``W``'s layout, as ``kp_scale · kp_delta``.
+
+    Collected between two steps (zero after a step):
+        grad: in F's layout, the activity terms' gradient summed over the samples of the
+            backward calls (made when a recipe first steps the layer).
+        samples: int64 ``[]``: those samples (examples × positions), by which the step
+            divides ``grad`` and the Gram products: accumulated micro-batches and a recurrent
+            layer's time steps count as one batch of all their samples.
+        gram_in, gram_out: the input-patch Gram (sparse) and the output Gram (null), summed
+            over those samples, applied to their probes.
 
     Fields (in the state dict as 0-d tensors):
         steps: the recipe steps taken (the first backward's power iterations warm up until
@@ -135,64 +143,67 @@ class RecipeState(nn.Module):
         weight: the layer's W (dtype, device, and Kolen-Pollack's layout).
     """
 
-    samples: Tensor
-    probe_in: Tensor
-    gram_in: Tensor
-    probe_out: Tensor
-    gram_out: Tensor
-    kp_delta: Tensor
+    probe_in: Tensor | None
+    probe_out: Tensor | None
+    kp_delta: Tensor | None
+    grad: Tensor | None
+    samples: Tensor | None
+    gram_in: Tensor | None
+    gram_out: Tensor | None
 
-    def __init__(self, rule: Rule, probe_shape: tuple[int, ...],
-                 out_probe_shape: tuple[int, ...], weight: Tensor):
-        super().__init__()
-        #: the terms the backward puts in F.grad while a recipe steps the layer
-        self.terms = {t: c for t, c in rule.terms.items() if t in ACTIVITY_TERMS}
-        self.steps, self.warm, self.estimate_trials = 0, False, 0
-        self.kp_scale: float | None = None
-        W = weight.detach()
-        if self.terms:
-            self.register_buffer("samples", torch.zeros((), dtype=torch.int64,
-                                                        device=W.device))
-        if "sparse" in self.terms:  # every block starts as the unit vector of equal entries
-            u = W.new_ones(probe_shape)
-            self.register_buffer("probe_in", u.div_(math.sqrt(max(1, u[0].numel()))))
-            self.register_buffer("gram_in", W.new_zeros(probe_shape))
-        if "null" in self.terms:
-            u = W.new_ones(out_probe_shape)
-            self.register_buffer("probe_out", u.div_(math.sqrt(max(1, u.numel()))))
-            self.register_buffer("gram_out", W.new_zeros(out_probe_shape))
-        if rule.kp:
-            self.register_buffer("kp_delta", torch.zeros_like(W))
-
-    @torch.no_grad()
-    def advance(self) -> None:
-        """At a step: each probe becomes the direction of its summed Gram product (one power
-        iteration a step), and the calls are forgotten."""
-        for probe, gram, blocks in (("probe_in", "gram_in", True),
-                                    ("probe_out", "gram_out", False)):
-            u = self._buffers.get(probe)
-            if u is not None:
-                u.copy_(unit_blocks(self._buffers[gram], u, blocks))  # type: ignore[arg-type]
-        self.reset()
-
-    @torch.no_grad()
-    def reset(self) -> None:
-        """Forget the backward calls since the last step (their samples and Gram products)."""
-        for name in ("samples", "gram_in", "gram_out"):
-            t = self._buffers.get(name)
-            if t is not None:
-                t.zero_()
-
+    _PERSISTENT = ("probe_in", "probe_out", "kp_delta")
+    _COLLECTED = ("grad", "samples", "gram_in", "gram_out")
     #: the fields, as 0-d tensors in the state dict (a state dict of tensors only, as code
     #: that clones or averages one expects); kp_scale only with kp_delta, None as -1
     _FIELDS = (("steps", torch.int64), ("kp_scale", torch.float64),
                ("estimate_trials", torch.int64))
 
+    def __init__(self, rule: Rule, probe_shape: tuple[int, ...],
+                 out_probe_shape: tuple[int, ...], weight: Tensor):
+        super().__init__()
+        #: the terms the backward collects while a recipe steps the layer
+        self.terms = {t: c for t, c in rule.terms.items() if t in ACTIVITY_TERMS}
+        self.steps, self.warm, self.estimate_trials = 0, False, 0
+        self.kp_scale: float | None = None
+        W = weight.detach()
+        self.probe_in = self.probe_out = self.kp_delta = None
+        self.grad = self.samples = self.gram_in = self.gram_out = None
+        if self.terms:
+            self.samples = torch.zeros((), dtype=torch.int64, device=W.device)
+        if "sparse" in self.terms:  # every block starts as the unit vector of equal entries
+            u = W.new_ones(probe_shape)
+            self.probe_in = u.div_(math.sqrt(max(1, u[0].numel())))
+            self.gram_in = W.new_zeros(probe_shape)
+        if "null" in self.terms:
+            u = W.new_ones(out_probe_shape)
+            self.probe_out = u.div_(math.sqrt(max(1, u.numel())))
+            self.gram_out = W.new_zeros(out_probe_shape)
+        if rule.kp:
+            self.kp_delta = torch.zeros_like(W)
+
+    def tensors(self, names: tuple[str, ...]) -> dict[str, Tensor]:
+        """The state's tensors of ``names`` that the rule has."""
+        return {k: t for k in names if (t := self.__dict__.get(k)) is not None}
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forget the backward calls since the last step."""
+        for t in self.tensors(self._COLLECTED).values():
+            t.zero_()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name, t in self.tensors(self._PERSISTENT + self._COLLECTED).items():
+            setattr(self, name, fn(t))
+        return self
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name, t in self.tensors(self._PERSISTENT).items():
+            destination[prefix + name] = t if keep_vars else t.detach()
         for name, dtype in self._FIELDS:
             value = getattr(self, name)
-            if name != "kp_scale" or "kp_delta" in self._buffers:
+            if name != "kp_scale" or self.kp_delta is not None:
                 destination[prefix + name] = torch.tensor(-1 if value is None else value,
                                                           dtype=dtype)
 
@@ -200,13 +211,24 @@ class RecipeState(nn.Module):
                               unexpected_keys, error_msgs):
         # A state dict without the recipe's state (saved before it was kept here) loads: the
         # state starts afresh, and Kolen-Pollack's F − W is taken from F and W again.
-        missing, unexpected = len(missing_keys), len(unexpected_keys)
+        unexpected = len(unexpected_keys)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
                                       missing_keys, unexpected_keys, error_msgs)
-        del missing_keys[missing:]
-        fields = {prefix + name for name, _ in self._FIELDS}
+        ours = {prefix + name for name in self._PERSISTENT} | {
+            prefix + name for name, _ in self._FIELDS}
         unexpected_keys[unexpected:] = [k for k in unexpected_keys[unexpected:]
-                                        if k not in fields]
+                                        if k not in ours]
+        with torch.no_grad():
+            for name, t in self.tensors(self._PERSISTENT).items():
+                saved = state_dict.get(prefix + name)
+                if saved is None:
+                    continue
+                if saved.shape != t.shape:
+                    error_msgs.append(f"size mismatch for {prefix + name}: copying a param "
+                                      f"with shape {tuple(saved.shape)}, the shape in the "
+                                      f"current model is {tuple(t.shape)}.")
+                    continue
+                t.copy_(saved)
         values = {name: state_dict.get(prefix + name) for name, _ in self._FIELDS}
         self.steps = int(values["steps"]) if values["steps"] is not None else 0
         self.warm = self.steps > 0
@@ -215,6 +237,7 @@ class RecipeState(nn.Module):
         scale = values["kp_scale"]
         self.kp_scale = None if scale is None or float(scale) < 0 \
             or prefix + "kp_delta" not in state_dict else float(scale)
+        self.reset()
 
     def extra_repr(self) -> str:
         return f"steps={self.steps}"
@@ -408,8 +431,9 @@ class FeedbackLayer(nn.Module):
         assert W is not None and F is not None
         # While a recipe steps the layer, its backward collects what the recipe's step needs
         # (power iterations: a few on the first batch, then one a call)
-        collect = 0 if self._recipe is None else (
-            1 if self._modules["recipe_state"].warm else WARMUP_ITERATIONS)  # type: ignore[union-attr]
+        state = self._modules.get("recipe_state")
+        collect = 0 if self._recipe is None or not state.terms else (  # type: ignore[union-attr]
+            1 if state.warm else WARMUP_ITERATIONS)  # type: ignore[union-attr]
         if W.dim() > 2 and x.dim() == W.dim() - 1:  # one unbatched conv example, as torch takes
             return feedback_forward(x.unsqueeze(0), W, b, F, spec, collect).squeeze(0)
         return feedback_forward(x, W, b, F, spec, collect)

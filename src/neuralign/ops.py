@@ -174,11 +174,16 @@ class LayerOps:
         pullback = torch.func.vjp(lambda K: self.core(xp, K), xp.new_zeros(self.weight_shape))[1]
         return pullback(y)[0]
 
-    def scaled_outer(self, xp: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
-        """``alpha ·`` :meth:`core_outer`: the rule's coefficient applied to the kernel-sized
-        product (here a pass over the kernel; a Linear layer's product takes it as its own
-        scale), never to the activation-sized ``y``."""
+    def scaled_outer(self, xp: Tensor, y: Tensor, alpha: float = 1.0,
+                     into: Tensor | None = None) -> Tensor:
+        """``alpha ·`` :meth:`core_outer`, or, with ``into`` (kernel-shaped), that added into
+        ``into`` (returned): the rule's coefficient applied to the kernel-sized product, never
+        to the activation-sized ``y``. Here a pass over the kernel; a Linear layer's product
+        takes the scale as its own and adds itself into ``into`` (no fresh kernel-sized
+        tensor: the feedback recipe's sums, ``RecipeState.grad``)."""
         h = self.core_outer(xp, y)
+        if into is not None:
+            return into.add_(h, alpha=alpha)
         return h if alpha == 1 else h.mul_(alpha)
 
     def bias_grad(self, dy: Tensor) -> Tensor:
@@ -264,11 +269,16 @@ def _rows(t: Tensor) -> Tensor:
     return t.flatten(0, -2) if t.dim() > 1 else t[None]
 
 
-def _linear_outer(xp: Tensor, y: Tensor, alpha: float = 1.0) -> Tensor:
-    """``alpha · Σ y xᵀ`` over every leading dimension (the scale is the product's own: no
-    pass of its own)."""
+def _linear_outer(xp: Tensor, y: Tensor, alpha: float = 1.0, into: Tensor | None = None
+                  ) -> Tensor:
+    """``alpha · Σ y xᵀ`` over every leading dimension, added into ``into`` when given (the
+    scale is the product's own: no pass of its own)."""
     if y.dim() != 2:  # ([N, features] needs no reshape: a few µs a call on small layers)
         y, xp = _rows(y), _rows(xp)
+    if into is not None:
+        if into.dtype == xp.dtype:
+            return into.addmm_(y.t(), xp, alpha=alpha)
+        return into.add_(torch.mm(y.t(), xp), alpha=alpha)  # (under autocast)
     if alpha == 1:
         return torch.mm(y.t(), xp)
     out = xp.new_empty(y.shape[1], xp.shape[1])
@@ -293,8 +303,8 @@ class LinearOps(LayerOps):
     def core_outer(self, xp, y):
         return _linear_outer(xp, y)
 
-    def scaled_outer(self, xp, y, alpha=1.0):
-        return _linear_outer(xp, y, alpha)
+    def scaled_outer(self, xp, y, alpha=1.0, into=None):
+        return _linear_outer(xp, y, alpha, into)
 
     def bias_grad(self, dy):
         return dy.sum(0) if dy.dim() == 2 else _rows(dy).sum(0)

@@ -36,24 +36,26 @@ is its groups'.
 
 **What the backward computes.** A layer's backward gives F the rule's full gradient (every term,
 and Kolen-Pollack's task share), as any torch optimizer over
-``param_groups(model)["feedback"]`` expects, except while a recipe steps the layer: then
-``F.grad`` holds the activity terms (amp, null, sparse: what needs the batch) summed over the
-samples of the step's backward calls, and the step divides by their number and adds decay and
-self from the current F and W (symmetric alignment's F moves towards the W of this step, not
-the last). A rule with no activity term (sa, kp) needs no backward work at all: while a recipe
-steps it its F does not require grad. Building a recipe marks its layers (a weak reference to
-it, which copies and pickles drop: a copy of the model backpropagates the rule's full gradient
-until a recipe is built for it); :meth:`FeedbackOptimizer.release` unmarks them. One recipe
-steps a layer at a time: building a second while the first exists raises an error.
+``param_groups(model)["feedback"]`` expects, except while a recipe steps the layer: then F
+does not require grad, and the backward adds the activity terms (amp, null, sparse: what needs
+the batch) summed over the call's samples into the layer's ``recipe_state.grad`` (a Linear
+layer's product adds itself there: no fresh weight-sized gradient a step), counts the samples
+and adds the curvature products; the step divides by the samples and adds decay and self from
+the current F and W (symmetric alignment's F moves towards the W of this step, not the last).
+A rule with no activity term (sa, kp) needs no backward work at all. Building a recipe marks
+its layers (a weak reference to it, which copies and pickles drop: a copy of the model
+backpropagates the rule's full gradient until a recipe is built for it);
+:meth:`FeedbackOptimizer.release`, or deleting the recipe, unmarks them. One recipe steps a
+layer at a time: building a second while the first exists raises an error.
 
 **Gradient accumulation.** The backward calls between two steps add up as one batch of all
 their samples: k micro-batches with ``loss / k`` give the step of one batch k times the size
 (W's gradient is unchanged by the split; so is F's step), curvatures included from the layer's
 second step on (before the first step, each call's power iterations warm up on its own
-batch). Under DistributedDataParallel (``no_sync`` included) the Gram products are averaged
-over the processes in the backward, ``F.grad`` by DDP, so every process takes the single
-process's step on the global batch. The step consumes ``F.grad`` (sets it to None) and the
-collected products; ``zero_grad`` forgets them too.
+batch). Under DistributedDataParallel (``no_sync`` included) DDP leaves F alone; the step sums
+what each process collected over the processes, so every process takes the single process's
+step on the global batch. The step consumes what was collected; ``zero_grad`` forgets it too.
+The step reads the layers' sample counts, one host synchronisation a step.
 
 **Kolen-Pollack.** F receives exactly W's update, whatever optimizer, momentum, schedule or
 weight decay produced it, and the difference decays: the recipe keeps ``D = F − W`` on the layer
@@ -74,6 +76,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from .autograd import unit_blocks
 from .convert import feedback_layers
 from .estimate import estimate_layer
 from .layers import FeedbackLayer, RecipeState
@@ -119,37 +122,97 @@ def _check_rate(rate) -> float:
     return float(rate)
 
 
-def _top(gram: Tensor, samples: Tensor, blocks: bool) -> Tensor:
-    """The power iteration's eigenvalue estimate: the summed Gram product's norm (with
-    ``blocks``, its largest block's), per sample (0-d, the Gram's dtype)."""
-    lam = gram.flatten(1).norm(dim=1).max() if blocks else gram.norm()
-    return lam / samples.clamp_min(1)
+class _Collected:
+    """What the backward calls since the last step collected in one layer's state, read
+    on the host: the samples ``n``, and the norms of the summed Gram products (sparse: one
+    per block, a tensor ``norms_in`` on the device and their floats; null: one)."""
+
+    def __init__(self, state: RecipeState):
+        self.state = state
+        self.norms_in = None if state.gram_in is None else state.gram_in.flatten(1).norm(dim=1)
+        self.norm_out = None if state.gram_out is None else state.gram_out.norm().view(1)
+        self.n, self.host_in, self.host_out = 0, [0.0], 0.0
+
+    def parts(self) -> list[Tensor]:
+        assert self.state.samples is not None
+        return [t.double() for t in (self.state.samples.view(1), self.norms_in, self.norm_out)
+                if t is not None]
+
+    def take(self, values: list[float]) -> None:
+        self.n = int(values[0])
+        k = 1 if self.norms_in is None else 1 + len(self.norms_in)
+        if self.norms_in is not None:
+            self.host_in = values[1:k]
+        if self.norm_out is not None:
+            self.host_out = values[k]
+
+    def curvature(self, layer: FeedbackLayer) -> float:
+        c, n = layer.rule.terms, max(self.n, 1)
+        return (c.get("decay", 0.0) + c.get("sparse", 0.0) * max(self.host_in) / n
+                + c.get("null", 0.0) * layer._spec.ops.overlap * self.host_out / n)
+
+    @torch.no_grad()
+    def advance(self) -> None:
+        """Each probe becomes the direction of its summed Gram product (one power iteration
+        a step; a block whose product is zero keeps its probe), and the calls are forgotten."""
+        st = self.state
+        if self.norms_in is not None and st.gram_in is not None and st.probe_in is not None:
+            if min(self.host_in) > 0:
+                norms = self.norms_in.view(-1, *[1] * (st.gram_in.dim() - 1))
+                torch.div(st.gram_in, norms.to(st.gram_in.dtype), out=st.probe_in)
+            else:
+                st.probe_in.copy_(unit_blocks(st.gram_in, st.probe_in, True))
+        if self.norm_out is not None and st.gram_out is not None and st.probe_out is not None \
+                and self.host_out > 0:
+            torch.div(st.gram_out, self.host_out, out=st.probe_out)
+        st.reset()
 
 
-def curvature(layer: FeedbackLayer) -> float | Tensor:
+def _read(states: list[RecipeState]) -> list[_Collected]:
+    """What each state collected, read in one host synchronisation."""
+    collected = [_Collected(state) for state in states]
+    parts = [c.parts() for c in collected]
+    if parts:
+        device = parts[0][0].device
+        flat = torch.cat([t.to(device) for p in parts for t in p]).tolist()
+        start = 0
+        for c, p in zip(collected, parts, strict=True):
+            k = sum(t.numel() for t in p)
+            c.take(flat[start:start + k])
+            start += k
+    return collected
+
+
+def curvature(layer: FeedbackLayer) -> float:
     """κ of the layer's rule: ``decay + sparse·λ_in + null·overlap·λ_out`` (see the module
     docstring), the data curvatures from the products the backward collected since the last
-    step (zero before any): a float for a rule without data curvature, else a 0-d tensor
-    on the layer's device (read without a host synchronisation)."""
-    c, state = layer.rule.terms, layer.recipe_state
-    kappa: float | Tensor = c.get("decay", 0.0)
-    if c.get("sparse"):
-        kappa = kappa + c["sparse"] * _top(state.gram_in, state.samples, True)
-    if c.get("null"):
-        kappa = kappa + c["null"] * layer._spec.ops.overlap * _top(state.gram_out, state.samples,
-                                                                   False)
-    return kappa
+    step (zero before any; reading them is a host synchronisation)."""
+    state = layer.recipe_state
+    if not state.terms:
+        return layer.rule.terms.get("decay", 0.0)
+    return _read([state])[0].curvature(layer)
 
 
-def _decay_step(X: Tensor, s: float | Tensor, decay: float, g: Tensor | None,
-                per_sample: Tensor | None) -> None:
-    """``X ← (1 − s·decay)·X − (s / per_sample)·g`` (``g`` None: the decay alone), for a step
-    ``s`` that is a float or a 0-d tensor, and ``g`` a sum over ``per_sample`` samples."""
+def _decay_step(X: Tensor, s: float, decay: float, g: Tensor | None, samples: int) -> None:
+    """``X ← (1 − s·decay)·X − (s / samples)·g`` (``g`` None: the decay alone), for ``g`` a
+    sum over ``samples`` samples."""
     if decay:
         X.mul_(1.0 - s * decay)
     if g is not None:
-        assert per_sample is not None
-        X.addcmul_(g, s / per_sample.to(X.dtype), value=-1.0)
+        X.add_(g, alpha=-s / samples)
+
+
+def _sum_over_processes(states: list[RecipeState]) -> None:
+    """What each process collected, summed over the processes of a distributed run (in
+    place), so that every process steps on the global batch."""
+    dist = torch.distributed
+    if not (states and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        return
+    works = [dist.all_reduce(t, async_op=True) for state in states
+             for t in state.tensors(RecipeState._COLLECTED).values()]
+    for work in works:
+        work.wait()
 
 
 class FeedbackOptimizer(torch.optim.Optimizer):
@@ -157,9 +220,9 @@ class FeedbackOptimizer(torch.optim.Optimizer):
 
     One parameter group per layer (``lr`` is the layer's rate, so learning-rate schedulers
     scale it; ``layer`` is its name). Building it marks the layers, whose backward then
-    computes only what the recipe needs (F's ``requires_grad`` is switched off where that is
-    nothing, as for sa and kp), so build it before wrapping the model in
-    DistributedDataParallel. :meth:`release` gives the layers back to their rules' plain
+    collects only what the recipe needs, into their ``recipe_state`` (F's ``requires_grad``
+    is switched off), so build it before wrapping the model in DistributedDataParallel.
+    :meth:`release`, or deleting the recipe, gives the layers back to their rules' plain
     backward.
 
     Args:
@@ -212,10 +275,13 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                 or rule.normalize) and c.get("self", 0.0) == c.get("decay", 0.0) != 0.0:
             self._lerp[F] = layer.weight  # (its step: see _step_layer's sa branch)
         layer._recipe = me
-        if not state.terms:  # nothing of the rule needs the backward
-            layer._recipe_froze = layer._recipe_froze or F.requires_grad
-            F.requires_grad_(False)
-            F.grad = None
+        # F needs no gradient: what the recipe needs, the backward collects in the state
+        layer._recipe_froze = layer._recipe_froze or F.requires_grad
+        F.requires_grad_(False)
+        F.grad = None
+        if state.terms and (state.grad is None or state.grad.shape != F.shape
+                            or state.grad.dtype != F.dtype or state.grad.device != F.device):
+            state.grad = torch.zeros_like(F)
         state.reset()
         if rule.kp:
             _sync_kp(layer, state)
@@ -230,7 +296,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             group["params"] = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """As torch's, and the layers forget what their backward collected for the step."""
+        """As torch's: the layers forget what their backward collected for the step."""
         super().zero_grad(set_to_none)
         for layer in self._layer_of.values():
             layer.recipe_state.reset()
@@ -244,6 +310,10 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        collecting = [layer.recipe_state for layer in self._layer_of.values()
+                      if layer.recipe_state.terms]
+        _sum_over_processes(collecting)
+        collected = {id(c.state): c for c in _read(collecting)}
         lerps: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
         for group in self.param_groups:
             for F in group["params"]:
@@ -254,37 +324,38 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                     Fs, Ws = lerps.setdefault(float(group["lr"]), ([], []))
                     Fs.append(F)
                     Ws.append(W)
-                elif state.terms and F.grad is None:
+                elif state.terms and not collected[id(state)].n:
                     continue  # an activity rule with no backward since the last step
                 else:
                     est = layer.rule.estimate
                     if est is not None and state.steps % est.every == 0:  # the first one now
                         state.estimate_trials += estimate_layer(layer, self.generator)
-                    self._step_layer(F, layer, float(group["lr"]), state)
+                    got = collected.get(id(state))
+                    self._step_layer(F, layer, float(group["lr"]), state, got)
+                    if got is not None:
+                        got.advance()  # (the next probes; the calls consumed)
                 state.steps += 1
                 state.warm = True
         for rate, (Fs, Ws) in lerps.items():
             torch._foreach_lerp_(Fs, Ws, rate)
         return loss
 
-    def _step_layer(self, F: Tensor, layer: FeedbackLayer, rate: float,
-                    state: RecipeState) -> None:
+    def _step_layer(self, F: Tensor, layer: FeedbackLayer, rate: float, state: RecipeState,
+                    got: _Collected | None) -> None:
         rule = layer.rule
         W = layer.weight.detach()
         # the self term's W: the layer's, or the estimate of it (neuralign.estimate)
         W_self = W if rule.estimate is None else layer.weight_estimate
         c = rule.terms
         decay, self_ = c.get("decay", 0.0), c.get("self", 0.0)
-        g, samples = None, None
-        kappa = curvature(layer)
-        if state.terms:  # the activity terms' sums: consumed here
-            g, samples, F.grad = F.grad, state.samples.clone(), None
-            state.advance()
+        # the activity terms' sum over `samples` samples
+        g, samples = (state.grad, got.n) if got is not None else (None, 0)
+        kappa = got.curvature(layer) if got is not None else decay
         if rule.kp:
             if state.kp_scale is None:  # (a state dict without it: from F and W now)
                 _sync_kp(layer, state)
             X = state.kp_delta  # the decay acts on F − W: "the same decay on both"
-            assert state.kp_scale is not None
+            assert X is not None and state.kp_scale is not None
             if set(c) == {"decay"} and not (rule.update_noise or rule.normalize):
                 # Kolen-Pollack proper: F = W + (1 − rate)^t (F0 − W0), one pass a step
                 scale = state.kp_scale * (1.0 - rate)
@@ -302,7 +373,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         s: float | Tensor
         if not any(c.get(t) for t in ("decay", "sparse", "null")):
             # no curvature (e.g. amp or self alone): a step of `rate` times F's norm
-            d = torch.zeros_like(F) if g is None or samples is None else g / samples
+            d = torch.zeros_like(F) if g is None else g / samples
             if self_:
                 d.sub_(W_self, alpha=self_)
             s = rate * F.norm() / d.norm().clamp_min(torch.finfo(F.dtype).tiny)
@@ -311,16 +382,10 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             s = rate / decay
             X.lerp_(W_self, rate)  # sa: F ← F + rate·(W − F), one pass
         else:
-            if isinstance(kappa, Tensor):  # a data curvature: stays on the device
-                s = rate / kappa.clamp_min(torch.finfo(kappa.dtype).tiny)
-            else:
-                s = rate / max(kappa, torch.finfo(F.dtype).tiny)
+            s = rate / max(kappa, torch.finfo(F.dtype).tiny)
             _decay_step(X, s, decay, g, samples)
             if self_:
-                if isinstance(s, Tensor):
-                    X.addcmul_(W_self, (s * self_).to(X.dtype))
-                else:
-                    X.add_(W_self, alpha=s * self_)
+                X.add_(W_self, alpha=s * self_)
         sigma = rule.update_noise
         if sigma:
             eps = torch.randn(F.shape, generator=self.generator, device=F.device, dtype=F.dtype)
@@ -351,6 +416,7 @@ def _sync_kp(layer: FeedbackLayer, state: RecipeState) -> None:
     """Kolen-Pollack's ``F − W`` from the layer's F and W, unless the state already holds
     the difference that gives F (a copy or a save taken between two steps continues)."""
     F, W, D = layer.feedback, layer.weight.detach(), state.kp_delta
+    assert D is not None
     if state.kp_scale is not None and torch.equal(torch.add(W, D, alpha=state.kp_scale), F):
         return
     torch.sub(F, W, out=D)

@@ -73,7 +73,7 @@ def grad(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
 def rule_grad(
     coeffs: Mapping[str, float], ops: LayerOps, xp: Tensor, W: Tensor, F: Tensor, y: Tensor | None,
     n: int,
-    base: Tensor | None = None, W_self: Tensor | None = None,
+    base: Tensor | None = None, W_self: Tensor | None = None, into: Tensor | None = None,
 ) -> Tensor:
     """``Σ_t c_t ∇_F R_t``, merged: the fewest kernel-sized products.
 
@@ -89,6 +89,9 @@ def rule_grad(
         base: a kernel-shaped tensor added to the result, left unchanged (Kolen-Pollack's task
             share), or None.
         W_self: what the self term reads in place of ``W`` (an estimate Ŵ), or None for W.
+        into: a kernel-shaped tensor (F's dtype) the result is added into and returned as,
+            each product adding itself where the family can (the feedback recipe's sums over
+            a step's backward calls), or None for a fresh result.
 
     amp shares ``x`` with sparse and ``y`` with null: with null present, amp joins null as
     ``outer(null·apply_T(y, F) − amp·x, y)``; otherwise it joins sparse as
@@ -96,14 +99,20 @@ def rule_grad(
     ``outer(x, apply(x, sparse·F − amp·W))``.
     """
     amp, null, sparse = (coeffs.get(t, 0.0) / n for t in ACTIVITY_TERMS)
-    g = None
-    outer = ops.scaled_outer  # alpha · outer(a, b), the scale in the product's own
+    g = into
+
+    def outer(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+        # alpha · outer(a, b), the scale in the product's own, added into `into` if given
+        return ops.scaled_outer(a, b, alpha, into)
+
+    def add(g: Tensor | None, h: Tensor) -> Tensor:
+        return h if g is None or g is h else g.add_(h)
 
     if null:
         assert y is not None, "null needs the output y"
         u = ops.pad(ops.pad_T(ops.core_T(y, F, xp.shape)))  # (fresh: may change in place)
         h = outer(u if not amp else u.sub_(xp, alpha=amp / null), y, null)
-        g = h if g is None else g.add_(h)
+        g = add(g, h)
         amp = 0.0
     if sparse or amp:
         if amp and y is None:  # amp on the data, the output not kept: x (sparse F − amp W)ᵀ
@@ -115,7 +124,7 @@ def rule_grad(
         else:  # x (sparse·apply(x, F) − amp·y)ᵀ, sparse in the product's scale
             v = ops.core(xp, F)
             h = outer(xp, v.sub_(y, alpha=amp / sparse) if y is not None and amp else v, sparse)
-        g = h if g is None else g.add_(h)
+        g = add(g, h)
     if g is not None and g.dtype != F.dtype:  # under autocast: accumulate in F's own dtype
         g = g.to(F.dtype)
     # The elementwise terms: each a single pass over the kernel, with no extra temporary

@@ -19,6 +19,7 @@ answering ends the job with an error instead of a hang. When a rank fails outrig
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 import subprocess
@@ -83,6 +84,10 @@ def cleanup(wait: bool = False) -> None:
     if dist.is_available() and dist.is_initialized():
         if wait and dist.get_world_size() > 1:
             dist.barrier()
+        # DistributedDataParallel's reducer sits in reference cycles: left to the interpreter's
+        # finalisation, it outlives the group and its gloo work, and a rank could abort at
+        # exit ("terminate called without an active exception"). Collected now, it goes first.
+        gc.collect()
         dist.destroy_process_group()
 
 
