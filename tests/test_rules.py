@@ -125,7 +125,7 @@ def _train_feedback(rule, steps, lr=None, batch=128, seed=0, conv=False):
     for _ in range(steps):
         x = torch.randn(batch, 4, 6, 6) if conv else torch.randn(batch, 30)
         opt.zero_grad()
-        if layer.feedback.requires_grad:  # (the recipe's sa and kp need no backward)
+        if lr is not None or layer.recipe_state.terms:  # (the recipe's sa needs no backward)
             layer(x).sum().backward()  # the task error does not matter for these rules
         opt.step()
     return start, na.metrics.angle(layer.weight, layer.feedback), layer

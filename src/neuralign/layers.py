@@ -434,6 +434,11 @@ class FeedbackLayer(nn.Module):
         state = self._modules.get("recipe_state")
         collect = 0 if self._recipe is None or not state.terms else (  # type: ignore[union-attr]
             1 if state.warm else WARMUP_ITERATIONS)  # type: ignore[union-attr]
+        if collect and not (x.requires_grad or W.requires_grad
+                            or (b is not None and b.requires_grad)):
+            # (W frozen, an input without gradient: F needs none either, so nothing would
+            # call the backward that collects; the input asks for it)
+            x = x.detach().requires_grad_()
         if W.dim() > 2 and x.dim() == W.dim() - 1:  # one unbatched conv example, as torch takes
             return feedback_forward(x.unsqueeze(0), W, b, F, spec, collect).squeeze(0)
         return feedback_forward(x, W, b, F, spec, collect)

@@ -299,7 +299,8 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         """As torch's: the layers forget what their backward collected for the step."""
         super().zero_grad(set_to_none)
         for layer in self._layer_of.values():
-            layer.recipe_state.reset()
+            if layer.recipe_state.terms:
+                layer.recipe_state.reset()
 
     # -- the step ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -335,7 +336,8 @@ class FeedbackOptimizer(torch.optim.Optimizer):
                     if got is not None:
                         got.advance()  # (the next probes; the calls consumed)
                 state.steps += 1
-                state.warm = True
+                if not state.warm:  # (nn.Module's attribute setter: a few µs a call)
+                    state.warm = True
         for rate, (Fs, Ws) in lerps.items():
             torch._foreach_lerp_(Fs, Ws, rate)
         return loss
