@@ -44,6 +44,11 @@ INITS = {
 #: Initialisations of F: the random ones, or ``weight`` (F starts as a copy of W).
 FEEDBACK_INITS = (*INITS, "weight")
 NOISE_DISTS = ("normal", "uniform")
+#: How a rule's terms are defined (see :attr:`Rule.convention`).
+CONVENTIONS = ("library", "paper")
+#: The terms the paper's convention writes without the ½ (their gradient is twice the
+#: library's for the same coefficient).
+NO_HALF = ("decay", "null", "sparse")
 
 
 def _valid(what: str, value: Any, valid) -> None:
@@ -164,6 +169,15 @@ class Rule:
         estimate: where the ``self`` term's W comes from: None (or ``'exact'``) for W
             itself, else a :class:`WeightEstimate`, its method's name (``'rdd'``,
             ``'perturb'``) or a dict of its fields.
+        convention: how the terms are defined. ``'library'`` (the default): activity terms
+            averaged over examples × positions, decay, null and sparse with a ½, the
+            projections before the layer's bias (:mod:`neuralign.terms`). ``'paper'``: the
+            authors' definitions (Kunin et al. 2020, ``neuroailab/neural-alignment``,
+            ``Alignments/primitives.py`` and ``alignment.py``): activity terms averaged over
+            examples and summed over positions and units, decay, null and sparse without the
+            ½, the layer's bias added to both projections (their flags' defaults). A named
+            rule taken with ``get_rule(name, convention="paper")`` also takes the authors'
+            coefficients.
         name: a label (the catalog name for named rules).
     """
 
@@ -176,6 +190,7 @@ class Rule:
     init: str = "default"
     rate: float = 0.1
     estimate: WeightEstimate | None = None
+    convention: str = "library"
     name: str = "custom"
     feedback: InitVar[str | None] = None  # the deprecated name of ``kind``
 
@@ -222,6 +237,7 @@ class Rule:
                 "none (Kolen-Pollack's share is W's own update, built from activities: nothing "
                 "to estimate); use a rule with self, e.g. sa")
         _valid("feedback kind", self.kind, FEEDBACK_KINDS)
+        _valid("convention", self.convention, CONVENTIONS)
         _valid("feedback init", self.init, FEEDBACK_INITS)
         if not (isinstance(self.update_noise, int | float) and self.update_noise >= 0):
             raise ValueError(f"update_noise is a standard deviation >= 0, got {self.update_noise!r}")
@@ -252,7 +268,7 @@ class Rule:
     def __hash__(self):
         return hash((tuple(sorted(self.terms.items())), self.kind, self.kp, self.noise,
                      self.update_noise, self.normalize, self.init, self.rate, self.estimate,
-                     self.name))
+                     self.convention, self.name))
 
     def __reduce__(self):  # the terms mapping is read-only, and pickles as a dict
         return (Rule.from_dict, (self.to_dict(),))
@@ -264,6 +280,21 @@ class Rule:
         return isinstance(other, Rule) and self.to_dict() == other.to_dict()
 
     # -- derived properties ---------------------------------------------------------------------
+    @property
+    def coefficients(self) -> Mapping[str, float]:
+        """Each term's coefficient as the library's terms define them (the gradient's factor
+        in :mod:`neuralign.terms`): the rule's own under the library's convention; under the
+        paper's, decay, null and sparse doubled (the authors write them without the ½)."""
+        if self.convention == "library":
+            return self.terms
+        return {t: 2 * c if t in NO_HALF else c for t, c in self.terms.items()}
+
+    @property
+    def paper(self) -> bool:
+        """The paper's convention: activity terms summed over positions, and the layer's bias
+        in both projections (see :attr:`convention`)."""
+        return self.convention == "paper"
+
     @property
     def learns(self) -> bool:
         """F is a Parameter that receives gradient."""
@@ -342,22 +373,31 @@ Rule.feedback = property(  # type: ignore[attr-defined]
 
 @dataclass(frozen=True)
 class RuleInfo:
-    """A catalog entry: a named rule with its defaults and where they come from."""
+    """A catalog entry: a named rule with its defaults and where they come from.
+
+    ``paper`` holds the authors' code defaults for the rule's coefficients under the paper's
+    convention (``get_rule(name, convention="paper")``), or None where the authors' code has
+    no such rule (then the library's coefficients, translated: ½ the decay, null and sparse).
+    """
 
     name: str
     description: str
     source: str
     rule: Rule
+    paper: Mapping[str, float] | None = None
 
 
 _CATALOG: dict[str, RuleInfo] = {}
 
 
-def register(name: str, description: str, source: str, **rule_fields) -> RuleInfo:
-    """Add a named rule to the catalog; a duplicate name raises."""
+def register(name: str, description: str, source: str, paper: Mapping[str, float] | None = None,
+             **rule_fields) -> RuleInfo:
+    """Add a named rule to the catalog; a duplicate name raises. ``paper``: the term
+    coefficients under the paper's convention (see :class:`RuleInfo`)."""
     if name in _CATALOG:
         raise ValueError(f"rule {name!r} is already registered")
-    info = RuleInfo(name, description, source, Rule(name=name, **rule_fields))
+    info = RuleInfo(name, description, source, Rule(name=name, **rule_fields),
+                    MappingProxyType(dict(paper)) if paper is not None else None)
     _CATALOG[name] = info
     return info
 
@@ -384,7 +424,9 @@ def get_rule(name: str | Rule, **overrides) -> Rule:
     Args:
         name: a catalog name (:func:`list_rules`), or a :class:`Rule` to override.
         **overrides: term names set coefficients (``decay=0.5``); ``noise_std``, ``noise_dist``
-            and any field of :class:`Rule` too (see :meth:`Rule.replace`).
+            and any field of :class:`Rule` too (see :meth:`Rule.replace`). A named rule
+            taken with ``convention="paper"`` starts from the authors' coefficients (the
+            catalog's ``paper`` entry), which the other overrides then change.
 
     Returns:
         A new frozen :class:`Rule` (the catalog entry itself when there are no overrides).
@@ -400,7 +442,13 @@ def get_rule(name: str | Rule, **overrides) -> Rule:
         return name.replace(**overrides) if overrides else name
     if name not in _CATALOG:
         raise ValueError(f"unknown rule {name!r}; valid rules: {', '.join(list_rules())}")
-    rule = _CATALOG[name].rule
+    info = _CATALOG[name]
+    rule = info.rule
+    if overrides.get("convention") == "paper" and rule.convention != "paper" and rule.learns:
+        # the authors' coefficients, or the library's translated (½ decay, null and sparse)
+        paper = info.paper if info.paper is not None else {
+            t: c / 2 if t in NO_HALF else c for t, c in rule.terms.items()}
+        rule = rule.replace(convention="paper", terms=paper)
     return rule.replace(**overrides) if overrides else rule
 
 
@@ -420,23 +468,26 @@ register("fa", "Feedback alignment: F fixed at an independent random init.",
          "Lillicrap et al. 2016", kind="fixed")
 register("wm", "Weight mirror: amp + decay on mirror noise; F -> (amp*std^2/decay) W = W.",
          f"Akrout et al. 2019; {_REF} (amp 1e-3, decay 1e-3 -> 1:2), rescaled to F = W; {_RATE}",
-         terms={"amp": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0), rate=0.1)
+         terms={"amp": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0), rate=0.1,
+         paper={"amp": 1e-3, "decay": 1e-3})
 register("ia", "Information alignment: amp + null + decay on mirror noise; F learns a ridge "
          "reconstruction of x from y.",
          f"Kunin et al. 2020; {_REF} (amp 2e-3, null 1e-3, decay 1e-3); {_RATE}",
-         terms={"amp": 1.0, "null": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0), rate=0.1)
+         terms={"amp": 1.0, "null": 1.0, "decay": 1.0}, noise=MirrorNoise("normal", 1.0), rate=0.1,
+         paper={"amp": 2e-3, "null": 1e-3, "decay": 1e-3})
 register("sa", "Symmetric alignment: self + decay; F -> (self/decay) W = W. The recipe moves F "
          "half way there each step (rate 0.5).",
          f"Kunin et al. 2020; {_REF} (self 2e-3, decay 1e-3); {_RATE}",
-         terms={"self": 1.0, "decay": 1.0}, rate=0.5)
+         terms={"self": 1.0, "decay": 1.0}, rate=0.5, paper={"self": 2e-3, "decay": 1e-3})
 register("aa", "Activation alignment: amp + sparse on the data; F -> (amp/sparse) W = W on the "
          "data's span. The recipe reaches it along the data's top direction in one step "
          "(rate 1).", f"Kunin et al. 2020; {_REF} (amp 2e-3, sparse 1e-3); {_RATE}",
-         terms={"amp": 1.0, "sparse": 1.0}, rate=1.0)
+         terms={"amp": 1.0, "sparse": 1.0}, rate=1.0, paper={"amp": 2e-3, "sparse": 1e-3})
 register("kp", "Kolen-Pollack: F gets W's task gradient plus decay; F - W -> 0 when W has the "
          "same decay. The recipe gives F exactly W's update and shrinks F - W by 10% per step.",
          "Kolen & Pollack 1994, Akrout et al. 2019; reference code decay 1e-3 without the 1/2 "
-         f"(gradient 2e-3 F); {_RATE}", terms={"decay": 2e-3}, kp=True, rate=0.1)
+         f"(gradient 2e-3 F); {_RATE}", terms={"decay": 2e-3}, kp=True, rate=0.1,
+         paper={"decay": 1e-3})
 register("dfa", "Direct feedback alignment: each layer sends down D e, the network's output error "
          "e through a fixed random D (outputs x in_channels, shared over positions: each of an "
          "input's P positions receives D e / P; where the output has the input's positions, "
