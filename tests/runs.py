@@ -45,7 +45,9 @@ def train_with_recipe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps:
 
 #: The gradient-accumulation runs' rules (no mirror noise: each rank draws its own)
 ACCUMULATE = {"aa": "aa", "kp": "kp", "sa": "sa",
-              "null": na.Rule(terms={"amp": 1.0, "null": 0.5, "decay": 1.0}, rate=0.3)}
+              "null": na.Rule(terms={"amp": 1.0, "null": 0.5, "decay": 1.0}, rate=0.3),
+              "null-paper": na.Rule(terms={"amp": 1.0, "null": 0.5, "decay": 1.0}, rate=0.3,
+                                    convention="paper")}
 
 
 def accumulate(rule: str, rank: int = 0, world: int = 1, parts: int = 1) -> dict:

@@ -141,27 +141,32 @@ class FeedbackFunction(torch.autograd.Function):
             _record_angle(spec, sent, dout, W, xp.shape)
         df = None
         if need_f:
+            # the paper's convention: the bias in both projections, the activity terms summed
+            # over positions (averaged over the examples alone)
+            bias = b.to(dout.dtype) if rule.paper and b is not None else None
             if rule.noise is not None:
                 src = ops.pad(mirror_noise(x, rule, dout))
                 y = ops.core(src, W)
+                y = y if bias is None else ops.remove_bias(y, -bias)
             else:
                 src = xp
-                y = None if out is None else (out if b is None else ops.remove_bias(out, b))
+                y = None if out is None else (out if b is None or bias is not None
+                                              else ops.remove_bias(out, b))
                 y = y if y is None else y.to(dout.dtype)
-            n = ops.num_samples(x, dout, W)
+            n = (x.shape[0] if x.dim() > 1 else 1) if rule.paper else ops.num_samples(x, dout, W)
             if recipe is None:
                 W_self = spec.self_weight().to(F.dtype) if spec.self_weight is not None \
                     else None
-                df = terms.rule_grad(rule.terms, ops, src, W, F, y, n,
-                                     base=dw if kp else None, W_self=W_self)
+                df = terms.rule_grad(rule.coefficients, ops, src, W, F, y, n,
+                                     base=dw if kp else None, W_self=W_self, bias=bias)
             else:
-                collect(recipe, ops, src, W, F, y, n, ctx.collect)
+                collect(recipe, ops, src, W, F, y, n, ctx.collect, bias)
         return dx, dw if need_w else None, db, df, None, None, None
 
 
 @torch.no_grad()
 def collect(state, ops: LayerOps, src: Tensor, W: Tensor, F: Tensor, y: Tensor | None, n: int,
-            iters: int) -> None:
+            iters: int, bias: Tensor | None = None) -> None:
     """What a feedback recipe's step needs from one backward call, added into the layer's
     :class:`~neuralign.layers.RecipeState`: the activity terms' gradient summed over the
     call's ``n`` samples (written into ``state.grad`` by the products themselves, where the
@@ -177,8 +182,10 @@ def collect(state, ops: LayerOps, src: Tensor, W: Tensor, F: Tensor, y: Tensor |
     distributed run (so that they keep one probe): a first step's curvature from one
     iteration on an arbitrary vector would be too small, and the step too long.
 
-    Only tensors are written, in place: a compiled backward has no Python side effect."""
-    terms.rule_grad(state.terms, ops, src, W, F, y, 1, into=state.grad)
+    ``bias`` (the paper's convention): the layer's bias, in both projections (``y`` holds
+    it already). Only tensors are written, in place: a compiled backward has no Python side
+    effect."""
+    terms.rule_grad(state.terms, ops, src, W, F, y, 1, into=state.grad, bias=bias)
     state.samples.add_(n)
     if "sparse" in state.terms:
         _iterate(state.probe_in, state.gram_in, lambda u: ops.patch_gram(src, u), iters, True,

@@ -162,7 +162,7 @@ class RecipeState(nn.Module):
                  out_probe_shape: tuple[int, ...], weight: Tensor):
         super().__init__()
         #: the terms the backward collects while a recipe steps the layer
-        self.terms = {t: c for t, c in rule.terms.items() if t in ACTIVITY_TERMS}
+        self.terms = {t: c for t, c in rule.coefficients.items() if t in ACTIVITY_TERMS}
         self.steps, self.warm, self.estimate_trials = 0, False, 0
         self.kp_scale: float | None = None
         W = weight.detach()

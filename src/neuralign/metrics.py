@@ -108,12 +108,14 @@ def fixed_point(layer: FeedbackLayer) -> Tensor | None:
     if not rule.learns:
         return None
     W = layer.weight.detach()
-    c = dict(rule.terms)
+    c = dict(rule.coefficients)
     if rule.kp:
         return W.clone() if set(c) <= {"decay"} else None
     decay = c.pop("decay", 0.0)
     if not decay:
         return None
+    if rule.paper and W.dim() > 2 and c.keys() & {"amp", "null"}:
+        return None  # (the paper's activity terms sum over the positions: a number of the data)
     sigma2 = rule.noise.std ** 2 if rule.noise is not None else None
     if set(c) == {"self"}:
         return W * (c["self"] / decay)
@@ -123,6 +125,10 @@ def fixed_point(layer: FeedbackLayer) -> Tensor | None:
         Wd = W.double()
         A = c["null"] * sigma2 * Wd @ Wd.T + decay * torch.eye(W.shape[0], dtype=torch.float64,
                                                                device=W.device)
+        b: Tensor | None = getattr(layer, "bias", None)
+        if rule.paper and b is not None:  # (the bias in the projections: E[ȳ ȳᵀ] gains b bᵀ)
+            bd = b.detach().double()
+            A = A + c["null"] * torch.outer(bd, bd)
         return (c["amp"] * sigma2 * torch.linalg.solve(A, Wd)).to(W.dtype)
     return None
 
@@ -130,7 +136,7 @@ def fixed_point(layer: FeedbackLayer) -> Tensor | None:
 def _data_fixed_point(layer: FeedbackLayer) -> float | None:
     """amp/sparse for activation-alignment-like rules (amp + sparse on the data), else None."""
     rule = layer.rule
-    c = rule.terms
+    c = rule.coefficients
     if rule.learns and not rule.kp and rule.noise is None and set(c) == {"amp", "sparse"}:
         return c["amp"] / c["sparse"]
     return None

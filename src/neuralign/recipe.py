@@ -147,7 +147,7 @@ class _Collected:
             self.host_out = values[k]
 
     def curvature(self, layer: FeedbackLayer) -> float:
-        c, n = layer.rule.terms, max(self.n, 1)
+        c, n = layer.rule.coefficients, max(self.n, 1)
         return (c.get("decay", 0.0) + c.get("sparse", 0.0) * max(self.host_in) / n
                 + c.get("null", 0.0) * layer._spec.ops.overlap * self.host_out / n)
 
@@ -189,7 +189,7 @@ def curvature(layer: FeedbackLayer) -> float:
     step (zero before any; reading them is a host synchronisation)."""
     state = layer.recipe_state
     if not state.terms:
-        return layer.rule.terms.get("decay", 0.0)
+        return layer.rule.coefficients.get("decay", 0.0)
     return _read([state])[0].curvature(layer)
 
 
@@ -270,7 +270,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
 
     def _take(self, F: Tensor, layer: FeedbackLayer, me: weakref.ref) -> None:
         rule, state = layer.rule, layer.recipe_state
-        c = rule.terms
+        c = rule.coefficients
         if not (state.terms or rule.kp or rule.estimate is not None or rule.update_noise
                 or rule.normalize) and c.get("self", 0.0) == c.get("decay", 0.0) != 0.0:
             self._lerp[F] = layer.weight  # (its step: see _step_layer's sa branch)
@@ -348,7 +348,7 @@ class FeedbackOptimizer(torch.optim.Optimizer):
         W = layer.weight.detach()
         # the self term's W: the layer's, or the estimate of it (neuralign.estimate)
         W_self = W if rule.estimate is None else layer.weight_estimate
-        c = rule.terms
+        c = rule.coefficients
         decay, self_ = c.get("decay", 0.0), c.get("self", 0.0)
         # the activity terms' sum over `samples` samples
         g, samples = (state.grad, got.n) if got is not None else (None, 0)

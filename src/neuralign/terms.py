@@ -70,10 +70,16 @@ def grad(term: str, ops: LayerOps, x: Tensor, W: Tensor, F: Tensor) -> Tensor:
     return ops.outer(x, ops.apply(x, F)) / n  # sparse
 
 
+def _plus_bias(ops: LayerOps, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """``v + scale·bias``, the bias along the output channels (fresh)."""
+    return ops.remove_bias(v, bias * -scale)
+
+
 def rule_grad(
     coeffs: Mapping[str, float], ops: LayerOps, xp: Tensor, W: Tensor, F: Tensor, y: Tensor | None,
     n: int,
     base: Tensor | None = None, W_self: Tensor | None = None, into: Tensor | None = None,
+    bias: Tensor | None = None,
 ) -> Tensor:
     """``Σ_t c_t ∇_F R_t``, merged: the fewest kernel-sized products.
 
@@ -92,6 +98,9 @@ def rule_grad(
         into: a kernel-shaped tensor (F's dtype) the result is added into and returned as,
             each product adding itself where the family can (the feedback recipe's sums over
             a step's backward calls), or None for a fresh result.
+        bias: the paper's convention (:attr:`neuralign.rules.Rule.convention`): the layer's
+            bias, added to both projections, ``y`` (which then holds it) and ``apply(x, F)``
+            (sparse's); None (the library's convention, or a layer without bias) adds none.
 
     amp shares ``x`` with sparse and ``y`` with null: with null present, amp joins null as
     ``outer(null·apply_T(y, F) − amp·x, y)``; otherwise it joins sparse as
@@ -117,12 +126,16 @@ def rule_grad(
     if sparse or amp:
         if amp and y is None:  # amp on the data, the output not kept: x (sparse F − amp W)ᵀ
             K = torch.mul(W, -amp) if not sparse else torch.sub(F, W, alpha=amp / sparse)
-            h = outer(xp, ops.core(xp, K), sparse or 1.0)
+            v = ops.core(xp, K)
+            if bias is not None:  # (sparse·(Fx + b) − amp·(Wx + b), over sparse)
+                v = _plus_bias(ops, v, bias, 1 - amp / sparse if sparse else -amp)
+            h = outer(xp, v, sparse or 1.0)
         elif not sparse:  # amp alone, on the output: its scale in the product's
             assert y is not None
             h = outer(xp, y, -amp)
         else:  # x (sparse·apply(x, F) − amp·y)ᵀ, sparse in the product's scale
             v = ops.core(xp, F)
+            v = v if bias is None else _plus_bias(ops, v, bias, 1.0)
             h = outer(xp, v.sub_(y, alpha=amp / sparse) if y is not None and amp else v, sparse)
         g = add(g, h)
     if g is not None and g.dtype != F.dtype:  # under autocast: accumulate in F's own dtype
