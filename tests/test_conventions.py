@@ -231,3 +231,14 @@ def test_the_paper_s_convention_compiles_as_eager():
     want, got = run(False), run(True)
     for a, b in zip(got.parameters(), want.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_config_s_paper_convention_takes_the_authors_coefficients(tmp_path):
+    from neuralign.train import load_config
+    from neuralign.train.build import build_rule
+
+    cfg = load_config(None, ["rule.name=wm", "rule.convention=paper"])
+    rule = build_rule(cfg.rule)
+    assert rule.convention == "paper" and dict(rule.terms) == {"amp": 1e-3, "decay": 1e-3}
+    cfg = load_config(None, ["rule.name=wm", "rule.convention=paper", "rule.terms.amp=0.01"])
+    assert dict(build_rule(cfg.rule).terms) == {"amp": 0.01, "decay": 1e-3}

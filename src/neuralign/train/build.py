@@ -59,7 +59,9 @@ def build_rule(cfg: LayerRuleConfig, base: na.Rule | None = None, key: str = "ru
         if cfg.name not in na.list_rules():
             raise ConfigError(f"unknown {key}.name {cfg.name!r}; valid: "
                               f"{', '.join(na.list_rules())}, custom")
-        start = na.get_rule(cfg.name)
+        # (a named rule under the paper's convention starts from the authors' coefficients)
+        start = na.get_rule(cfg.name, **({"convention": cfg.convention} if cfg.convention
+                                          else {}))
         return na.get_rule(start, **rule_overrides(cfg, start, key))
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
