@@ -27,7 +27,7 @@ from neuralign.train import (  # noqa: E402
     distributed,  # noqa: E402
     load_config,
 )
-from runs import DIST, EXTRA, accumulate, tiny  # noqa: E402
+from runs import DIST, accumulate, rule_args, tiny  # noqa: E402
 
 
 class _Boom(Callback):
@@ -43,14 +43,14 @@ def _run(mode: str, root: Path, rule: str, r: int) -> None:
         state = accumulate(rule, r, distributed.world_size(), parts=2)
         torch.save(state, root / f"{rule}-accumulate-rank{r}.pt")
     if mode == "compiled":
-        t = Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}",
+        t = Trainer(load_config(None, tiny(root, *DIST, *rule_args(rule),
                                            f"train.name={rule}-compiled",
-                                           "train.compile=aot_eager", *EXTRA.get(rule, []))))
+                                           "train.compile=aot_eager")))
         t.fit()
         torch.save(t.model.state_dict(), root / f"{rule}-compiled-rank{r}.pt")
     if mode == "train":
-        t = Trainer(load_config(None, tiny(root, *DIST, f"rule.name={rule}",
-                                           f"train.name={rule}", *EXTRA.get(rule, []))))
+        t = Trainer(load_config(None, tiny(root, *DIST, *rule_args(rule),
+                                           f"train.name={rule}")))
         t.fit()
         torch.save(t.model.state_dict(), root / f"{rule}-rank{r}.pt")
         if rule == "ia":

@@ -23,8 +23,17 @@ def tiny(root: Path, *extra: str) -> list[str]:
 DIST = ["data.num_samples=200"]
 
 #: Per-rule extras of the distributed tests: sa also runs with update noise and normalisation,
-#: which must leave F identical on every rank and equal to the single process's.
-EXTRA = {"sa": ["rule.update_noise=0.5", "rule.normalize=true"]}
+#: which must leave F identical on every rank and equal to the single process's. A label
+#: ``RULE+VARIANT`` runs RULE with its own extras: ``aa+joint``, F in W's SGD (DDP averages
+#: F's gradient as W's).
+EXTRA = {"sa": ["rule.update_noise=0.5", "rule.normalize=true"],
+         "aa+joint": ["feedback_optim.name=joint", "optim.name=sgd", "optim.lr=0.05",
+                      "optim.nesterov=true"]}
+
+
+def rule_args(label: str) -> list[str]:
+    """The overrides of a distributed test's rule label (``RULE`` or ``RULE+VARIANT``)."""
+    return [f"rule.name={label.split('+')[0]}", *EXTRA.get(label, [])]
 
 
 def train_with_recipe(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,

@@ -20,10 +20,10 @@ import torch
 
 from neuralign.train import Trainer, load_checkpoint, load_config
 from neuralign.train.distributed import strip_option
-from runs import ACCUMULATE, DIST, EXTRA, accumulate, tiny
+from runs import ACCUMULATE, DIST, accumulate, rule_args, tiny
 
-RULES = ("fa", "kp", "sa", "aa", "ia")
-NO_MIRROR_NOISE = ("fa", "kp", "sa", "aa")
+RULES = ("fa", "kp", "sa", "aa", "ia", "aa+joint")
+NO_MIRROR_NOISE = ("fa", "kp", "sa", "aa", "aa+joint")
 WORKER = Path(__file__).parent / "_dist_worker.py"
 pytestmark = [pytest.mark.skipif(not torch.distributed.is_available(),
                                  reason="torch.distributed is not available"),
@@ -107,8 +107,8 @@ def test_ranks_hold_identical_weights_and_feedback(dist_root, rule):
 def test_two_processes_equal_one_with_the_same_global_batch(dist_root, tmp_path, rule,
                                                             monkeypatch):
     monkeypatch.setenv("NEURALIGN_CACHE", str(dist_root / "cache"))
-    single = Trainer(load_config(None, tiny(tmp_path, *DIST, f"rule.name={rule}", "train.name=one",
-                                            *EXTRA.get(rule, []))))
+    single = Trainer(load_config(None, tiny(tmp_path, *DIST, *rule_args(rule),
+                                            "train.name=one")))
     hist = single.fit()
     dist = _state(dist_root / f"{rule}-rank0.pt")
     ref = single.model.state_dict()

@@ -424,6 +424,11 @@ def test_an_unknown_compile_backend_is_refused(tmp_path):
     ("sa", ["rule.estimate={method: rdd, samples: 300, every: 3}"]),
     ("wm", ["rule.update_noise=0.1", "optim.name=sgd", "feedback_optim.name=sgd",
             "optim.lr=0.05", "feedback_optim.lr=0.01"]),
+    # joint: F's momentum lives in the forward optimizer's state, its update noise at W's rate
+    ("ia", ["rule.convention=paper", "rule.update_noise=0.1", "optim.name=sgd",
+            "optim.nesterov=true", "optim.lr=0.05", "optim.weight_decay=1e-4",
+            "optim.schedule={name: step, warmup_epochs: 0.5, milestones: [1]}",
+            "feedback_optim.name=joint"]),
 ])
 def test_resume_equals_uninterrupted(tmp_path, rule, extra):
     over = tiny(tmp_path, f"rule.name={rule}", *extra)  # 2 epochs: cut after the first
@@ -578,3 +583,152 @@ def test_bad_rule_names_are_explained(tmp_path):
         Trainer(load_config(None, tiny(tmp_path, "rule.terms.ampp=1")))
     with pytest.raises(ValueError, match="valid: sgd, adam, adamw"):
         Trainer(load_config(None, tiny(tmp_path, "optim.name=lbfgs")))
+
+
+# -- feedback_optim.name: joint ------------------------------------------------------------------
+
+
+class _ThroughF(torch.autograd.Function):
+    """The reference feedback Linear layer: ``y = x Wᵀ + b``, the error sent down through F;
+    with ``kp`` F also gets W's task gradient (Kolen-Pollack)."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, F, kp):
+        ctx.save_for_backward(x, F)
+        ctx.kp = kp
+        return x @ W.T + (b if b is not None else 0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, F = ctx.saved_tensors
+        rows, xs = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        dW = rows.T @ xs
+        db = rows.sum(0) if ctx.needs_input_grad[2] else None
+        return dy @ F, dW, db, dW if ctx.kp else None, None
+
+
+def _penalty(rule: na.Rule, x: torch.Tensor, W: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """The rule's R(F) on a Linear layer's input ``x`` [N, T, D], differentiable in F: the
+    library's terms (``neuralign.terms.loss``) with ``rule.coefficients``, or the paper's own
+    definitions written out (no ½, the batch mean over examples summed over positions; the
+    layers have no bias, so where the paper adds it does not enter)."""
+    from neuralign import terms
+    from neuralign.ops import LinearOps
+
+    if rule.convention == "library":
+        ops = LinearOps(tuple(W.shape))
+        return sum(c * terms.loss(t, ops, x, W, F) for t, c in rule.coefficients.items())
+    y, n = x @ W.T, x.shape[0]
+    paper = {"decay": lambda: F.pow(2).sum(), "self": lambda: -(F * W).sum(),
+             "amp": lambda: -(y * (x @ F.T)).sum() / n,
+             "null": lambda: (y @ F).pow(2).sum() / n,
+             "sparse": lambda: (x @ F.T).pow(2).sum() / n}
+    return sum(c * paper[t]() for t, c in rule.terms.items())
+
+
+def _sgd_by_hand(params, grads, bufs, lr, momentum, nesterov, decays):
+    """One step of SGD with momentum (torch's definition), written out."""
+    for i, (p, g, wd) in enumerate(zip(params, grads, decays, strict=True)):
+        g = g + wd * p
+        bufs[i] = g.clone() if bufs[i] is None else momentum * bufs[i] + g
+        p.sub_(lr * (g + momentum * bufs[i] if nesterov else bufs[i]))
+
+
+JOINT_RULES = {"sa": {}, "aa": {}, "kp": {}, "ia": {"noise": None}}  # ia without mirror noise
+
+
+@pytest.mark.parametrize("convention", ["library", "paper"])
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("rule_name", list(JOINT_RULES))
+def test_joint_is_sgd_on_the_summed_loss(rule_name, nesterov, convention):
+    """feedback_optim.name: joint is W's SGD with momentum on task loss + Σ_layers R(F): after
+    a few steps W, b and F equal a hand-written loop whose task gradient goes down through F
+    (a reference Function) and whose F gradient is autograd of the rule's loss form; weight
+    decay on the forward parameters only, unless feedback_optim.weight_decay asks."""
+    rule = na.get_rule(rule_name, convention=convention, **JOINT_RULES[rule_name])
+    bias = convention == "library"
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6, bias=bias), torch.nn.Tanh(),
+                              torch.nn.Linear(6, 3, bias=bias)).double()
+    model = na.convert(net, na.get_rule(rule, init="xavier_normal"))
+    lr, wd, wd_f = 0.05, 0.01, (0.02 if rule_name == "sa" else 0.0)
+    over = ["optim.name=sgd", f"optim.lr={lr}", f"optim.nesterov={nesterov}",
+            f"optim.weight_decay={wd}", "feedback_optim.name=joint",
+            *([f"feedback_optim.weight_decay={wd_f}"] if wd_f else [])]
+    from neuralign.train.build import build_optimizers
+
+    opt, feedback = build_optimizers(model, load_config(None, over), torch.Generator())
+    assert feedback is None and [g["weight_decay"] for g in opt.param_groups] == [wd, wd_f]
+
+    layers = [model[0], model[2]]
+    Ws = [layer.weight.detach().clone() for layer in layers]
+    bs = [layer.bias.detach().clone() if bias else None for layer in layers]
+    Fs = [layer.feedback.detach().clone() for layer in layers]
+    forward = Ws + [b for b in bs if b is not None]
+    bufs: list = [None] * (len(forward) + len(Fs))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = 0.7 * torch.randn(8, 5, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (8, 5), generator=g)
+        # the library: one backward, one step of the one optimizer
+        loss = torch.nn.functional.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        na.after_step(model, opt)
+        # the reference: task loss (errors through F) + the layers' penalties, by autograd
+        params = [t.requires_grad_() for t in forward + Fs]
+        h, penalty = x, 0.0
+        for i in range(2):
+            penalty = penalty + _penalty(rule, h.detach(), Ws[i].detach(), Fs[i])
+            h = _ThroughF.apply(h, Ws[i], bs[i], Fs[i], rule.kp)
+            h = torch.tanh(h) if i == 0 else h
+        summed = torch.nn.functional.cross_entropy(h.reshape(-1, 3), y.reshape(-1)) + penalty
+        grads = torch.autograd.grad(summed, params)
+        with torch.no_grad():
+            _sgd_by_hand([p.detach() for p in params], grads, bufs, lr, 0.9, nesterov,
+                         [wd] * len(forward) + [wd_f] * len(Fs))
+        for t in params:
+            t.requires_grad_(False)
+    for i, layer in enumerate(layers):
+        torch.testing.assert_close(layer.weight.detach(), Ws[i], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(layer.feedback.detach(), Fs[i], rtol=1e-10, atol=1e-12)
+        if bias:
+            torch.testing.assert_close(layer.bias.detach(), bs[i], rtol=1e-10, atol=1e-12)
+    assert not torch.equal(Fs[0], model[0].feedback.detach() * 0)
+
+
+def test_joint_trains_f_in_the_forward_optimizer(tmp_path, caplog):
+    """The default job with the paper's convention and joint: one optimizer of two groups (F's
+    without weight decay), no recipe, F moves, the same schedule on both groups."""
+    over = tiny(tmp_path, "rule.convention=paper", "feedback_optim.name=joint",
+                "optim.weight_decay=1e-4", "optim.schedule.name=cosine", "train.epochs=1")
+    with caplog.at_level(logging.INFO, logger="neuralign"):
+        t = Trainer(load_config(None, over))
+    assert t.feedback_optimizer is None and t.feedback_schedule is None and t.joint
+    assert t.rule == na.get_rule("ia", convention="paper")  # the authors' coefficients
+    forward, feedback = t.optimizer.param_groups
+    assert forward["weight_decay"] == 1e-4 and feedback["weight_decay"] == 0.0
+    assert {id(p) for p in feedback["params"]} == {
+        id(p) for p in na.param_groups(t.model)["feedback"]}
+    assert all(p.requires_grad for p in feedback["params"])  # no recipe marked them
+    assert "joint, a second parameter group of the forward optimizer (adam" in caplog.text
+    f0 = t.model.conv2.feedback.detach().clone()
+    hist = t.fit()
+    assert not torch.equal(t.model.conv2.feedback, f0)
+    assert hist[-1]["feedback_lr"] == hist[-1]["lr"] == forward["lr"] < 0.003  # scheduled
+
+
+def test_joint_refuses_the_keys_it_would_ignore(tmp_path):
+    for extra, named in ((["feedback_optim.lr=0.1"], "feedback_optim.lr"),
+                         (["feedback_optim.rate=0.5"], "feedback_optim.rate"),
+                         (["feedback_optim.momentum=0.5", "rule.rate=0.3"],
+                          "feedback_optim.momentum, rule.rate"),
+                         (["feedback_optim.schedule.name=step"], "feedback_optim.schedule")):
+        with pytest.raises(ConfigError, match=f"{named}: with feedback_optim.name=joint F is "
+                                              f"trained by the forward optimizer"):
+            Trainer(load_config(None, tiny(tmp_path, "feedback_optim.name=joint", *extra)))
+    # F's own weight decay is the one key it reads; a rule without learned F has no group
+    t = Trainer(load_config(None, tiny(tmp_path, "feedback_optim.name=joint", "rule.name=fa",
+                                       "feedback_optim.weight_decay=0.1")))
+    assert len(t.optimizer.param_groups) == 1

@@ -29,7 +29,12 @@ from .config import (
     layer_rule_config,
 )
 from .events import Callback
-from .optim import build_feedback_optimizer, build_optimizer, build_schedule
+from .optim import (
+    build_feedback_optimizer,
+    build_joint_optimizer,
+    build_optimizer,
+    build_schedule,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +48,9 @@ def build_rule(cfg: LayerRuleConfig, base: na.Rule | None = None, key: str = "ru
     """The :class:`neuralign.Rule` of a rule config: the catalog entry ``cfg.name`` with every
     field the config sets over it (:func:`neuralign.get_rule`). ``name: custom`` starts from no
     rule (the fields set make it); a ``rule.layers`` entry without a name starts from ``base``,
-    the run's rule. ``key`` names the config section in errors."""
+    the run's rule. A catalog entry with ``convention: paper`` starts from the authors'
+    coefficients (``get_rule(name, convention="paper")``). ``key`` names the config section in
+    errors."""
     unknown = [t for t in cfg.terms if t not in TERMS]
     if unknown:
         raise ConfigError(f"{key}.terms: unknown term {unknown[0]!r}; valid terms: "
@@ -209,8 +216,12 @@ def build_network(cfg: Config, rule: na.Rule, info: DataInfo, device: torch.devi
 def build_optimizers(model: torch.nn.Module, cfg: Config, generator: torch.Generator
                      ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer | None]:
     """The forward weights' optimizer, and the feedback weights' (the rules' recipe by
-    default; None without learned feedback weights). The :class:`Trainer` calls
+    default; None without learned feedback weights). With ``feedback_optim.name: joint`` the
+    first is W's and F's together (F its second parameter group, with
+    ``feedback_optim.weight_decay``), and the second None. The :class:`Trainer` calls
     :func:`check_rates` first."""
+    if cfg.feedback_optim.name.lower() == "joint":
+        return build_joint_optimizer(model, cfg.optim, cfg.feedback_optim.weight_decay), None
     optimizer = build_optimizer(na.param_groups(model)["forward"], cfg.optim, "optim")
     try:
         feedback = build_feedback_optimizer(model, cfg.feedback_optim, generator)
@@ -222,13 +233,17 @@ def build_optimizers(model: torch.nn.Module, cfg: Config, generator: torch.Gener
 def check_rates(cfg: Config) -> None:
     """A :class:`ConfigError` for rates that contradict each other: ``feedback_optim.rate`` is
     one rate for every layer, over the rules' own, so it excludes ``rule.rate`` and the
-    ``rule.layers`` entries' rates; and a torch optimizer on F reads none of them."""
+    ``rule.layers`` entries' rates; a torch optimizer on F reads none of them; and ``joint``
+    trains F with the forward optimizer's own settings (``optim``), so it reads none of
+    ``feedback_optim``'s but ``weight_decay``."""
     rates = (["rule.rate"] if cfg.rule.rate is not None else []) + [
         f"rule.layers.{glob}.rate" for glob, entry in cfg.rule.layers.items()
         if isinstance(entry, Mapping) and entry.get("rate") is not None]
+    name = cfg.feedback_optim.name.lower()
+    if name == "joint":
+        _check_joint(cfg, rates)
     if not rates:
         return
-    name = cfg.feedback_optim.name.lower()
     if name != "recipe":
         raise ConfigError(f"{', '.join(rates)}: a rule's rate is the recipe's; with "
                           f"feedback_optim.name={name} set feedback_optim.lr instead")
@@ -237,6 +252,24 @@ def check_rates(cfg: Config) -> None:
                           f"and {', '.join(rates)} set(s) rules' own: set feedback_optim.rate "
                           f"alone for one rate everywhere, or rule.rate and the layers' rates "
                           f"alone for each layer its own")
+
+
+def _check_joint(cfg: Config, rates: list[str]) -> None:
+    """With ``feedback_optim.name: joint`` F moves by the forward optimizer: a
+    :class:`ConfigError` naming the keys set that it would ignore (``feedback_optim``'s
+    keys changed from their defaults, but ``weight_decay``; the rules' rates)."""
+    from .config import FeedbackOptimConfig
+
+    default = FeedbackOptimConfig(name="joint")
+    ignored = [f"feedback_optim.{f.name}" for f in dataclasses.fields(default)
+               if f.name != "weight_decay"
+               and getattr(cfg.feedback_optim, f.name) != getattr(default, f.name)]
+    if ignored or rates:
+        raise ConfigError(
+            f"{', '.join(ignored + rates)}: with feedback_optim.name=joint F is trained by the "
+            f"forward optimizer, with its learning rate, momentum and schedule (optim.lr, "
+            f"optim.momentum, optim.schedule, ...); feedback_optim.weight_decay is the one "
+            f"feedback_optim key it reads (F's weight decay, default 0)")
 
 
 def wrap_distributed(model: torch.nn.Module, cfg: Config, device: torch.device, rank: int,
@@ -310,6 +343,10 @@ def describe(cfg: Config, model: torch.nn.Module, rule: na.Rule,
     elif feedback is not None:
         lines.append(f"feedback weights: {cfg.feedback_optim.name}, lr "
                      f"{cfg.feedback_optim.lr:g}")
+    elif groups["feedback"] and cfg.feedback_optim.name.lower() == "joint":
+        lines.append(f"feedback weights: joint, a second parameter group of the forward "
+                     f"optimizer ({cfg.optim.name}, lr {cfg.optim.lr:g}, weight decay "
+                     f"{cfg.feedback_optim.weight_decay:g})")
     return lines
 
 

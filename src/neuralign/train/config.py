@@ -221,7 +221,12 @@ class FeedbackOptimConfig(OptimConfig):
     per step (default: each rule's own ``rate``), with update noise and normalisation included,
     whatever optimizer trains W; ``lr``, ``momentum``, ``betas`` and ``weight_decay`` do not
     apply to it, ``schedule`` scales the rate. ``sgd``, ``adam`` or ``adamw`` train F with that
-    torch optimizer on the rule's gradient instead (the forward optimizer's fields).
+    torch optimizer on the rule's gradient instead (the forward optimizer's fields). ``joint``
+    trains F with the forward optimizer itself (``optim``: its name, lr, momentum, nesterov and
+    schedule), in the same step, as its second parameter group, on the rule's gradient: the
+    authors' dynamics. ``weight_decay`` is then F's own weight decay (default 0: decay on the
+    forward weights only) and the one key of this section it reads; setting any other (or a
+    rule's ``rate``) is an error.
     """
 
     name: str = "recipe"

@@ -14,18 +14,21 @@ import torch
 
 from .config import OptimConfig, ScheduleConfig
 
-__all__ = ["build_optimizer", "build_feedback_optimizer", "build_schedule", "schedule_factor",
-           "load_schedule_state", "OPTIMIZERS", "FEEDBACK_OPTIMIZERS", "SCHEDULES"]
+__all__ = ["build_optimizer", "build_feedback_optimizer", "build_joint_optimizer",
+           "build_schedule", "schedule_factor", "load_schedule_state", "OPTIMIZERS",
+           "FEEDBACK_OPTIMIZERS", "SCHEDULES"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-#: The feedback weights' choices: the rules' own recipe, or a torch optimizer.
-FEEDBACK_OPTIMIZERS = ("recipe", *OPTIMIZERS)
+#: The feedback weights' choices: the rules' own recipe, a torch optimizer of their own, or
+#: ``joint``: the forward optimizer itself, with F as its second parameter group.
+FEEDBACK_OPTIMIZERS = ("recipe", *OPTIMIZERS, "joint")
 SCHEDULES = ("constant", "step", "cosine")
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig,
+def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: OptimConfig,
                     which: str = "optim") -> torch.optim.Optimizer:
-    """The optimizer ``cfg.name`` over ``params`` (``which`` names the section in errors)."""
+    """The optimizer ``cfg.name`` over ``params``, Parameters or torch parameter groups
+    (``which`` names the section in errors)."""
     params = list(params)
     name = cfg.name.lower()
     if name == "sgd":
@@ -46,13 +49,14 @@ def build_feedback_optimizer(model: torch.nn.Module, cfg, generator: torch.Gener
                              ) -> torch.optim.Optimizer | None:
     """The optimizer of ``model``'s learned feedback weights from a ``FeedbackOptimConfig``:
     the rules' recipe (``neuralign.feedback_optimizer``) or a torch optimizer; None when the
-    model has no learned feedback weight."""
+    model has no learned feedback weight, and for ``joint``, whose F is a group of the forward
+    optimizer (:func:`build_joint_optimizer`)."""
     import neuralign as na
 
     feedback = na.param_groups(model)["feedback"]
-    if not feedback:
-        return None
     name = cfg.name.lower()
+    if not feedback or name == "joint":
+        return None
     if name == "recipe":
         try:
             return na.feedback_optimizer(model, rate=cfg.rate, generator=generator)
@@ -65,6 +69,22 @@ def build_feedback_optimizer(model: torch.nn.Module, cfg, generator: torch.Gener
         raise ValueError(f"feedback_optim.rate is the recipe's; with feedback_optim.name={name} "
                          "set feedback_optim.lr instead")
     return build_optimizer(feedback, cfg, "feedback_optim")
+
+
+def build_joint_optimizer(model: torch.nn.Module, cfg: OptimConfig, weight_decay: float = 0.0
+                          ) -> torch.optim.Optimizer:
+    """The forward optimizer ``cfg`` over ``model``'s forward parameters and, as a second
+    parameter group, its learned feedback weights with their own ``weight_decay`` (0: decay
+    on the forward weights only). F then moves in W's step with W's learning rate, momentum
+    and schedule, on the rule's full gradient that the backward leaves in ``F.grad``: the
+    authors' dynamics (Kunin et al. 2020). No recipe is built."""
+    import neuralign as na
+
+    groups = na.param_groups(model)
+    params: list[dict] = [{"params": groups["forward"]}]
+    if groups["feedback"]:
+        params.append({"params": groups["feedback"], "weight_decay": weight_decay})
+    return build_optimizer(params, cfg, "optim")
 
 
 def schedule_factor(cfg: ScheduleConfig, steps_per_epoch: int, epochs: int,

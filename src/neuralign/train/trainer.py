@@ -8,9 +8,10 @@ same :func:`train`.
 
 Per step: forward, loss, one ``backward`` (W's task gradient and F's rule gradient together),
 the forward optimizer's step, the feedback optimizer's step, then ``neuralign.after_step``
-(update noise and normalisation of F). Every ``angle_every`` steps the trainer also measures,
-on the same batch, each layer's local gradient angle and the angle between its W gradient
-under the rule and under exact backprop.
+(update noise and normalisation of F). With ``feedback_optim.name: joint`` there is one
+optimizer: F is the forward optimizer's second parameter group. Every ``angle_every`` steps
+the trainer also measures, on the same batch, each layer's local gradient angle and the angle
+between its W gradient under the rule and under exact backprop.
 """
 
 from __future__ import annotations
@@ -155,6 +156,8 @@ class Trainer:
         self.optimizer, self.feedback_optimizer = build.build_optimizers(
             self.model, cfg, self.update_generator)
         self.recipe = isinstance(self.feedback_optimizer, na.FeedbackOptimizer)
+        # joint: F is a group of the forward optimizer, which steps it
+        self.joint = cfg.feedback_optim.name.lower() == "joint"
         # the module that trains: DDP around the model when distributed (the model itself,
         # with its plain state-dict keys, is what metrics, evaluation and checkpoints use)
         self.model, self.net = build.wrap_distributed(self.model, cfg, self.device, self.rank,
@@ -383,8 +386,10 @@ class Trainer:
             self.optimizer.step()
             if self.feedback_optimizer is not None:
                 self.feedback_optimizer.step()  # the recipe includes noise and normalisation
-                if not self.recipe:
-                    na.after_step(self.model, self.feedback_optimizer, self.update_generator)
+            if not self.recipe and (self.feedback_optimizer is not None or self.joint):
+                # a torch optimizer stepped F (joint: the forward one, at its rate)
+                na.after_step(self.model, self.feedback_optimizer or self.optimizer,
+                              self.update_generator)
             self.schedule.step()
             if self.feedback_schedule is not None:
                 self.feedback_schedule.step()
@@ -476,8 +481,7 @@ class Trainer:
         nan = math.nan
         m: dict[str, float] = {"epoch": epoch, "step": self.step,
                                "lr": self.optimizer.param_groups[0]["lr"],
-                               "feedback_lr": (self.feedback_optimizer.param_groups[0]["lr"]
-                                               if self.feedback_optimizer is not None else nan),
+                               "feedback_lr": self._feedback_lr(),
                                "train_loss": tr["train_loss"], "train_top1": tr["train_top1"]}
         if self.data.val is not None:
             for k, v in self.evaluate(self.data.val).items():
@@ -517,6 +521,13 @@ class Trainer:
             for name in self.layer_names:
                 m[f"estimate_angle/{name}"] = estimates.get(name, (nan, nan))[0]
         return m
+
+    def _feedback_lr(self) -> float:
+        """F's learning rate now (the recipe's: its first layer's rate); NaN without F."""
+        if self.feedback_optimizer is not None:
+            return self.feedback_optimizer.param_groups[0]["lr"]
+        groups = self.optimizer.param_groups
+        return groups[1]["lr"] if self.joint and len(groups) > 1 else math.nan
 
     def _feedback_lags(self) -> dict[str, float]:
         """Lag of each F behind its rule's fixed point, at the end of the epoch (activation
