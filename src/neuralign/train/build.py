@@ -220,7 +220,16 @@ def build_optimizers(model: torch.nn.Module, cfg: Config, generator: torch.Gener
     first is W's and F's together (F its second parameter group, with
     ``feedback_optim.weight_decay``), and the second None. The :class:`Trainer` calls
     :func:`check_rates` first."""
-    if cfg.feedback_optim.name.lower() == "joint":
+    name = cfg.feedback_optim.name.lower()
+    estimated = [n or "(the model)" for n, layer in na.feedback_layers(model)
+                 if layer.rule.learns and layer.rule.estimate is not None]
+    if estimated and name != "recipe":
+        raise ConfigError(
+            f"rule.estimate ({', '.join(estimated[:3])}{' ...' if len(estimated) > 3 else ''}):"
+            f" the weight estimation phases run in the feedback recipe's step, and with "
+            f"feedback_optim.name={name} the self term would read an estimate that is never "
+            f"made; use feedback_optim.name=recipe, or no rule.estimate")
+    if name == "joint":
         return build_joint_optimizer(model, cfg.optim, cfg.feedback_optim.weight_decay), None
     optimizer = build_optimizer(na.param_groups(model)["forward"], cfg.optim, "optim")
     try:
