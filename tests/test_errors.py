@@ -144,6 +144,8 @@ CASES = [
     ("robustness-bad-noise", ["robustness", "-c", "ROOT/base.yaml", "--noise", "abc"], "abc"),
     ("transfer-unknown-model", ["transfer", "-c", "ROOT/base.yaml", "--models", "nope"],
      "unknown model 'nope'"),
+    ("fetch-not-downloadable", ["fetch", "imagenet", "--data-dir", "ROOT/data"],
+     "ImageNet is never downloaded"),
 ]
 
 
@@ -157,7 +159,9 @@ def _digest(folder: Path) -> str:
 
 
 @pytest.mark.parametrize("argv,message", [pytest.param(a, m, id=i) for i, a, m in CASES])
-def test_a_mistake_ends_in_one_clear_line(root, argv, message, capsys):
+def test_a_mistake_ends_in_one_clear_line(root, argv, message, capsys, tmp_path, monkeypatch):
+    # in an empty folder: a command's default runs/ is written there, never into the checkout
+    monkeypatch.chdir(tmp_path)
     argv = [a.replace("ROOT", str(root)) for a in argv]
     if argv[0] == "train" and "--resume" not in argv:  # a tiny run, unless the case says
         argv = [argv[0], *TINY, "train.epochs=1", "--runs-dir", str(root / "scratch"), *argv[1:]]
@@ -173,6 +177,8 @@ def test_a_mistake_ends_in_one_clear_line(root, argv, message, capsys):
     # nothing written into the existing runs, whatever the command tried
     for name, digest in before.items():
         assert _digest(root / "runs" / name) == digest, name
+    # and no folder made for what never ran (transfer made runs/transfer/<rule>/)
+    assert not list(tmp_path.rglob("*")), list(tmp_path.rglob("*"))
 
 
 def test_argparse_mistakes_exit_2(capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
@@ -170,6 +171,27 @@ def test_search_adds_validation_split(tmp_path):
     assert "val_top1" in read_csv(out / "trials" / "trial-0000" / "metrics.csv")[0]
 
 
+def test_search_from_python_prints_no_optuna_lines(tmp_path):
+    """The search logs each trial in one line of its own; Optuna's lines (a study created,
+    each trial finished) stay off during the call, and its verbosity is as it was after."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default in a fresh process
+    logger = logging.getLogger("optuna")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        search(tiny(tmp_path, "train.epochs=1"), SPACE, trials=2, study="q", out=tmp_path / "s")
+    finally:
+        logger.removeHandler(keep)
+    assert not [r.getMessage() for r in records], records
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO
+
+
 def test_diverged_trials_are_recorded_and_the_study_goes_on(tmp_path):
     out = tmp_path / "s"
     # a negative decay makes F grow by 1e7 per feedback step: inf within the first epoch
@@ -294,6 +316,18 @@ def test_transfer_table_and_skip(tmp_path, monkeypatch):
     again = transfer([("wm", base), ("bp", bp)], models, tmp_path / "t", seeds=[0, 1])
     assert all(r["skipped"] for r in again["runs"])
     assert again["table"] == res["table"]
+
+
+def test_transfer_checks_the_models_before_making_a_folder(tmp_path, monkeypatch, capsys):
+    _no_training(monkeypatch)
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        transfer([("wm", tiny(tmp_path))], parse_models("mlp,nope"), tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    config = tmp_path / "wm.yaml"
+    config.write_text(f"rule: {{name: wm}}\ntrain: {{runs_dir: {tmp_path / 'runs'}}}\n")
+    assert main(["transfer", "-c", str(config), "--models", "nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no runs/transfer/wm/
 
 
 def test_robustness_table_and_skip(tmp_path, monkeypatch):

@@ -68,8 +68,8 @@ def convert(
         generator: random generator for the feedback initialisations.
 
     Returns:
-        The converted model (a copy unless ``inplace``); weights, hooks, device and train/eval
-        state are kept.
+        The converted model (a copy unless ``inplace``); weights, hooks, device and
+            train/eval state are kept.
 
     Raises:
         ValueError: ``model`` already holds feedback layers (converting twice would keep the
@@ -165,8 +165,8 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
         inplace: revert ``model`` itself instead of a deep copy.
 
     Returns:
-        The model with every feedback layer replaced by its torch layer, sharing the feedback
-        layer's Parameters, hooks and state (a copy unless ``inplace``).
+        The model with every feedback layer replaced by its torch layer, sharing the
+            feedback layer's Parameters, hooks and state (a copy unless ``inplace``).
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -205,7 +205,7 @@ def bypassed_layers(model: nn.Module, forward: Callable[[], object]) -> list[str
 
     Returns:
         The qualified names of the feedback layers whose forward did not run, in module
-        order; empty when every converted layer ran.
+            order; empty when every converted layer ran.
 
     Examples:
         >>> model = na.convert(net, "sa")
@@ -248,9 +248,9 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The model's parameters in two groups, for two optimizers.
 
     Returns:
-        ``{'forward': [...], 'feedback': [...]}``: every parameter once; ``feedback`` holds the
-        learned feedback weights (F of wm, ia, sa, aa, kp and custom rules), ``forward``
-        everything else (weights, biases, normalisation layers).
+        ``{'forward': [...], 'feedback': [...]}``, every parameter once: ``feedback`` holds
+            the learned feedback weights (F of wm, ia, sa, aa, kp and custom rules),
+            ``forward`` everything else (weights, biases, normalisation layers).
 
     Examples:
         >>> groups = na.param_groups(model)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["cache_dir", "atomic_write", "write_text", "write_yaml", "write_csv", "read_csv", "save_figure",
-           "pyplot", "markdown_table", "mean_std", "split_list", "summarize"]
+           "pyplot", "whole_number_ticks", "markdown_table", "mean_std", "split_list", "summarize"]
 
 
 def cache_dir() -> Path:
@@ -118,6 +118,13 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def whole_number_ticks(ax) -> None:
+    """Ticks at whole numbers only on a matplotlib axes' x axis (epochs, trials, depths)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:

@@ -1,4 +1,4 @@
-"""The ``neuralign`` command: ``train``, ``compare``, ``plot``, ``rules``, ``search``,
+"""The ``neuralign`` command: ``train``, ``compare``, ``plot``, ``rules``, ``fetch``, ``search``,
 ``transfer`` and ``robustness``.
 
 Examples::
@@ -19,11 +19,20 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import textwrap
 
 from . import common, experiments, training
 
 __all__ = ["main", "build_parser", "parse_args"]
+
+
+class _CommandsHelp(argparse.HelpFormatter):
+    """argparse's help, with the commands' help in one column: argparse measures the command
+    names without the extra indent it then prints them with, so the longest one wraps."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        if action.help is not argparse.SUPPRESS and action.nargs == argparse.PARSER:
+            self._action_max_length += self._indent_increment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,19 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="neuralign",
         description="Train networks whose errors travel through learned feedback weights "
                     "instead of transposed forward weights.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=textwrap.dedent("""\
-            commands:
-              train       train one model with one rule (default: 1-D CNN, MNIST-1D, rule ia)
-              compare     train several rules under the same budget and seed, print a table
-              plot        redraw a run folder's plots from its metrics.csv
-              rules       list the learning rules with their terms and defaults
-              search      metaparameter search (Optuna TPE, median pruning)
-              transfer    fixed metaparameters on networks of growing depth
-              robustness  top-1 against update-noise sigma
-            run `neuralign COMMAND --help` for each command's options."""))
+        formatter_class=_CommandsHelp,
+        epilog="run `neuralign COMMAND --help` for each command's options.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     run, folder = common.run_options(), common.folder_options()
     parser.handlers = {**training.add_parsers(sub, run, folder),
                        **experiments.add_parsers(sub, run)}

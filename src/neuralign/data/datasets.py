@@ -1,5 +1,6 @@
 """The datasets: MNIST-1D (generated locally, cached), synthetic, MNIST, Fashion-MNIST,
-CIFAR-10/100 and ImageNet (torchvision, from ``data_dir``)."""
+CIFAR-10/100 and ImageNet (torchvision, from ``data_dir``), and :func:`fetch`, which downloads
+the torchvision ones into ``data_dir``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from ..io import atomic_write, cache_dir
-from .config import DataConfig, DataInfo, DatasetNotFoundError, register_dataset
+from .config import DataConfig, DataInfo, DatasetNotFoundError, list_datasets, register_dataset
 
 log = logging.getLogger("neuralign.data")
 
@@ -145,8 +146,9 @@ def _mnist_like(cfg: DataConfig, cls_name: str, folder: str, mean: float, std: f
     root = Path(cfg.data_dir).expanduser()
     if not cfg.download:
         _require(root, [f"{folder}/raw/{f}" for f in _MNIST_FILES], cls_name,
-                 extra=" (the raw idx files, uncompressed; ../shared/tools/fetch-mnist DIR "
-                       "writes them)")
+                 extra=" (the raw idx files, uncompressed; `neuralign fetch "
+                       f"{'mnist' if folder == 'MNIST' else 'fashion-mnist'} --data-dir DIR` "
+                       f"downloads them)")
     tr = cls(str(root), train=True, download=cfg.download)
     te = cls(str(root), train=False, download=cfg.download)
 
@@ -203,6 +205,59 @@ def _cifar10(cfg: DataConfig):
 @register_dataset("cifar100")
 def _cifar100(cfg: DataConfig):
     return _cifar(cfg, "cifar100")
+
+
+#: The datasets :func:`fetch` downloads: name -> (torchvision class, the files it reads,
+#: relative to ``data_dir``).
+_DOWNLOADS: dict[str, tuple[str, list[str]]] = {
+    "mnist": ("MNIST", [f"MNIST/raw/{f}" for f in _MNIST_FILES]),
+    "fashion-mnist": ("FashionMNIST", [f"FashionMNIST/raw/{f}" for f in _MNIST_FILES]),
+    **{name: (cls, [f"{folder}/{f}" for f in files])
+       for name, (cls, folder, _, _, _, files) in _CIFAR.items()},
+}
+
+
+def fetch(name: str, data_dir: str | Path = "data") -> list[Path]:
+    """Download a dataset with torchvision into ``data_dir``, in the layout training reads
+    (``--data-dir``, ``data.data_dir``); files already there are kept.
+
+    It needs the network. Offline, put the files this returns where it says, e.g. MNIST's four
+    idx files, uncompressed, in ``DATA_DIR/MNIST/raw/`` (copied from a machine where this ran).
+
+    Args:
+        name: ``mnist``, ``fashion-mnist``, ``cifar10`` or ``cifar100``.
+        data_dir: the folder training reads the datasets from.
+
+    Returns:
+        The dataset's files under ``data_dir``.
+
+    Raises:
+        ValueError: a dataset that is not downloaded (MNIST-1D, pydoc and synthetic are made
+            locally; ImageNet is never downloaded).
+        DatasetNotFoundError: the download failed; the message names every file to put in
+            place.
+    """
+    if name not in _DOWNLOADS:
+        why = ("ImageNet is never downloaded (see the layout in docs/cli.md, Data)"
+               if name == "imagenet" else f"{name!r} is made locally: nothing to fetch"
+               if name in list_datasets() else f"unknown dataset {name!r}")
+        raise ValueError(f"{why}; datasets to fetch: {', '.join(_DOWNLOADS)}")
+    import torchvision
+
+    cls_name, files = _DOWNLOADS[name]
+    root = Path(data_dir).expanduser()
+    try:
+        for train in (True, False):
+            getattr(torchvision.datasets, cls_name)(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as e:  # no network: URLError, or torchvision's own error
+        listing = "\n".join(f"  {root / f}" for f in files)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetNotFoundError(
+            f"{name}: the download into {str(root)!r} failed ({reason}). Offline, put these "
+            f"files in place (e.g. copied from a machine where `neuralign fetch {name}` "
+            f"ran):\n{listing}") from None
+    _require(root, files, cls_name)
+    return [root / f for f in files]
 
 
 @register_dataset("imagenet")

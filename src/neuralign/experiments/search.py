@@ -23,6 +23,7 @@ atomically.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -276,6 +277,22 @@ def _run_worker(study_name: str, storage: str, base_dict: dict, space_dict: dict
                                f"last: {last.user_attrs.get('reason')}")
 
 
+@contextlib.contextmanager
+def _optuna_quiet():
+    """Optuna's own log lines (a study created, each trial finished, a failed trial's
+    traceback) off while a search runs, then back as they were: the search logs each trial in
+    one line of its own, and a library call leaves the process's logging as it found it (the
+    command line sets Optuna's verbosity for good)."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(level, optuna.logging.ERROR))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
 def search(base: Config, space: SearchSpace | dict, trials: int, study: str,
            out: str | Path | None = None, storage: str | None = None, seed: int = 0,
            jobs: int = 1, pruner=None, prune_startup: int = 3, prune_warmup: int = 1,
@@ -298,7 +315,17 @@ def search(base: Config, space: SearchSpace | dict, trials: int, study: str,
 
     Under ``torchrun`` (or ``--nproc``) rank 0 drives the study and every rank trains each
     trial together (DistributedDataParallel); ranks > 0 return an empty result.
+
+    The search logs one line per trial (logger ``neuralign.experiments.search``); Optuna's own
+    lines are off during the call (errors excepted), and its verbosity is restored after.
     """
+    with _optuna_quiet():
+        return _search_or_follow(base, space, trials, study, out, storage, seed, jobs, pruner,
+                                 prune_startup, prune_warmup, startup_trials, timeout)
+
+
+def _search_or_follow(base, space, trials, study, out, storage, seed, jobs, pruner,
+                      prune_startup, prune_warmup, startup_trials, timeout) -> SearchResult:
     base = _prepare_base(base)
     if not isinstance(space, SearchSpace):
         space = parse_space(space, base)  # raises SpaceError before anything runs
