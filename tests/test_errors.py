@@ -46,6 +46,15 @@ def root(tmp_path_factory):
     (root / "base.yaml").write_text("rule: {name: wm}\n")
     shutil.copytree(runs / "done", runs / "badcsv")
     (runs / "badcsv" / "metrics.csv").write_bytes(b"garbage\x00\xff")
+    # a search's output folder, study "first"
+    (root / "tiny.yaml").write_text(yaml.safe_dump({
+        "data": {"num_samples": 200, "batch_size": 40, "val_split": 0.2},
+        "model": {"name": "mlp", "widths": [8]},
+        "train": {"epochs": 1, "angle_every": 0, "runs_dir": str(root / "scratch")}}))
+    (root / "amp.yaml").write_text("rule.terms.amp: {type: log_float, low: 0.1, high: 1.0}\n")
+    assert main(["search", "-c", str(root / "tiny.yaml"), "-s", str(root / "amp.yaml"),
+                 "--trials", "1", "--out", str(root / "searched"), "--study", "first",
+                 "-q"]) == 0
     return root
 
 
@@ -199,6 +208,9 @@ CASES = [
      "nospace.yaml"),
     ("search-inverted-range", ["search", "-c", "ROOT/base.yaml", "-s", "ROOT/space.yaml"],
      "low"),
+    ("search-another-study-in-out", ["search", "-c", "ROOT/tiny.yaml", "-s", "ROOT/amp.yaml",
+                                     "--trials", "1", "--out", "ROOT/searched", "--study",
+                                     "second"], "holds the outputs of study 'first'"),
     ("robustness-bad-noise", ["robustness", "-c", "ROOT/base.yaml", "--noise", "abc"], "abc"),
     ("transfer-unknown-model", ["transfer", "-c", "ROOT/base.yaml", "--models", "nope"],
      "unknown model 'nope'"),
@@ -219,7 +231,8 @@ def test_a_mistake_ends_in_one_clear_line(root, argv, message, capsys):
     argv = [a.replace("ROOT", str(root)) for a in argv]
     if argv[0] == "train" and "--resume" not in argv:  # a tiny run, unless the case says
         argv = [argv[0], *TINY, "train.epochs=1", "--runs-dir", str(root / "scratch"), *argv[1:]]
-    before = {name: _digest(root / "runs" / name) for name in ("done", "broken", "garbage")}
+    kept = [root / "runs" / name for name in ("done", "broken", "garbage")] + [root / "searched"]
+    before = [_digest(folder) for folder in kept]
     status = main(argv)
     err = capsys.readouterr().err
     assert status == 2, err
@@ -228,9 +241,8 @@ def test_a_mistake_ends_in_one_clear_line(root, argv, message, capsys):
     # one error line, naming the command (a search space lists all its problems below it)
     assert sum(line.startswith("neuralign ") and ": error: " in line
                for line in err.splitlines()) == 1, err
-    # nothing written into the existing runs, whatever the command tried
-    for name, digest in before.items():
-        assert _digest(root / "runs" / name) == digest, name
+    # nothing written into the existing runs or search, whatever the command tried
+    assert [_digest(folder) for folder in kept] == before
 
 
 def _numeric_keys(section, prefix: str = "") -> list[str]:
