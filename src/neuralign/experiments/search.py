@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from ..io import write_yaml
+from ..io import write_text, write_yaml
 from ..train import distributed
 from ..train.config import Config, ConfigError, config_from_dict, config_to_dict
 from ..train.trainer import Callback, DivergenceError, Trainer
@@ -407,7 +407,7 @@ def _claim(out: Path, study: str) -> None:
     if not marker.exists():
         out.mkdir(parents=True, exist_ok=True)
         mine = out / f".{STUDY_FILE}.{os.getpid()}"
-        write_yaml({"study": study}, mine)
+        write_text(mine, yaml.safe_dump({"study": study}))
         try:
             os.link(mine, marker)  # whole, and only if absent: of two searches, one claims it
         except FileExistsError:
