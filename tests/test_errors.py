@@ -4,16 +4,21 @@ listed in docs/cli.md, "Errors")."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
+import typing
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 import neuralign as na
 from neuralign.cli import main
+from neuralign.train import Trainer, load_config
+from neuralign.train.config import RANGES, Config, ConfigError
 
 TINY = ["data.num_samples=200", "data.batch_size=40", "model.name=mlp", "model.widths=[8]",
         "train.tensorboard=false", "train.plots=false", "train.angle_every=0", "--no-progress",
@@ -41,6 +46,15 @@ def root(tmp_path_factory):
     (root / "base.yaml").write_text("rule: {name: wm}\n")
     shutil.copytree(runs / "done", runs / "badcsv")
     (runs / "badcsv" / "metrics.csv").write_bytes(b"garbage\x00\xff")
+    # a search's output folder, study "first"
+    (root / "tiny.yaml").write_text(yaml.safe_dump({
+        "data": {"num_samples": 200, "batch_size": 40, "val_split": 0.2},
+        "model": {"name": "mlp", "widths": [8]},
+        "train": {"epochs": 1, "angle_every": 0, "runs_dir": str(root / "scratch")}}))
+    (root / "amp.yaml").write_text("rule.terms.amp: {type: log_float, low: 0.1, high: 1.0}\n")
+    assert main(["search", "-c", str(root / "tiny.yaml"), "-s", str(root / "amp.yaml"),
+                 "--trials", "1", "--out", str(root / "searched"), "--study", "first",
+                 "-q"]) == 0
     return root
 
 
@@ -93,8 +107,62 @@ CASES = [
     ("nesterov-without-momentum", ["train", "optim.name=sgd", "optim.nesterov=true",
                                    "optim.momentum=0"], "nesterov needs"),
     ("zero-epochs", ["train", "train.epochs=0"], "train.epochs must be >= 1"),
-    ("zero-batch", ["train", "data.batch_size=0"], "must be positive"),
+    ("zero-batch", ["train", "data.batch_size=0"], "data.batch_size must be >= 1, got 0"),
     ("val-split", ["train", "data.val_split=1.5"], "must be in [0, 1)"),
+    # every numeric key has its range, named in the message (test_every_numeric_key_has_a_case)
+    ("zero-eval-batch", ["train", "data.eval_batch_size=0"], "data.eval_batch_size must be >= 1"),
+    ("negative-workers", ["train", "data.workers=-1"], "data.workers must be >= 0"),
+    ("negative-samples", ["train", "data.num_samples=-5"], "data.num_samples must be >= 0"),
+    ("zero-in-shape", ["train", "data.shape=[3,0,32]"], "data.shape[1] must be >= 1"),
+    ("one-class", ["train", "data.num_classes=1"], "data.num_classes must be >= 2"),
+    ("negative-data-seed", ["train", "data.seed=-1"], "data.seed must be in [0, 2**63)"),
+    ("zero-width", ["train", "model.widths=[8,0]"], "model.widths[1] must be >= 1, got 0"),
+    ("negative-channels", ["train", "model.channels=[25,-1,25]"],
+     "model.channels[1] must be >= 1"),
+    ("negative-lr", ["train", "optim.lr=-0.1"], "optim.lr must be a finite number >= 0"),
+    ("infinite-lr", ["train", "feedback_optim.lr=.inf"],
+     "feedback_optim.lr must be a finite number >= 0, got inf"),
+    ("momentum-one", ["train", "optim.momentum=1"], "optim.momentum must be in [0, 1)"),
+    ("negative-weight-decay", ["train", "optim.weight_decay=-1"],
+     "optim.weight_decay must be a finite number >= 0"),
+    ("beta-one", ["train", "optim.betas=[0.9,1.0]"], "optim.betas[1] must be in [0, 1)"),
+    ("zero-eps", ["train", "optim.eps=0"], "optim.eps must be a finite number > 0"),
+    ("nan-warmup", ["train", "optim.schedule.warmup_epochs=.nan"],
+     "optim.schedule.warmup_epochs must be a finite number >= 0, got nan"),
+    ("negative-milestone", ["train", "optim.schedule.milestones=[30,-1]"],
+     "optim.schedule.milestones[1] must be a finite number >= 0"),
+    ("nan-gamma", ["train", "optim.schedule.gamma=.nan"],
+     "optim.schedule.gamma must be a finite number > 0, got nan"),
+    ("negative-min-factor", ["train", "optim.schedule.name=cosine",
+                             "optim.schedule.min_factor=-0.5"],
+     "optim.schedule.min_factor must be in [0, 1], got -0.5"),
+    ("feedback-min-factor", ["train", "feedback_optim.schedule.min_factor=2"],
+     "feedback_optim.schedule.min_factor must be in [0, 1]"),
+    ("negative-checkpoint-every", ["train", "train.checkpoint_every=-1"],
+     "train.checkpoint_every must be >= 0"),
+    ("negative-angle-every", ["train", "train.angle_every=-3"],
+     "train.angle_every must be >= 0, got -3"),
+    ("seed-beyond-64-bits", ["train", "train.seed=36893488147419103232"],
+     "train.seed must be in [0, 2**63), got 36893488147419103232"),
+    ("float-overflow", ["train", "optim.lr=" + "9" * 400], "optim.lr: 999"),
+    # (the rule's keys are the fields of neuralign.Rule, which checks them)
+    ("nan-rate", ["train", "rule.rate=.nan"], "rate is the fraction"),
+    ("infinite-norm", ["train", "rule.normalize=.inf"], "positive norm (finite), got inf"),
+    ("infinite-update-noise", ["train", "rule.update_noise=.inf"],
+     "update_noise is a standard deviation >= 0 (finite), got inf"),
+    ("infinite-term", ["train", "rule.terms.amp=.inf"], "must be a finite number"),
+    ("infinite-mirror-noise", ["train", "rule.noise.std=.inf"], "std must be a positive number"),
+    ("zero-mirror-noise", ["train", "rule.noise_std=0"], "std must be a positive number"),
+    ("zero-estimate-samples", ["train", "rule.estimate.samples=0"], "samples must be an integer"),
+    ("zero-estimate-every", ["train", "rule.estimate.every=0"], "every must be an integer"),
+    ("zero-estimate-steps", ["train", "rule.estimate.steps=0"], "steps must be an integer"),
+    ("zero-estimate-noise", ["train", "rule.estimate.noise=0"], "noise must be a finite number"),
+    ("infinite-estimate-window", ["train", "rule.estimate.window=.inf"],
+     "window must be a finite number"),
+    ("negative-drive-noise", ["train", "rule.estimate.drive_noise=-1"],
+     "drive_noise must be a finite number"),
+    ("short-tau", ["train", "rule.estimate.tau=0.5"], "tau is a membrane time constant"),
+    ("memory-one", ["train", "rule.estimate.memory=1"], "memory is the share"),
     ("too-few-samples", ["train", "data.num_samples=3"], "at least 50 examples"),
     ("not-a-device", ["train", "train.device=tpu0"], "is not a device"),
     # config files
@@ -108,6 +176,10 @@ CASES = [
      "is not a folder name"),
     ("name-absolute", ["train", "--runs-dir", "ROOT/runs", "--name", "/tmp/x"],
      "is not a folder name"),
+    ("name-newline", ["train", "--runs-dir", "ROOT/runs", "--name", "a\nb"],
+     "is not a folder name"),
+    ("name-tab", ["train", "--runs-dir", "ROOT/runs", "train.name=a\tb"], "is not a folder name"),
+    ("name-empty", ["train", "--runs-dir", "ROOT/runs", "--name", ""], "--name is empty"),
     ("run-exists", ["train", "--runs-dir", "ROOT/runs", "--name", "done"], "already exists"),
     ("compare-name-escapes", ["compare", "--rules", "bp", "--runs-dir", "ROOT/runs", "--name",
                               "../x"], "is not a folder name"),
@@ -141,6 +213,9 @@ CASES = [
      "nospace.yaml"),
     ("search-inverted-range", ["search", "-c", "ROOT/base.yaml", "-s", "ROOT/space.yaml"],
      "low"),
+    ("search-another-study-in-out", ["search", "-c", "ROOT/tiny.yaml", "-s", "ROOT/amp.yaml",
+                                     "--trials", "1", "--out", "ROOT/searched", "--study",
+                                     "second"], "holds the outputs of study 'first'"),
     ("robustness-bad-noise", ["robustness", "-c", "ROOT/base.yaml", "--noise", "abc"], "abc"),
     ("transfer-unknown-model", ["transfer", "-c", "ROOT/base.yaml", "--models", "nope"],
      "unknown model 'nope'"),
@@ -165,7 +240,8 @@ def test_a_mistake_ends_in_one_clear_line(root, argv, message, capsys, tmp_path,
     argv = [a.replace("ROOT", str(root)) for a in argv]
     if argv[0] == "train" and "--resume" not in argv:  # a tiny run, unless the case says
         argv = [argv[0], *TINY, "train.epochs=1", "--runs-dir", str(root / "scratch"), *argv[1:]]
-    before = {name: _digest(root / "runs" / name) for name in ("done", "broken", "garbage")}
+    kept = [root / "runs" / name for name in ("done", "broken", "garbage")] + [root / "searched"]
+    before = [_digest(folder) for folder in kept]
     status = main(argv)
     err = capsys.readouterr().err
     assert status == 2, err
@@ -174,11 +250,67 @@ def test_a_mistake_ends_in_one_clear_line(root, argv, message, capsys, tmp_path,
     # one error line, naming the command (a search space lists all its problems below it)
     assert sum(line.startswith("neuralign ") and ": error: " in line
                for line in err.splitlines()) == 1, err
-    # nothing written into the existing runs, whatever the command tried
-    for name, digest in before.items():
-        assert _digest(root / "runs" / name) == digest, name
+    # nothing written into the existing runs or search, whatever the command tried
+    assert [_digest(folder) for folder in kept] == before
     # and no folder made for what never ran (transfer made runs/transfer/<rule>/)
     assert not list(tmp_path.rglob("*")), list(tmp_path.rglob("*"))
+
+
+def _numeric_keys(section, prefix: str = "") -> list[str]:
+    """The dotted keys of every field of a config section that takes numbers (ints, floats,
+    lists or mappings of them), through its subsections."""
+    keys = []
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _numeric_keys(value, f"{prefix}{f.name}.")
+        elif _takes_numbers(hints[f.name]):
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _takes_numbers(tp) -> bool:
+    return tp in (int, float) or any(_takes_numbers(a) for a in typing.get_args(tp))
+
+
+def test_every_numeric_key_has_a_case():
+    """Each numeric config key has an out-of-range case above (the feedback optimizer's
+    fields are the forward one's, checked by the same table)."""
+    keys = _numeric_keys(Config())
+    assert {"train.seed", "optim.schedule.min_factor", "rule.estimate.memory", "rule.terms",
+            "model.widths", "feedback_optim.rate"} <= set(keys)
+    given = {a.split("=")[0] for _, argv, _ in CASES for a in argv if "=" in a}
+    twin = {k: k.replace("feedback_optim.", "optim.", 1) for k in keys
+            if k.startswith("feedback_optim.") and k != "feedback_optim.rate"}
+    missing = [k for k in keys if not any(g == twin.get(k, k) or g == k
+                                          or g.startswith(f"{k}.") for g in given)]
+    assert not missing
+
+
+def test_the_ranges_are_documented():
+    text = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    for section, fields in RANGES.items():
+        for name, valid in fields.items():
+            integer = typing.get_type_hints(section)[name] in (int, list[int])
+            assert f"| `{name}` | {valid.describe(integer)} |" in text, (section, name)
+
+
+@pytest.mark.parametrize("name", ["yes", "null", "007", "1e3", "a b", "exp1/sa"])
+def test_run_names_are_text(name, capsys):
+    assert main(["train", "--name", name, "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["name"] == name
+    assert load_config(None, [f"train.name={name}", f"data.data_dir={name}"]).data.data_dir \
+        == name
+    assert load_config(None, ["train.name='yes'"]).train.name == "yes"  # quoted: YAML's
+
+
+def test_values_set_in_python_are_checked_by_the_trainer(tmp_path):
+    cfg = load_config(None, [f"train.runs_dir={tmp_path}"])
+    cfg.optim.schedule.min_factor = -1.0
+    with pytest.raises(ConfigError, match=r"optim.schedule.min_factor must be in \[0, 1\]"):
+        Trainer(cfg)
+    assert not any(tmp_path.iterdir())
 
 
 def test_argparse_mistakes_exit_2(capsys):

@@ -25,6 +25,7 @@ from .config import (
     LayerRuleConfig,
     RuleConfig,
     TrainConfig,
+    check_ranges,
     check_run_name,
     layer_rule_config,
 )
@@ -151,8 +152,7 @@ def setup_process(cfg: Config, run_dir: str | Path | None) -> tuple[int, int, to
     """Join the process group under torchrun, name the run, pick the device; checks the
     settings that depend on them. Returns ``(rank, world_size, device, run_dir)``."""
     tc = cfg.train
-    if tc.epochs < 1:
-        raise ConfigError(f"train.epochs must be >= 1, got {tc.epochs}")
+    check_ranges(cfg)  # (a file's or an override's values were checked as they were set)
     distributed.init()  # under torchrun: one process of several (DDP)
     if not tc.name:  # (rank 0's clock names the run on every rank)
         tc.name = f"{cfg.data.name}-{cfg.model.name}-{cfg.rule.name}-{distributed.timestamp()}"
