@@ -89,6 +89,8 @@ def test_the_curvature_products_are_the_gram_matrices_applied(case):
     layer, x = case.make(), _batched(case, case.input())
     ops = ops_for(layer)
     W = layer.weight.detach()
+    if ops.output_probe_shape(W) == LayerOps.output_probe_shape(ops, W):
+        pytest.skip("a family that derives its curvature products (the whole kernel)")
     xp = ops.pad(x)
     y = ops.core(xp, W)
     channels = ops.out_channels(W)

@@ -1,0 +1,9 @@
+"""Integrations with the libraries where models and training loops already live.
+
+Each submodule imports its library (an optional extra: ``neuralign[hf]``,
+``neuralign[timm]``, ``neuralign[lightning]``); ``import neuralign`` imports none of them.
+
+* :mod:`neuralign.integrations.hf`: Hugging Face transformers (GPT-2's ``Conv1D`` as a layer
+  family, saving and loading converted models).
+* :mod:`neuralign.integrations.lightning`: a Lightning callback that steps the feedback recipe.
+"""
