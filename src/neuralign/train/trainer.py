@@ -31,6 +31,7 @@ from torch.nn import functional as F
 import neuralign as na
 
 from ..data import DataBundle
+from ..io import write_text
 from . import build, distributed
 from .build import build_rule
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -58,7 +59,7 @@ RUN_FILES = ("config.yaml", "metrics.csv", CHECKPOINT, "tb/", "plots/")
 #: Config keys a resume may change: how long, how often, where and how it is shown. Any other
 #: change would relabel what the run trained (see :meth:`Trainer.from_run`).
 RESUMABLE_KEYS = ("train.epochs", "train.progress", "train.tensorboard", "train.plots",
-                  "train.checkpoint_every", "train.angle_every", "train.device",
+                  "train.checkpoint_every", "train.angle_every", "train.report", "train.device",
                   "train.runs_dir", "train.name", "train.overwrite", "data.data_dir",
                   "data.download", "data.workers", "data.eval_batch_size")
 
@@ -428,6 +429,8 @@ class Trainer:
         """Train from the current epoch to ``train.epochs``; returns the metrics history."""
         # rank 0 alone prepares the run folder; its errors end every rank
         distributed.on_main(self._prepare_run_dir)
+        if self.cfg.train.report and self.epoch == 0:
+            self._report()
         self._fire("on_train_start")
         epochs = self.cfg.train.epochs
         try:
@@ -457,6 +460,22 @@ class Trainer:
             raise
         self._fire("on_train_end", self.history)
         return self.history
+
+    def _report(self) -> None:
+        """``na.report`` on the first test batch, logged and written to ``report.txt``; the
+        run goes on as without it (random streams and buffers restored)."""
+        x, y = next(iter(self.data.test))
+        x, y = x.to(self.device), y.to(self.device)
+        buffers = [b.clone() for b in self.model.buffers()]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            text = str(na.report(self.model, lambda: F.cross_entropy(self.model(x), y)))
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        if self.is_main:
+            log.info("%s", text)
+            write_text(self.run_dir / "report.txt", text + "\n")
 
     def _prepare_run_dir(self) -> None:
         if self.epoch == 0 and (self.run_dir / "config.yaml").exists():
