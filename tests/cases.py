@@ -102,6 +102,15 @@ try:  # the hf extra: GPT-2's Conv1D ([in, out] weights), registered by the inte
 except ImportError:
     pass
 
+try:  # the timm extra: timm's own Linear (nn.Linear's map), registered by the integration
+    from timm.layers import Linear as TimmLinear
+
+    import neuralign.integrations.timm  # noqa: F401
+
+    LAYER_CASES += [_c("timm-linear-3d", TimmLinear, (6, 5), (3, 4, 6))]
+except ImportError:
+    pass
+
 # Every layer type the converter knows has at least one case.
 # (containers of projections have their own tests: test_attention.py, test_recurrent.py)
 assert {c.cls for c in LAYER_CASES} == {cls for cls, feedback in DEFAULT_MAPPING.items()

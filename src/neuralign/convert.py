@@ -37,7 +37,8 @@ POLICIES = ("warn", "ignore", "raise")
 #: library -> the neuralign module that registers its layer families (on import). ``convert``
 #: imports it when the library itself is imported, so a model of that library converts whole
 #: without a step of the user's, and ``import neuralign`` never imports the library.
-INTEGRATIONS = {"transformers": "neuralign.integrations.hf"}
+INTEGRATIONS = {"transformers": "neuralign.integrations.hf",
+                "timm": "neuralign.integrations.timm"}
 
 
 def _register_integrations() -> None:
