@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_write, cache_dir
+from ..io import atomic_write, cache_dir, os_error_message
 from .config import DataConfig, DataInfo, DatasetNotFoundError, list_datasets, register_dataset
 
 log = logging.getLogger("neuralign.data")
@@ -44,9 +44,13 @@ def load_mnist1d(num_samples: int = 0) -> dict[str, np.ndarray]:
             "shuffle_seq", "final_seq_length", "seed")
     tag = hashlib.sha1(repr([getattr(args, k) for k in keys]).encode()).hexdigest()[:10]
     path = cache_dir() / f"mnist1d-{args.num_samples}-{tag}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+        except Exception as e:  # a cache is only a cache: make it again
+            log.warning("the cached MNIST-1D %s cannot be read (%s: %s): generating it again",
+                        path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     log.info("generating MNIST-1D (%d examples) into %s", args.num_samples, path)
     # make_dataset seeds numpy's and Python's global generators: keep the caller's state.
     import random
@@ -61,7 +65,11 @@ def load_mnist1d(num_samples: int = 0) -> dict[str, np.ndarray]:
         "x": ds["x"].astype(np.float32), "y": ds["y"].astype(np.int64),
         "x_test": ds["x_test"].astype(np.float32), "y_test": ds["y_test"].astype(np.int64),
     }
-    atomic_write(path, lambda f: np.savez(f, **out))
+    try:
+        atomic_write(path, lambda f: np.savez(f, **out))
+    except OSError as e:  # a cache that cannot be written: the data are made each time
+        log.warning("cannot cache MNIST-1D (%s); it will be generated again next time (set "
+                    "NEURALIGN_CACHE to a folder you may write)", os_error_message(e))
     return out
 
 

@@ -132,8 +132,11 @@ def device_from(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device={name!r} is not a device; valid: auto, cpu, cuda, "
-                          f"cuda:N") from None
+        device = None
+    # (torch knows more device types, e.g. meta, which holds no data: none of them trains)
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device={name!r} is not a device to train on; valid: auto, "
+                          f"cpu, cuda, cuda:N, mps") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
