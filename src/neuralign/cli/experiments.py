@@ -51,7 +51,7 @@ def add_parsers(sub, run: argparse.ArgumentParser) -> dict:
                "  data.batch_size: {type: int, low: 32, high: 256, log: true}\n"
                "  feedback_optim.rate: {type: log_float, low: 0.01, high: 1.0}\n"
                "storage: sqlite:///OUT/study.db by default; for many machines a PostgreSQL URL,\n"
-               "  postgresql://USER:PASSWORD@HOST:5432/DB (pip install psycopg2-binary), and\n"
+               "  postgresql://USER:PASSWORD@HOST:5432/DB (pip install 'neuralign[postgres]'), and\n"
                "  the same command (--study, --storage) started on each machine with its own\n"
                "  --seed.")
     p.add_argument("--config", "-c", metavar="BASE", required=True, help="base config YAML")
