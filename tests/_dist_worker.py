@@ -4,7 +4,8 @@
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT). Modes:
 
 - ``train``: for each rule, a short run (``RULE``); each rank saves its model's state to
-  ``ROOT/RULE-rankR.pt``. For ``ia`` also the same run cut after its first epoch
+  ``ROOT/RULE-rankR.pt``, and whether it held the run folder's lock to
+  ``ROOT/RULE-lock-rankR.txt``. For ``ia`` also the same run cut after its first epoch
   (``ia-cut``), for the resume test.
 - ``compiled``: as ``train``, with ``train.compile=aot_eager``; saves ``RULE-compiled-rankR.pt``.
 - ``fail``: rank 1 raises during the second step; the others must not hang.
@@ -30,6 +31,17 @@ from neuralign.train import (  # noqa: E402
 from runs import DIST, accumulate, rule_args, tiny  # noqa: E402
 
 
+class _Lock(Callback):
+    """Writes ``ROOT/RULE-lock-rankR.txt``: whether this rank held the run folder's lock while
+    it trained."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_epoch_end(self, trainer, epoch, metrics):
+        self.path.write_text(str(int(trainer._lock is not None)))
+
+
 class _Boom(Callback):
     def on_step_end(self, trainer, step, loss):
         if step == 2 and trainer.rank == 1:
@@ -50,7 +62,8 @@ def _run(mode: str, root: Path, rule: str, r: int) -> None:
         torch.save(t.model.state_dict(), root / f"{rule}-compiled-rank{r}.pt")
     if mode == "train":
         t = Trainer(load_config(None, tiny(root, *DIST, *rule_args(rule),
-                                           f"train.name={rule}")))
+                                           f"train.name={rule}")),
+                    callbacks=[_Lock(root / f"{rule}-lock-rank{r}.txt")])
         t.fit()
         torch.save(t.model.state_dict(), root / f"{rule}-rank{r}.pt")
         if rule == "ia":

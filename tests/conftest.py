@@ -8,6 +8,11 @@ import os
 import pytest
 import torch
 
+try:  # the cli extra: `neuralign search` sets Optuna's verbosity
+    import optuna
+except ImportError:
+    optuna = None
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _neuralign_cache(tmp_path_factory):
@@ -23,14 +28,18 @@ def _neuralign_cache(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _restore_global_state():
-    """Torch's thread count and the package logger as they were: the CLI's ``main()`` sets
-    both (it owns the process), and a test calling it must not leak them into the next."""
+    """Torch's thread count, the package logger and Optuna's verbosity as they were: the CLI's
+    ``main()`` sets them (it owns the process), and a test calling it must not leak them into
+    the next."""
     threads = torch.get_num_threads()
     logger = logging.getLogger("neuralign")
     saved = logger.handlers[:], logger.level, logger.propagate
+    verbosity = optuna.logging.get_verbosity() if optuna else None
     yield
     torch.set_num_threads(threads)
     logger.handlers[:], logger.level, logger.propagate = saved
+    if optuna:
+        optuna.logging.set_verbosity(verbosity)
 
 
 @pytest.fixture

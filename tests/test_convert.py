@@ -81,6 +81,53 @@ def test_bare_layer_and_per_layer_rules():
         na.convert(_resnet(), "ia", layer_rules={"classifier": "bp"})
 
 
+
+def _input_and_weight_grads(net, x):
+    x = x.detach().clone().requires_grad_()
+    net.zero_grad()
+    net(x).square().sum().backward()
+    layer = next(m for m in net.modules() if isinstance(m, nn.Linear))
+    return x.grad, layer.weight.grad, layer.bias.grad
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_a_module_at_two_places_is_one_feedback_layer(where):
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 5).double()
+    if where == "top":
+        plain = nn.Sequential(lin, nn.Tanh(), lin)
+    else:  # a shared block: its layer sits at 0.0 and 2.0
+        block = nn.Sequential(lin)
+        plain = nn.Sequential(block, nn.Tanh(), block)
+    model = na.convert(plain, na.get_rule("fa", init="weight"))
+    a, b = (model[0], model[2]) if where == "top" else (model[0][0], model[2][0])
+    assert isinstance(a, na.FeedbackLinear) and a is b  # one W, one F, at both places
+    assert len(list(na.feedback_layers(model))) == 1
+    # F = W: plain autograd's gradients (W's summed over both places)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    for got, want in zip(_input_and_weight_grads(model, x), _input_and_weight_grads(plain, x),
+                         strict=True):
+        torch.testing.assert_close(got, want)
+    # F = 2W: the error goes through F at both places, so x's gradient doubles twice
+    with torch.no_grad():
+        a.feedback.mul_(2)
+    torch.testing.assert_close(_input_and_weight_grads(model, x)[0],
+                               4 * _input_and_weight_grads(plain, x)[0])
+    back = na.revert(model)
+    a, b = (back[0], back[2]) if where == "top" else (back[0][0], back[2][0])
+    assert type(a) is nn.Linear and a is b
+    torch.testing.assert_close(back(x), plain(x))
+
+
+def test_the_names_of_a_shared_module_must_agree_on_its_rule():
+    lin = nn.Linear(3, 3)
+    plain = nn.Sequential(lin, nn.ReLU(), lin)
+    with pytest.raises(ValueError, match="'0' and '2' are one module.*0: fa, 2: sa"):
+        na.convert(plain, "fa", layer_rules={"2": "sa"})
+    assert na.convert(plain, "fa", layer_rules={"[02]": "sa"})[2].rule.name == "sa"
+    kept = na.convert(plain, "fa", layer_rules={"0": "bp", "2": "bp"})
+    assert type(kept[0]) is nn.Linear and kept[0] is kept[2]
+
 @pytest.mark.parametrize("rule", [r for r in na.list_rules() if r != "bp"])
 def test_degenerate_layers_convert_and_train(rule):
     # torch allows a layer with no inputs and a single weight; so must every rule: usf's

@@ -114,9 +114,8 @@ def _write_idx(path, array: np.ndarray) -> None:
         f.write(array.astype(np.uint8).tobytes())
 
 
-@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
-def test_mnist_from_idx_files(tmp_path, name, folder):
-    raw = tmp_path / "data" / folder / "raw"
+def _write_mnist(raw) -> tuple[dict, dict]:
+    """Small MNIST-like idx files (30 train, 10 test images) in ``raw``."""
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     images = {"train": rng.integers(0, 256, (30, 28, 28)), "t10k": rng.integers(0, 256, (10, 28, 28))}
@@ -124,6 +123,12 @@ def test_mnist_from_idx_files(tmp_path, name, folder):
     for split in ("train", "t10k"):
         _write_idx(raw / f"{split}-images-idx3-ubyte", images[split])
         _write_idx(raw / f"{split}-labels-idx1-ubyte", labels[split])
+    return images, labels
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_mnist_from_idx_files(tmp_path, name, folder):
+    images, labels = _write_mnist(tmp_path / "data" / folder / "raw")
     b = build_data(DataConfig(name=name, data_dir=str(tmp_path / "data"), batch_size=30,
                               eval_batch_size=10))
     assert b.info.input_shape == (1, 28, 28) and b.info.num_classes == 10
@@ -146,6 +151,7 @@ def test_missing_mnist_names_the_layout(tmp_path):
     msg = str(e.value)
     assert "MNIST/raw/train-images-idx3-ubyte" in msg and "t10k-labels-idx1-ubyte" in msg
     assert "--data-dir" in msg and "--download" in msg
+    assert "neuralign fetch mnist --data-dir DIR" in msg  # the project's own way to get it
 
 
 def test_missing_cifar_and_imagenet_name_the_layout(tmp_path):
@@ -179,3 +185,63 @@ def test_pydoc_next_character_sequences():
     assert int(x.min()) >= 0 and int(x.max()) < 97
     torch.testing.assert_close(x[:, 1:], y[:, :-1])  # each target is the next character
     assert b.train.dataset_size == 200 and b.test.dataset_size > 700  # the text's last tenth
+
+
+# -- fetch: the project's way to get MNIST, Fashion-MNIST and CIFAR ----------------------------
+
+
+def _offline(monkeypatch):
+    """torchvision's downloads fail as they do without a network."""
+    from urllib.error import URLError
+
+    import torchvision.datasets.cifar
+    import torchvision.datasets.mnist
+
+    def no_network(url, *a, **k):
+        raise URLError(f"no network for {url}")
+
+    for module in (torchvision.datasets.mnist, torchvision.datasets.cifar):
+        monkeypatch.setattr(module, "download_and_extract_archive", no_network)
+
+
+def test_fetch_keeps_files_already_there(tmp_path, monkeypatch, capsys):
+    from neuralign.cli import main
+    from neuralign.data import fetch
+
+    _offline(monkeypatch)  # nothing to download: the files are in place
+    _write_mnist(tmp_path / "FashionMNIST" / "raw")
+    files = fetch("fashion-mnist", tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == [
+        f"FashionMNIST/raw/{split}-{kind}" for split, kind in (
+            ("train", "images-idx3-ubyte"), ("train", "labels-idx1-ubyte"),
+            ("t10k", "images-idx3-ubyte"), ("t10k", "labels-idx1-ubyte"))]
+    assert main(["fetch", "fashion-mnist", "--data-dir", str(tmp_path)]) == 0
+    assert f"fashion-mnist: 4 files in {tmp_path / 'FashionMNIST' / 'raw'}" in capsys.readouterr().out
+    # and training reads them from there
+    assert build_data(DataConfig(name="fashion-mnist", data_dir=str(tmp_path))).info.num_classes == 10
+
+
+@pytest.mark.parametrize("name,expected", [("mnist", "MNIST/raw/t10k-labels-idx1-ubyte"),
+                                           ("cifar10", "cifar-10-batches-py/data_batch_1")])
+def test_fetch_offline_names_where_the_files_go(tmp_path, monkeypatch, capsys, name, expected):
+    from neuralign.cli import main
+    from neuralign.data import fetch
+
+    _offline(monkeypatch)
+    with pytest.raises(DatasetNotFoundError) as e:
+        fetch(name, tmp_path)
+    assert "download" in str(e.value) and str(tmp_path / expected) in str(e.value)
+    assert main(["fetch", name, "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and expected in err
+
+
+def test_fetch_refuses_what_is_not_downloaded(tmp_path):
+    from neuralign.data import fetch
+
+    with pytest.raises(ValueError, match="made locally"):
+        fetch("mnist1d", tmp_path)
+    with pytest.raises(ValueError, match="never downloaded"):
+        fetch("imagenet", tmp_path)
+    with pytest.raises(ValueError, match="unknown dataset 'nope'.*mnist, fashion-mnist"):
+        fetch("nope", tmp_path)

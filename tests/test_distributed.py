@@ -165,8 +165,10 @@ def test_mirror_noise_is_independent_per_rank(dist_root, tmp_path, monkeypatch):
 
 def test_only_rank_0_writes_and_the_checkpoint_holds_every_rank(dist_root):
     run = dist_root / "runs" / "ia"
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml",
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml",
                                                      "metrics.csv"]
+    # rank 0 alone held the run folder's lock
+    assert [(dist_root / f"ia-lock-rank{r}.txt").read_text() for r in (0, 1)] == ["1", "0"]
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     ranks = ckpt["rng_ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])

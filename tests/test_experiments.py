@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -17,7 +19,7 @@ from neuralign.cli import main
 from neuralign.experiments import parse_models, parse_space, robustness, search, transfer
 from neuralign.experiments.common import run_key, run_once, split_list, write_yaml
 from neuralign.experiments.space import SpaceError
-from neuralign.train import Callback, Trainer, load_config
+from neuralign.train import Callback, ConfigError, Trainer, load_config
 from neuralign.train.callbacks import read_csv
 
 ROOT = Path(__file__).parent.parent
@@ -170,6 +172,27 @@ def test_search_adds_validation_split(tmp_path):
     assert "val_top1" in read_csv(out / "trials" / "trial-0000" / "metrics.csv")[0]
 
 
+def test_search_from_python_prints_no_optuna_lines(tmp_path):
+    """The search logs each trial in one line of its own; Optuna's lines (a study created,
+    each trial finished) stay off during the call, and its verbosity is as it was after."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    optuna.logging.set_verbosity(optuna.logging.INFO)  # Optuna's default in a fresh process
+    logger = logging.getLogger("optuna")
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        search(tiny(tmp_path, "train.epochs=1"), SPACE, trials=2, study="q", out=tmp_path / "s")
+    finally:
+        logger.removeHandler(keep)
+    assert not [r.getMessage() for r in records], records
+    assert optuna.logging.get_verbosity() == optuna.logging.INFO
+
+
 def test_diverged_trials_are_recorded_and_the_study_goes_on(tmp_path):
     out = tmp_path / "s"
     # a negative decay makes F grow by 1e7 per feedback step: inf within the first epoch
@@ -238,6 +261,23 @@ def test_resume_with_another_space_is_refused(tmp_path):
         search(tiny(tmp_path), other, trials=2, study="x", out=out)
 
 
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_two_studies_do_not_share_an_output_folder(tmp_path):
+    out = tmp_path / "s"
+    search(tiny(tmp_path), SPACE, trials=1, study="a", out=out)
+    before = _files(out)
+    with pytest.raises(ConfigError, match="holds the outputs of study 'a'.*--study a"):
+        search(tiny(tmp_path), SPACE, trials=1, study="b", out=out)
+    assert _files(out) == before  # its trials, trials.csv, best.yaml, and no study b
+    assert optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}") == ["a"]
+    search(tiny(tmp_path), SPACE, trials=2, study="a", out=out)  # a goes on
+    assert len(read_csv(out / "trials.csv")) == 2
+    search(tiny(tmp_path), SPACE, trials=1, study="b", out=tmp_path / "b")  # b elsewhere
+
+
 def test_search_cli_two_workers(tmp_path, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
@@ -258,6 +298,108 @@ def test_search_cli_two_workers(tmp_path, capsys):
     done = [t for t in st.trials if t.state.is_finished()]
     assert len(done) >= 3 and len(st.trials) <= 4  # at most one extra from a concurrent start
     assert (out / "best.yaml").is_file()
+
+
+#: A ``neuralign search`` command (argv after the first two arguments) whose first trial starts
+#: once ``n`` workers have opened the study (argv[1]: a folder, argv[2]: n), as workers started
+#: together do: each has read the study before any of them asked for a trial.
+SEARCH_WORKER = """
+import os, sys, time
+from pathlib import Path
+
+import optuna
+
+from neuralign.cli import main
+
+ready, n = Path(sys.argv[1]), int(sys.argv[2])
+optimize = optuna.study.Study.optimize
+
+
+def together(self, *args, **kwargs):
+    mark = ready / str(os.getpid())
+    if not mark.exists():
+        mark.touch()
+        end = time.monotonic() + 120
+        while len(list(ready.iterdir())) < n and time.monotonic() < end:
+            time.sleep(0.02)
+    return optimize(self, *args, **kwargs)
+
+
+optuna.study.Study.optimize = together
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _search_workers(tmp_path: Path, n: int, *argv: str) -> list[subprocess.Popen]:
+    ready = tmp_path / f"ready-{len(list(tmp_path.glob('ready-*')))}"
+    ready.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH"))
+                                        if p)
+    return [subprocess.Popen([sys.executable, "-c", SEARCH_WORKER, str(ready), str(n), "search",
+                              *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True) for _ in range(n)]
+
+
+def _shared_study(tmp_path: Path) -> list[str]:
+    """The arguments of a search command on the study ``shared`` in ``tmp_path/out``, random
+    sampling throughout, no pruning."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"data": {"num_samples": 300, "batch_size": 40,
+                                             "val_split": 0.2},
+                                    "model": {"name": "mlp", "widths": [8]},
+                                    "rule": {"name": "wm"},
+                                    "train": {"epochs": 1, "angle_every": 0,
+                                              "runs_dir": str(tmp_path)}}))
+    return ["-c", str(base), "-s", str(space), "--out", str(tmp_path / "out"), "--study",
+            "shared", "--startup-trials", "50", "--pruner", "none", "--threads", "1", "-q"]
+
+
+def _params(trials) -> list[tuple]:
+    return [tuple(sorted(t.params.items())) for t in trials]
+
+
+def test_two_search_commands_on_one_study_sample_differently(tmp_path):
+    """Two ``neuralign search`` processes on one SQLite study, started together, neither given
+    a seed of its own: no two trials get the same values."""
+    workers = _search_workers(tmp_path, 2, *_shared_study(tmp_path), "--trials", "4")
+    for w in workers:
+        assert w.wait(timeout=300) == 0, w.stdout.read()
+    storage = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    values = _params(trials)
+    assert len(trials) >= 4 and len(set(values)) == len(values), values
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both took trials
+
+
+@pytest.mark.slow
+def test_a_search_worker_killed_and_started_again(tmp_path):
+    """kill -9 of a worker in a trial, then the same command again: the trial's values are
+    tried again, once, the study reaches its target, and no other values repeat."""
+    argv = [*_shared_study(tmp_path), "--trials", "3", "train.epochs=3"]  # time to catch it
+    storage = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
+    (worker,) = _search_workers(tmp_path, 1, *argv)
+    running = None
+    while running is None and worker.poll() is None:
+        time.sleep(0.05)
+        if (tmp_path / "out" / "space.yaml").exists():  # (written once the study is)
+            running = next((t for t in optuna.load_study(study_name="shared",
+                                                         storage=storage).trials
+                            if t.state == optuna.trial.TrialState.RUNNING and t.params), None)
+    worker.kill()
+    worker.wait()
+    assert running is not None
+    (worker,) = _search_workers(tmp_path, 1, *argv)
+    assert worker.wait(timeout=300) == 0, worker.stdout.read()
+    trials = optuna.load_study(study_name="shared", storage=storage).trials
+    assert trials[running.number].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == running.number]
+    assert len(retries) == 1 and retries[0].params == running.params
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 3
+    fresh = _params(t for t in trials if "retry_of" not in t.user_attrs)
+    assert len(set(fresh)) == len(fresh)
 
 
 # -- transfer, robustness, skipping --------------------------------------------------------------
@@ -294,6 +436,18 @@ def test_transfer_table_and_skip(tmp_path, monkeypatch):
     again = transfer([("wm", base), ("bp", bp)], models, tmp_path / "t", seeds=[0, 1])
     assert all(r["skipped"] for r in again["runs"])
     assert again["table"] == res["table"]
+
+
+def test_transfer_checks_the_models_before_making_a_folder(tmp_path, monkeypatch, capsys):
+    _no_training(monkeypatch)
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        transfer([("wm", tiny(tmp_path))], parse_models("mlp,nope"), tmp_path / "t")
+    assert not (tmp_path / "t").exists()
+    config = tmp_path / "wm.yaml"
+    config.write_text(f"rule: {{name: wm}}\ntrain: {{runs_dir: {tmp_path / 'runs'}}}\n")
+    assert main(["transfer", "-c", str(config), "--models", "nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # no runs/transfer/wm/
 
 
 def test_robustness_table_and_skip(tmp_path, monkeypatch):

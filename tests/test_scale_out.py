@@ -215,7 +215,7 @@ def test_four_workers_fill_the_budget_exactly(shared_study):
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in counting)
     others = [t for t in snap.trials if t not in counting]
     assert all(t.user_attrs.get("status") == "surplus" and not t.params for t in others)
-    assert len({t.user_attrs["pid"] for t in counting}) >= 3  # the work was shared
+    assert len({t.user_attrs["pid"] for t in counting}) >= 2  # the work was shared
     _check_outputs(snap)
     a, b, c = shared_study.seconds
     print(f"\n{shared_study.engine}: four workers {a:.1f} s, the kill {b:.1f} s, the restart "
@@ -223,7 +223,6 @@ def test_four_workers_fill_the_budget_exactly(shared_study):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 28: workers' seeds")
 def test_workers_draw_distinct_values(shared_study):
     """No two trials of the study (retries excepted) try the same point."""
     points = [tuple(sorted(t.params.items())) for t in shared_study.final.trials

@@ -1,7 +1,11 @@
 """neuralign: credit assignment without weight symmetry, for any PyTorch model.
 
->>> import neuralign as na
->>> model = na.convert(torch.nn.Sequential(torch.nn.Linear(4, 3)), "sa")
+Examples:
+    >>> import torch
+    >>> import neuralign as na
+    >>> model = na.convert(torch.nn.Sequential(torch.nn.Linear(4, 3)), "sa")
+    >>> type(model[0]).__name__
+    'FeedbackLinear'
 """
 
 from . import estimate, metrics, rules

@@ -60,7 +60,9 @@ def convert(
         model: any module.
         rule: a catalog name (see ``list_rules()``) or a :class:`Rule`.
         layer_rules: module-name glob pattern -> rule, e.g. ``{"fc": "bp", "layer4.*": "sa"}``;
-            the last matching pattern wins; ``"bp"`` keeps a layer plain.
+            the last matching pattern wins; ``"bp"`` keeps a layer plain. A module registered
+            at several places becomes one feedback layer at all of them (the tie is kept), and
+            its names must get the same rule.
         mapping: torch class -> feedback class (default :data:`DEFAULT_MAPPING`).
         inplace: convert ``model`` itself instead of a deep copy.
         on_unsupported: what to do with other layers that hold parameters directly and are not
@@ -68,8 +70,8 @@ def convert(
         generator: random generator for the feedback initialisations.
 
     Returns:
-        The converted model (a copy unless ``inplace``); weights, hooks, device and train/eval
-        state are kept.
+        The converted model (a copy unless ``inplace``); weights, hooks, device and
+            train/eval state are kept.
 
     Raises:
         ValueError: ``model`` already holds feedback layers (converting twice would keep the
@@ -95,27 +97,33 @@ def convert(
         return _mark_dfa(model)
     # Plan, then apply: every problem is found, and every new layer built, before the model
     # changes, so an error never leaves a half-converted model (which matters with inplace).
-    plan: list[tuple] = []
-    unsupported: list[str] = []
-    used: set[str] = set()
-    planned: list[str] = []  # a converted module's own children are its business
-    for parent_name, parent in list(model.named_modules()):
-        if any(parent_name == p or parent_name.startswith(p + ".") for p in planned):
-            continue
-        for child_name, child in list(parent.named_children()):
-            name = f"{parent_name}.{child_name}" if parent_name else child_name
-            cls = mapping.get(type(child))
-            if cls is None:
-                if _holds_weights(child):
-                    unsupported.append(f"{name}: {type(child).__name__}")
-                continue
-            used.update(p for p in layer_rules if fnmatch.fnmatchcase(name, p))
-            plan.append((parent, child_name, name, child, cls, _rule_for(name, rule, layer_rules)))
-            planned.append(name)
+    # A module registered at several places (nn.Sequential(lin, act, lin)) is one layer: it is
+    # converted once, and its feedback layer takes every place, so the places keep sharing W
+    # and share F too.
+    places = _places(model, lambda m: type(m) in mapping)
+    names: dict[int, list[str]] = {}
+    for name, module in places:
+        names.setdefault(id(module), []).append(name)
+    found = [name for name, _ in places]
+    unsupported = [f"{name}: {type(m).__name__}" for name, m in model.named_modules()
+                   if name and _holds_weights(m) and not _inside(name, found)]
+    used = {p for p in layer_rules for name in found if fnmatch.fnmatchcase(name, p)}
     unused = sorted(set(layer_rules) - used)
     if unused:
         raise ValueError(f"layer_rules patterns {unused} match no convertible layer; "
                          f"convertible layers: {[n for n, _ in _convertible(model, mapping)]}")
+    plan: list[tuple[list[str], nn.Module, Rule]] = []
+    for name, module in places:
+        if name != names[id(module)][0]:
+            continue  # a later place of a module already planned
+        rules = {n: _rule_for(n, rule, layer_rules) for n in names[id(module)]}
+        if len(set(rules.values())) > 1:
+            raise ValueError(
+                f"{' and '.join(map(repr, rules))} are one module, registered at {len(rules)} places, and "
+                f"layer_rules give them different rules "
+                f"({', '.join(f'{n}: {r.name}' for n, r in rules.items())}); a module has one "
+                f"rule: give all its names the same one")
+        plan.append((names[id(module)], module, rules[name]))
     if unsupported and on_unsupported != "ignore":
         msg = (f"{len(unsupported)} layer(s) hold parameters but have no feedback layer, so "
                f"their backward still uses their own weights ({'; '.join(unsupported)}); "
@@ -123,15 +131,18 @@ def convert(
         if on_unsupported == "raise":
             raise UnsupportedLayerError(msg)
         log.warning(msg)
-    new = [(parent, child_name, name, child, cls, r,
-            None if r.kind == "bp" else cls.from_module(child, r, generator))
-           for parent, child_name, name, child, cls, r in plan]
-    for parent, child_name, name, child, cls, r, layer in new:
+    new = [(where, module, r, None if r.kind == "bp"
+            else mapping[type(module)].from_module(module, r, generator))
+           for where, module, r in plan]
+    for where, module, r, layer in new:
+        shown = " and ".join(where)
         if layer is None:
-            log.info("%s: %s kept (rule bp)", name, type(child).__name__)
+            log.info("%s: %s kept (rule bp)", shown, type(module).__name__)
             continue
-        setattr(parent, child_name, layer)
-        log.info("%s: %s -> %s (rule %s)", name, type(child).__name__, cls.__name__, r.name)
+        for name in where:
+            _put(model, name, layer)
+        log.info("%s: %s -> %s (rule %s)", shown, type(module).__name__, type(layer).__name__,
+                 r.name)
     return _mark_dfa(model)
 
 
@@ -145,6 +156,30 @@ def _mark_dfa(model: nn.Module) -> nn.Module:
             layer._spec.dfa = state
         mark_output(model, state)
     return model
+
+
+def _places(model: nn.Module, match: Callable[[nn.Module], bool]) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` for every place of a submodule for which ``match`` holds, outside
+    the ones found before it (their children are their business), in module order; a module
+    registered at two places comes twice, once with each name."""
+    found: list[tuple[str, nn.Module]] = []
+    names: list[str] = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if name and match(module) and not _inside(name, names):
+            found.append((name, module))
+            names.append(name)
+    return found
+
+
+def _inside(name: str, folders: list[str]) -> bool:
+    """``name`` is one of ``folders`` or a submodule of one."""
+    return any(name == f or name.startswith(f + ".") for f in folders)
+
+
+def _put(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Register ``module`` at the place ``name`` (dotted) of ``model``."""
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, module)
 
 
 def _convertible(model, mapping):
@@ -165,23 +200,19 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
         inplace: revert ``model`` itself instead of a deep copy.
 
     Returns:
-        The model with every feedback layer replaced by its torch layer, sharing the feedback
-        layer's Parameters, hooks and state (a copy unless ``inplace``).
+        The model with every feedback layer replaced by its torch layer, sharing the
+            feedback layer's Parameters, hooks and state (a copy unless ``inplace``).
     """
     if not inplace:
         model = copy.deepcopy(model)
     unmark_output(model)
     if _converted(model):
         return model.to_module()  # type: ignore[operator]
-
-    def walk(parent: nn.Module) -> None:
-        for child_name, child in list(parent.named_children()):
-            if _converted(child):
-                setattr(parent, child_name, child.to_module())  # type: ignore[operator]
-            else:
-                walk(child)
-
-    walk(model)
+    plain: dict[int, nn.Module] = {}  # a layer at several places goes back as one module
+    for name, layer in _places(model, _converted):
+        if id(layer) not in plain:
+            plain[id(layer)] = layer.to_module()  # type: ignore[operator]
+        _put(model, name, plain[id(layer)])
     return model
 
 
@@ -205,7 +236,7 @@ def bypassed_layers(model: nn.Module, forward: Callable[[], object]) -> list[str
 
     Returns:
         The qualified names of the feedback layers whose forward did not run, in module
-        order; empty when every converted layer ran.
+            order; empty when every converted layer ran.
 
     Examples:
         >>> model = na.convert(net, "sa")
@@ -248,9 +279,9 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The model's parameters in two groups, for two optimizers.
 
     Returns:
-        ``{'forward': [...], 'feedback': [...]}``: every parameter once; ``feedback`` holds the
-        learned feedback weights (F of wm, ia, sa, aa, kp and custom rules), ``forward``
-        everything else (weights, biases, normalisation layers).
+        ``{'forward': [...], 'feedback': [...]}``, every parameter once: ``feedback`` holds
+            the learned feedback weights (F of wm, ia, sa, aa, kp and custom rules),
+            ``forward`` everything else (weights, biases, normalisation layers).
 
     Examples:
         >>> groups = na.param_groups(model)

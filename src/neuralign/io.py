@@ -3,13 +3,16 @@
 Writes are atomic: a temporary file in the target's folder, flushed and fsynced, given the
 permissions an ordinary file would get (``0o666`` less the umask, where ``mkstemp`` would give
 ``0o600``), then renamed over the target with ``os.replace``. A reader, or a crash, sees the old
-file or the new one, never half of one. Standard library only (NumPy, PyYAML and matplotlib are
-imported by the functions that need them).
+file or the new one, never half of one. A folder that one process writes at a time (a run
+folder) is locked with :func:`lock_folder`; :func:`os_error_message` tells an OS error in one
+line. Standard library only (NumPy, PyYAML and matplotlib are imported by the functions that
+need them).
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import math
 import os
 import statistics
@@ -19,7 +22,70 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["cache_dir", "atomic_write", "write_text", "write_yaml", "write_csv", "read_csv", "save_figure",
-           "pyplot", "markdown_table", "mean_std", "split_list", "summarize"]
+           "pyplot", "whole_number_ticks", "markdown_table", "mean_std", "split_list", "summarize",
+           "os_error_message", "lock_folder", "FolderInUseError", "LOCK_FILE"]
+
+#: The lock file of a folder in use (:func:`lock_folder`).
+LOCK_FILE = ".lock"
+
+#: What to do about an OS error, by errno (:func:`os_error_message`).
+_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space on it, or write elsewhere (--runs-dir, "
+                  "NEURALIGN_CACHE)",
+    errno.EDQUOT: "the disk quota is used up: free some space, or write elsewhere (--runs-dir, "
+                  "NEURALIGN_CACHE)",
+    errno.EACCES: "choose a folder you may write (--runs-dir, --data-dir, NEURALIGN_CACHE) or "
+                  "change its permissions",
+    errno.EPERM: "choose a folder you may write (--runs-dir, --data-dir, NEURALIGN_CACHE) or "
+                 "change its permissions",
+    errno.EROFS: "the file system is mounted read-only: write elsewhere (--runs-dir, "
+                 "NEURALIGN_CACHE)",
+    errno.ENOTDIR: "a part of this path is a file where a folder belongs: move the file, or "
+                   "choose another path",
+    errno.EISDIR: "this is a folder where a file belongs: give the file's path",
+    errno.EEXIST: "a file is in the way of a folder: move it, or choose another path",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OS error: what failed, on which path, and what to do. An ``OSError``
+    made from a message alone (no errno) is one already: its text."""
+    if e.errno is None:
+        return str(e)
+    where = f": {str(e.filename)!r}" if e.filename is not None else ""
+    advice = _ADVICE.get(e.errno)
+    return f"{e.strerror or os.strerror(e.errno)}{where}" + (f"; {advice}" if advice else "")
+
+
+class FolderInUseError(OSError):
+    """Another process holds the folder's lock (:func:`lock_folder`)."""
+
+
+def lock_folder(folder: str | Path, what: str = "run folder") -> IO | None:
+    """Hold an exclusive advisory lock on ``folder`` (created if missing) for as long as the
+    returned file stays open: ``fcntl.flock`` on ``folder/.lock``. The OS releases it when the
+    file is closed or the process ends, however it ends (``kill -9`` included), so a dead
+    process leaves no lock behind. None where ``fcntl`` does not exist (Windows: no lock).
+
+    Raises:
+        FolderInUseError: another process holds it.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / LOCK_FILE, "a")  # (the lock file is never written: its bytes stay)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise FolderInUseError(
+            f"{what} {str(folder)!r} is in use by another process (training or resuming "
+            f"it): wait for that process to end, or stop it, and try again (a new run can "
+            f"take another --name); a process that died holds no lock") from None
+    return f
 
 
 def cache_dir() -> Path:
@@ -51,7 +117,10 @@ def atomic_write(path: str | Path, write: Callable[[IO], Any], binary: bool = Tr
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # (name the folder, not the temporary file)
+        raise OSError(e.errno, e.strerror, str(path.parent)) from None
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="")) as f:
@@ -61,6 +130,10 @@ def atomic_write(path: str | Path, write: Callable[[IO], Any], binary: bool = Tr
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno is not None and e.filename in (None, tmp):  # name the target, not tmp
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -118,6 +191,13 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def whole_number_ticks(ax) -> None:
+    """Ticks at whole numbers only on a matplotlib axes' x axis (epochs, trials, depths)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:

@@ -96,8 +96,8 @@ def feedback_optimizer(model: nn.Module, rate: float | None = None,
             same seed, so that F stays identical everywhere.
 
     Returns:
-        A :class:`FeedbackOptimizer` (a ``torch.optim.Optimizer``; with no learned feedback
-        weight it holds one empty group and its step does nothing).
+        The recipe, a :class:`FeedbackOptimizer` (a ``torch.optim.Optimizer``; with no
+            learned feedback weight it holds one empty group and its step does nothing).
 
     Raises:
         ValueError: a rate outside (0, 1]; a rule whose R(F) has no minimum; a layer that

@@ -239,15 +239,19 @@ class Rule:
         _valid("feedback kind", self.kind, FEEDBACK_KINDS)
         _valid("convention", self.convention, CONVENTIONS)
         _valid("feedback init", self.init, FEEDBACK_INITS)
-        if not (isinstance(self.update_noise, int | float) and self.update_noise >= 0):
-            raise ValueError(f"update_noise is a standard deviation >= 0, got {self.update_noise!r}")
+        if not (isinstance(self.update_noise, int | float) and math.isfinite(self.update_noise)
+                and self.update_noise >= 0):
+            raise ValueError(f"update_noise is a standard deviation >= 0 (finite), got "
+                             f"{self.update_noise!r}")
         if isinstance(self.rate, bool) or not (isinstance(self.rate, int | float)
                                                 and 0 < self.rate <= 1):
             raise ValueError(f"rate is the fraction of the way to the fixed point per step, in "
                              f"(0, 1], got {self.rate!r}")
         norm = self.normalize
-        if not (isinstance(norm, bool) or (isinstance(norm, int | float) and norm > 0)):
-            raise ValueError(f"normalize must be True, False or a positive norm, got {norm!r}")
+        if not (isinstance(norm, bool) or (isinstance(norm, int | float) and math.isfinite(norm)
+                                           and norm > 0)):
+            raise ValueError(f"normalize must be True, False or a positive norm (finite), got "
+                             f"{norm!r}")
         if self.kind != "learned":
             switches = [k for k in ("terms", "kp", "noise", "update_noise", "normalize")
                         if getattr(self, k)]

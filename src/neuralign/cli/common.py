@@ -73,8 +73,13 @@ def overrides(args: argparse.Namespace, *first: str) -> list[str]:
     out = list(first)
     for attr, key in _FLAG_KEYS:
         value = getattr(args, attr, None)
+        if attr == "name" and value == "":
+            from ..train.config import ConfigError
+
+            raise ConfigError("--name is empty: give a folder name, or leave --name out for "
+                              "one made of the data, model, rule and time")
         if value is not None:
-            out.append(f"{key}={value}")
+            out.append(f"{key}={value}")  # (a text key takes the text, not YAML's reading)
     if getattr(args, "download", False):
         out.append("data.download=true")
     if getattr(args, "no_progress", False):

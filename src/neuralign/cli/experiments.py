@@ -52,8 +52,9 @@ def add_parsers(sub, run: argparse.ArgumentParser) -> dict:
                "  feedback_optim.rate: {type: log_float, low: 0.01, high: 1.0}\n"
                "storage: sqlite:///OUT/study.db by default; for many machines a PostgreSQL URL,\n"
                "  postgresql://USER:PASSWORD@HOST:5432/DB (pip install 'neuralign[postgres]'), and\n"
-               "  the same command (--study, --storage) started on each machine with its own\n"
-               "  --seed.")
+               "  the same command (--study, --storage) started on each machine: the workers\n"
+               "  sample differently by themselves (each trial's sampler is seeded by --seed and\n"
+               "  the trial's number).")
     p.add_argument("--config", "-c", metavar="BASE", required=True, help="base config YAML")
     p.add_argument("--space", "-s", metavar="SPACE", required=True, help="search space YAML")
     p.add_argument("--trials", "-n", type=int, default=20,
@@ -62,7 +63,8 @@ def add_parsers(sub, run: argparse.ArgumentParser) -> dict:
     p.add_argument("--study", help="study name (default: the space file's name)")
     p.add_argument("--storage", metavar="URL",
                    help="Optuna storage URL (default sqlite:///OUT/study.db)")
-    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="TPE sampler seed, with each trial's number (default 0)")
     p.add_argument("--jobs", "-j", type=int, default=1,
                    help="worker processes on this machine sharing the study (default 1)")
     p.add_argument("--pruner", choices=("median", "none"), default="median",

@@ -1,4 +1,4 @@
-"""The ``train``, ``compare``, ``plot`` and ``rules`` commands."""
+"""The ``train``, ``compare``, ``plot``, ``rules`` and ``fetch`` commands."""
 
 from __future__ import annotations
 
@@ -106,9 +106,20 @@ def _cmd_rules(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    from ..data import fetch
+
+    for name in args.datasets:
+        files = fetch(name, args.data_dir)
+        print(f"{name}: {len(files)} files in {files[0].parent}")
+    print(f"train with --data-dir {args.data_dir}")
+    return 0
+
+
 def add_parsers(sub, run: argparse.ArgumentParser, folder: argparse.ArgumentParser) -> dict:
-    """Add ``train``, ``compare``, ``plot`` and ``rules``; returns their handlers."""
-    p = sub.add_parser("train", help="train one model with one rule", parents=[folder, run],
+    """Add ``train``, ``compare``, ``plot``, ``rules`` and ``fetch``; returns their handlers."""
+    p = sub.add_parser("train", help="train one model with one rule (default: ia, MNIST-1D)",
+                       parents=[folder, run],
                        description="Train one model with one rule. Without arguments: a small "
                                    "1-D CNN on MNIST-1D with rule ia, about a minute on 2 CPU "
                                    "cores. The run folder gets config.yaml, metrics.csv, "
@@ -122,7 +133,7 @@ def add_parsers(sub, run: argparse.ArgumentParser, folder: argparse.ArgumentPars
                    help="with --resume: let overrides change keys that alter what the run "
                         "trains (rule, model, optimizer, data...); recorded in the checkpoint")
 
-    p = sub.add_parser("compare", help="compare rules under the same budget and seed",
+    p = sub.add_parser("compare", help="train several rules on one budget and seed; a table",
                        parents=[folder, run],
                        description="Train the same model once per rule, same data, budget and "
                                    "seed; print a table (final/best top-1, mean weight angle, "
@@ -131,14 +142,25 @@ def add_parsers(sub, run: argparse.ArgumentParser, folder: argparse.ArgumentPars
     p.add_argument("--rules", default=None,
                    help="comma-separated rules (default: bp,fa,wm,ia,sa,aa,kp,usf,frsf,brsf,dfa)")
 
-    p = sub.add_parser("plot", help="redraw a run's plots",
+    p = sub.add_parser("plot", help="redraw a run folder's plots from its metrics.csv",
                        description="Redraw RUN/plots/*.png from RUN/metrics.csv.")
     p.add_argument("run", metavar="RUN", help="run folder (a path, or a name under --runs-dir)")
     p.add_argument("--runs-dir", default="runs", help="parent folder of run folders")
 
-    p = sub.add_parser("rules", help="list the learning rules",
+    p = sub.add_parser("rules", help="list the learning rules, their terms and defaults",
                        description="List the catalog of learning rules: description, terms "
                                    "and switches, and where the defaults come from.")
     p.add_argument("--names", action="store_true", help="names only, one per line")
+
+    p = sub.add_parser("fetch", help="download MNIST, Fashion-MNIST or CIFAR into --data-dir",
+                       description="Download datasets with torchvision into DIR, in the layout "
+                                   "`neuralign train --data-dir DIR` reads (files already there "
+                                   "are kept). Offline, put the files in that layout yourself: "
+                                   "see docs/cli.md, Data. MNIST-1D needs nothing: it is "
+                                   "generated locally.")
+    p.add_argument("datasets", nargs="+", metavar="DATASET",
+                   help="mnist, fashion-mnist, cifar10, cifar100")
+    p.add_argument("--data-dir", default="data", metavar="DIR",
+                   help="the folder to download into (default data)")
     return {"train": _cmd_train, "compare": _cmd_compare, "plot": _cmd_plot,
-            "rules": _cmd_rules}
+            "rules": _cmd_rules, "fetch": _cmd_fetch}

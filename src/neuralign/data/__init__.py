@@ -8,8 +8,9 @@ with the dataset's standard augmentation. Either way the shuffle order of epoch 
 of ``(seed, e)`` only, so a run resumed at an epoch boundary sees the same batches as one that
 was never interrupted.
 
-Nothing is downloaded unless ``download=True``: offline, a missing dataset is an error that names
-the files and the folder they must be in.
+Nothing is downloaded unless ``download=True`` (or :func:`fetch`, which downloads MNIST,
+Fashion-MNIST and CIFAR into a data folder beforehand): offline, a missing dataset is an error
+that names the files and the folder they must be in.
 """
 
 from .config import (
@@ -21,7 +22,7 @@ from .config import (
     list_datasets,
     register_dataset,
 )
-from .datasets import cache_dir, load_mnist1d
+from .datasets import cache_dir, fetch, load_mnist1d
 from .loaders import EpochLoader, EpochSampler, ShardSampler, TensorLoader
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "list_datasets",
     "register_dataset",
     "cache_dir",
+    "fetch",
     "load_mnist1d",
     "TensorLoader",
     "EpochLoader",

@@ -1,5 +1,6 @@
 """The datasets: MNIST-1D (generated locally, cached), synthetic, MNIST, Fashion-MNIST,
-CIFAR-10/100 and ImageNet (torchvision, from ``data_dir``)."""
+CIFAR-10/100 and ImageNet (torchvision, from ``data_dir``), and :func:`fetch`, which downloads
+the torchvision ones into ``data_dir``."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import atomic_write, cache_dir
-from .config import DataConfig, DataInfo, DatasetNotFoundError, register_dataset
+from ..io import atomic_write, cache_dir, os_error_message
+from .config import DataConfig, DataInfo, DatasetNotFoundError, list_datasets, register_dataset
 
 log = logging.getLogger("neuralign.data")
 
@@ -43,9 +44,13 @@ def load_mnist1d(num_samples: int = 0) -> dict[str, np.ndarray]:
             "shuffle_seq", "final_seq_length", "seed")
     tag = hashlib.sha1(repr([getattr(args, k) for k in keys]).encode()).hexdigest()[:10]
     path = cache_dir() / f"mnist1d-{args.num_samples}-{tag}.npz"
-    if path.exists():
-        with np.load(path) as z:
-            return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+    if path.is_file():
+        try:
+            with np.load(path) as z:
+                return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
+        except Exception as e:  # a cache is only a cache: make it again
+            log.warning("the cached MNIST-1D %s cannot be read (%s: %s): generating it again",
+                        path, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     log.info("generating MNIST-1D (%d examples) into %s", args.num_samples, path)
     # make_dataset seeds numpy's and Python's global generators: keep the caller's state.
     import random
@@ -60,7 +65,11 @@ def load_mnist1d(num_samples: int = 0) -> dict[str, np.ndarray]:
         "x": ds["x"].astype(np.float32), "y": ds["y"].astype(np.int64),
         "x_test": ds["x_test"].astype(np.float32), "y_test": ds["y_test"].astype(np.int64),
     }
-    atomic_write(path, lambda f: np.savez(f, **out))
+    try:
+        atomic_write(path, lambda f: np.savez(f, **out))
+    except OSError as e:  # a cache that cannot be written: the data are made each time
+        log.warning("cannot cache MNIST-1D (%s); it will be generated again next time (set "
+                    "NEURALIGN_CACHE to a folder you may write)", os_error_message(e))
     return out
 
 
@@ -145,8 +154,9 @@ def _mnist_like(cfg: DataConfig, cls_name: str, folder: str, mean: float, std: f
     root = Path(cfg.data_dir).expanduser()
     if not cfg.download:
         _require(root, [f"{folder}/raw/{f}" for f in _MNIST_FILES], cls_name,
-                 extra=" (the raw idx files, uncompressed; ../shared/tools/fetch-mnist DIR "
-                       "writes them)")
+                 extra=" (the raw idx files, uncompressed; `neuralign fetch "
+                       f"{'mnist' if folder == 'MNIST' else 'fashion-mnist'} --data-dir DIR` "
+                       f"downloads them)")
     tr = cls(str(root), train=True, download=cfg.download)
     te = cls(str(root), train=False, download=cfg.download)
 
@@ -203,6 +213,59 @@ def _cifar10(cfg: DataConfig):
 @register_dataset("cifar100")
 def _cifar100(cfg: DataConfig):
     return _cifar(cfg, "cifar100")
+
+
+#: The datasets :func:`fetch` downloads: name -> (torchvision class, the files it reads,
+#: relative to ``data_dir``).
+_DOWNLOADS: dict[str, tuple[str, list[str]]] = {
+    "mnist": ("MNIST", [f"MNIST/raw/{f}" for f in _MNIST_FILES]),
+    "fashion-mnist": ("FashionMNIST", [f"FashionMNIST/raw/{f}" for f in _MNIST_FILES]),
+    **{name: (cls, [f"{folder}/{f}" for f in files])
+       for name, (cls, folder, _, _, _, files) in _CIFAR.items()},
+}
+
+
+def fetch(name: str, data_dir: str | Path = "data") -> list[Path]:
+    """Download a dataset with torchvision into ``data_dir``, in the layout training reads
+    (``--data-dir``, ``data.data_dir``); files already there are kept.
+
+    It needs the network. Offline, put the files this returns where it says, e.g. MNIST's four
+    idx files, uncompressed, in ``DATA_DIR/MNIST/raw/`` (copied from a machine where this ran).
+
+    Args:
+        name: ``mnist``, ``fashion-mnist``, ``cifar10`` or ``cifar100``.
+        data_dir: the folder training reads the datasets from.
+
+    Returns:
+        The dataset's files under ``data_dir``.
+
+    Raises:
+        ValueError: a dataset that is not downloaded (MNIST-1D, pydoc and synthetic are made
+            locally; ImageNet is never downloaded).
+        DatasetNotFoundError: the download failed; the message names every file to put in
+            place.
+    """
+    if name not in _DOWNLOADS:
+        why = ("ImageNet is never downloaded (see the layout in docs/cli.md, Data)"
+               if name == "imagenet" else f"{name!r} is made locally: nothing to fetch"
+               if name in list_datasets() else f"unknown dataset {name!r}")
+        raise ValueError(f"{why}; datasets to fetch: {', '.join(_DOWNLOADS)}")
+    import torchvision
+
+    cls_name, files = _DOWNLOADS[name]
+    root = Path(data_dir).expanduser()
+    try:
+        for train in (True, False):
+            getattr(torchvision.datasets, cls_name)(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as e:  # no network: URLError, or torchvision's own error
+        listing = "\n".join(f"  {root / f}" for f in files)
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetNotFoundError(
+            f"{name}: the download into {str(root)!r} failed ({reason}). Offline, put these "
+            f"files in place (e.g. copied from a machine where `neuralign fetch {name}` "
+            f"ran):\n{listing}") from None
+    _require(root, files, cls_name)
+    return [root / f for f in files]
 
 
 @register_dataset("imagenet")

@@ -1,7 +1,8 @@
 """The paper's evaluation as commands: metaparameter search, transfer across depth, robustness
 to noisy feedback updates.
 
->>> from neuralign.experiments import search, transfer, robustness
+Examples:
+    >>> from neuralign.experiments import search, transfer, robustness
 """
 
 from .common import run_once

@@ -11,8 +11,10 @@ e.g. PostgreSQL, for many machines), so
 - a trial whose process died (killed, or Ctrl-C) is marked failed (status ``interrupted`` in
   ``trials.csv``), does not count, and its values are tried again;
 - several workers (``jobs`` processes here, or more commands on other machines) share a study,
-  and it ends with exactly ``trials`` that count: a trial that a worker starts when the others
-  have taken the last ones stops at once (failed, status ``surplus``; it does not count).
+  and sample differently by themselves: each trial's sampler is seeded by ``seed`` and the
+  trial's number, which the study gives out once (:func:`trial_seed`); and the study ends
+  with exactly ``trials`` that count: a trial that a worker starts when the others have taken
+  the last ones stops at once (failed, status ``surplus``; it does not count).
 
 A trial that diverges or fails is stored as Optuna's FAIL state with user attributes ``status``
 (``diverged`` / ``error``) and ``reason``; the study goes on.
@@ -20,12 +22,15 @@ A trial that diverges or fails is stored as Optuna's FAIL state with user attrib
 Outputs in ``out``: ``best.yaml`` (the base config with the best trial's values: the input of
 ``neuralign transfer``), ``trials.csv``, ``history.png``, ``importances.png``, ``curves.png``
 (validation top-1 per epoch of every trial), ``space.yaml`` and ``base.yaml``; all written
-atomically.
+atomically. ``out`` belongs to one study (``study.yaml`` names it): a search of another study
+there is refused before it starts, so that it cannot overwrite the first one's outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import logging
 import math
 import os
@@ -33,7 +38,9 @@ import socket
 import warnings
 from pathlib import Path
 
-from ..io import write_yaml
+import yaml
+
+from ..io import write_text, write_yaml
 from ..train import distributed
 from ..train.config import Config, ConfigError, config_from_dict, config_to_dict
 from ..train.trainer import Callback, DivergenceError, Trainer
@@ -42,7 +49,7 @@ from .space import SearchSpace, apply_params, parse_space
 
 log = logging.getLogger(__name__)
 
-__all__ = ["search", "SearchResult", "default_storage", "study_summary"]
+__all__ = ["search", "SearchResult", "default_storage", "study_summary", "trial_seed"]
 
 #: The validation split a search uses when the base config has none.
 DEFAULT_VAL_SPLIT = 0.1
@@ -75,9 +82,11 @@ def default_storage(out: str | Path) -> str:
 
 
 def _storage(url: str):
+    import time
     import warnings
 
     import optuna
+    import sqlalchemy
 
     if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
         from optuna.storages import RDBStorage
@@ -86,27 +95,75 @@ def _storage(url: str):
             warnings.simplefilter("ignore")  # heartbeats are "experimental" in Optuna 5
             from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-            # heartbeats let any worker fail (and retry once) a trial whose machine went away
-            return RDBStorage(url, heartbeat_interval=60, grace_period=180,
-                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                                  max_retry=1),
-                              engine_kwargs={"connect_args": {"timeout": 60}}
-                              if url.startswith("sqlite") else {})
+            for attempt in range(10):
+                try:
+                    # heartbeats let any worker fail (and retry once) a trial whose machine
+                    # went away
+                    return RDBStorage(url, heartbeat_interval=60, grace_period=180,
+                                      heartbeat_stale_trial_callback=(
+                                          RetryHeartbeatStaleTrialCallback(max_retry=1)),
+                                      engine_kwargs={"connect_args": {"timeout": 60}}
+                                      if url.startswith("sqlite") else {})
+                except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):
+                    # workers started together on a new database: one of them makes its
+                    # tables, and the others, having looked a moment before, clash with it
+                    if attempt == 9:
+                        raise
+                    time.sleep(0.2 * (attempt + 1))
     return optuna.storages.get_storage(url)
 
 
-def _make_study(study: str, storage: str, seed: int, pruner, worker: int = 0):
+def _make_study(study: str, storage: str, seed: int, pruner):
     import optuna
 
     st = _storage(storage)
     probe = optuna.create_study(study_name=study, storage=st, direction="maximize",
                                 load_if_exists=True)
-    # A resumed study (or a second worker) gets a sampler seed of its own: the same seed
-    # would propose the same start-up points again.
-    offset = len(probe.trials) + 7919 * worker
-    sampler = optuna.samplers.TPESampler(seed=seed + offset, constant_liar=True,
-                                         n_startup_trials=_startup(probe))
-    return optuna.load_study(study_name=study, storage=st, sampler=sampler, pruner=pruner)
+    return optuna.load_study(study_name=study, storage=st, sampler=_sampler(seed, _startup(probe)),
+                             pruner=pruner)
+
+
+def trial_seed(seed: int, number: int) -> int:
+    """The TPE sampler's seed for trial ``number`` of a search seeded ``seed``."""
+    digest = hashlib.sha256(f"{seed}:{number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _sampler(seed: int, n_startup_trials: int):
+    """Optuna's TPE sampler (``constant_liar`` for concurrent workers), with a random state of
+    its own for each trial, seeded by :func:`trial_seed` of the trial's number.
+
+    The study gives each trial number out once, whichever worker asks, so workers on one or
+    many machines sample differently without choosing seeds, a restarted worker does not
+    repeat its first proposals, and a search with one worker proposes the same values for the
+    same seed and history."""
+    import optuna
+
+    def tpe(number: int) -> optuna.samplers.TPESampler:
+        return optuna.samplers.TPESampler(seed=trial_seed(seed, number), constant_liar=True,
+                                          n_startup_trials=n_startup_trials)
+
+    class PerTrialSeed(optuna.samplers.BaseSampler):
+        def __init__(self):
+            self.tpe = tpe(0)
+
+        def before_trial(self, study, trial):
+            self.tpe = tpe(trial.number)
+            self.tpe.before_trial(study, trial)
+
+        def infer_relative_search_space(self, study, trial):
+            return self.tpe.infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study, trial, search_space):
+            return self.tpe.sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study, trial, param_name, param_distribution):
+            return self.tpe.sample_independent(study, trial, param_name, param_distribution)
+
+        def after_trial(self, study, trial, state, values):
+            self.tpe.after_trial(study, trial, state, values)
+
+    return PerTrialSeed()
 
 
 def _startup(study) -> int:
@@ -273,7 +330,7 @@ def _run_worker(study_name: str, storage: str, base_dict: dict, space_dict: dict
         optuna.logging.set_verbosity(optuna.logging.ERROR)
     base = config_from_dict(base_dict)
     space = parse_space(space_dict, base)
-    study = _make_study(study_name, storage, seed, pruner, worker)
+    study = _make_study(study_name, storage, seed, pruner)
     from ..data import build_data
 
     data = build_data(base.data)
@@ -304,6 +361,22 @@ def _run_worker(study_name: str, storage: str, base_dict: dict, space_dict: dict
                                f"last: {last.user_attrs.get('reason')}")
 
 
+@contextlib.contextmanager
+def _optuna_quiet():
+    """Optuna's own log lines (a study created, each trial finished, a failed trial's
+    traceback) off while a search runs, then back as they were: the search logs each trial in
+    one line of its own, and a library call leaves the process's logging as it found it (the
+    command line sets Optuna's verbosity for good)."""
+    import optuna
+
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(level, optuna.logging.ERROR))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
 def search(base: Config, space: SearchSpace | dict, trials: int, study: str,
            out: str | Path | None = None, storage: str | None = None, seed: int = 0,
            jobs: int = 1, pruner=None, prune_startup: int = 3, prune_warmup: int = 1,
@@ -315,9 +388,10 @@ def search(base: Config, space: SearchSpace | dict, trials: int, study: str,
         space: a checked :class:`SearchSpace`, or plain data checked here (before training).
         trials: the number of finished trials the study should hold in the end.
         study: the study's name in the storage.
-        out: the output folder (default ``runs/search/<study>``).
+        out: the output folder (default ``runs/search/<study>``), one study's alone.
         storage: an SQLAlchemy URL (default ``sqlite:///OUT/study.db``).
-        seed: seed of the TPE sampler (each worker and each resume offsets it).
+        seed: seed of the TPE sampler; each trial's sampler is seeded by it and the trial's
+            number (:func:`trial_seed`), so workers sharing the study sample differently.
         jobs: worker processes on this machine.
         pruner: an Optuna pruner (default: median, ``prune_startup`` complete trials first, no
             pruning before epoch ``prune_warmup + 1``).
@@ -326,7 +400,17 @@ def search(base: Config, space: SearchSpace | dict, trials: int, study: str,
 
     Under ``torchrun`` (or ``--nproc``) rank 0 drives the study and every rank trains each
     trial together (DistributedDataParallel); ranks > 0 return an empty result.
+
+    The search logs one line per trial (logger ``neuralign.experiments.search``); Optuna's own
+    lines are off during the call (errors excepted), and its verbosity is restored after.
     """
+    with _optuna_quiet():
+        return _search_or_follow(base, space, trials, study, out, storage, seed, jobs, pruner,
+                                 prune_startup, prune_warmup, startup_trials, timeout)
+
+
+def _search_or_follow(base, space, trials, study, out, storage, seed, jobs, pruner,
+                      prune_startup, prune_warmup, startup_trials, timeout) -> SearchResult:
     base = _prepare_base(base)
     if not isinstance(space, SearchSpace):
         space = parse_space(space, base)  # raises SpaceError before anything runs
@@ -366,12 +450,40 @@ def _follow(base: Config) -> None:
             pass
 
 
+#: The file of a search's output folder that names the study whose outputs it holds.
+STUDY_FILE = "study.yaml"
+
+
+def _claim(out: Path, study: str) -> None:
+    """Make ``out`` the output folder of ``study``, or a :class:`ConfigError` (before anything
+    is written) when it holds another study's trial folders, ``trials.csv`` and ``best.yaml``:
+    ``out/study.yaml`` names its study, written by the first search there."""
+    marker = out / STUDY_FILE
+    if not marker.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        mine = out / f".{STUDY_FILE}.{os.getpid()}"
+        write_text(mine, yaml.safe_dump({"study": study}))
+        try:
+            os.link(mine, marker)  # whole, and only if absent: of two searches, one claims it
+        except FileExistsError:
+            pass
+        finally:
+            mine.unlink()
+    owner = (yaml.safe_load(marker.read_text()) or {}).get("study")
+    if owner != study:
+        raise ConfigError(f"{out} holds the outputs of study {owner!r} (its trial folders, "
+                          f"trials.csv, best.yaml; {marker.name} names it), which study "
+                          f"{study!r} would overwrite: give this study an output folder of "
+                          f"its own (--out; by default runs/search/<study>), or --study "
+                          f"{owner} to continue that one")
+
+
 def _search(base, space, trials, study, out, storage, seed, pruner, prune_startup,
             prune_warmup, startup_trials, timeout, jobs) -> SearchResult:
     import optuna
 
     out = Path(out) if out is not None else Path(base.train.runs_dir) / "search" / study
-    out.mkdir(parents=True, exist_ok=True)
+    _claim(out, study)
     storage = storage or default_storage(out)
     if pruner is None:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=prune_startup,

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..io import pyplot as plt
 from ..io import save_figure as savefig_atomic
-from ..io import write_csv, write_yaml
+from ..io import whole_number_ticks, write_csv, write_yaml
 from ..train.config import Config, config_to_dict
 from .space import apply_params
 
@@ -108,6 +108,7 @@ def _plot_history(study, path: Path) -> None:
     ax.set(xlabel="trial", ylabel="validation top-1 (%)",
            title=f"study {study.study_name}: optimisation history")
     ax.grid(alpha=0.3)
+    whole_number_ticks(ax)
     if comp or pruned or failed:
         ax.legend(fontsize="small")
     fig.tight_layout()
@@ -120,17 +121,24 @@ def _plot_curves(study, path: Path) -> None:
 
     p = plt()
     fig, ax = p.subplots(figsize=(7, 4))
+    labelled: set[str] = set()
     for t in study.get_trials(deepcopy=False):
         if not t.intermediate_values:
             continue
         steps = sorted(t.intermediate_values)
-        style = {TrialState.COMPLETE: dict(color="C0", alpha=0.8),
-                 TrialState.PRUNED: dict(color="C7", alpha=0.6, linestyle="--")}.get(
-            t.state, dict(color="k", alpha=0.4, linestyle=":"))
-        ax.plot(steps, [t.intermediate_values[s] for s in steps], **style)
+        kind, style = {TrialState.COMPLETE: ("complete", dict(color="C0", alpha=0.8)),
+                       TrialState.PRUNED: ("pruned", dict(color="C7", alpha=0.6,
+                                                          linestyle="--"))}.get(
+            t.state, ("failed / running", dict(color="k", alpha=0.4, linestyle=":")))
+        ax.plot(steps, [t.intermediate_values[s] for s in steps],
+                label=kind if kind not in labelled else "_nolegend_", **style)
+        labelled.add(kind)
     ax.set(xlabel="epoch", ylabel="validation top-1 (%)",
-           title="per-epoch validation top-1 (solid: complete, dashed: pruned)")
+           title="per-epoch validation top-1, one line per trial")
     ax.grid(alpha=0.3)
+    whole_number_ticks(ax)
+    if labelled:
+        ax.legend(fontsize="small")
     fig.tight_layout()
     savefig_atomic(fig, path)
     p.close(fig)

@@ -20,6 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from ..data import build_data
+from ..io import whole_number_ticks
 from ..models import build_model
 from ..train.config import Config, ConfigError, apply_overrides, config_to_dict
 from .common import (
@@ -150,9 +151,9 @@ def transfer(entries: Sequence[tuple[str, Config]], models: Sequence[ModelSpec],
     if not entries:
         raise ConfigError("transfer: no configs or rules given")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     data = DataCache()
-    labelled = _label_models(models, entries[0][1], data)
+    labelled = _label_models(models, entries[0][1], data)  # a bad model fails here, before
+    out.mkdir(parents=True, exist_ok=True)                   # any folder is made
     write_yaml({"entries": {lab: config_to_dict(c) for lab, c in entries},
                 "models": [{"label": m.label, "name": m.name, "overrides": list(m.overrides),
                             "depth": d} for m, d in labelled],
@@ -240,6 +241,7 @@ def plot_transfer(summary: list[dict], rules: Sequence[str], path: Path) -> Path
     ax.set(xlabel="depth (weight layers)", ylabel="final test top-1 (%)",
            title="fixed metaparameters across depth (x: all seeds diverged)")
     ax.grid(alpha=0.3)
+    whole_number_ticks(ax)
     ax.legend(fontsize="small")
     fig.tight_layout()
     savefig_atomic(fig, path)

@@ -1,7 +1,8 @@
 """Training engine: config dataclasses, a trainer with callbacks, checkpoints, plots, compare.
 
->>> from neuralign.train import load_config, train
->>> history = train(load_config("configs/default.yaml", ["train.epochs=5"]))
+Examples:
+    >>> from neuralign.train import load_config, train
+    >>> history = train(load_config("configs/default.yaml", ["train.epochs=5"]))
 """
 
 from .checkpoint import load_checkpoint, save_checkpoint

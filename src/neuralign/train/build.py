@@ -25,6 +25,7 @@ from .config import (
     LayerRuleConfig,
     RuleConfig,
     TrainConfig,
+    check_ranges,
     check_run_name,
     layer_rule_config,
 )
@@ -131,8 +132,11 @@ def device_from(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"train.device={name!r} is not a device; valid: auto, cpu, cuda, "
-                          f"cuda:N") from None
+        device = None
+    # (torch knows more device types, e.g. meta, which holds no data: none of them trains)
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"train.device={name!r} is not a device to train on; valid: auto, "
+                          f"cpu, cuda, cuda:N, mps") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -151,8 +155,7 @@ def setup_process(cfg: Config, run_dir: str | Path | None) -> tuple[int, int, to
     """Join the process group under torchrun, name the run, pick the device; checks the
     settings that depend on them. Returns ``(rank, world_size, device, run_dir)``."""
     tc = cfg.train
-    if tc.epochs < 1:
-        raise ConfigError(f"train.epochs must be >= 1, got {tc.epochs}")
+    check_ranges(cfg)  # (a file's or an override's values were checked as they were set)
     distributed.init()  # under torchrun: one process of several (DDP)
     if not tc.name:  # (rank 0's clock names the run on every rank)
         tc.name = f"{cfg.data.name}-{cfg.model.name}-{cfg.rule.name}-{distributed.timestamp()}"

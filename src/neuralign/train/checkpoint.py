@@ -8,8 +8,11 @@ reached, the metrics history and the resolved config.
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,8 @@ from ..io import atomic_write
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "previous_path", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_optimizer_state", "previous_path",
+           "rng_state", "set_rng_state"]
 
 
 def previous_path(path: str | Path) -> Path:
@@ -34,8 +38,22 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
     A crash while writing leaves the previous file at ``path`` intact. The file it replaces is
     kept as :func:`previous_path` (one generation), in case the new one is ever unreadable.
+
+    Raises:
+        OSError: the file could not be written (its ``filename`` is ``path``); torch's
+            serializer reports a failed write (a full disk) as a ``RuntimeError``, raised here
+            as ``OSError(ENOSPC)``.
     """
-    path = atomic_write(path, lambda f: torch.save(state, f), keep_previous=previous_path(path))
+    try:
+        path = atomic_write(path, lambda f: torch.save(state, f),
+                            keep_previous=previous_path(path))
+    except RuntimeError as e:
+        # "[enforce fail at inline_container.cc:...] ... PytorchStreamWriter failed writing
+        # file ...: file write failed" (or "unexpected pos"): the bytes did not reach the disk
+        if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+            raise
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (torch could not write the "
+                                    f"checkpoint: {str(e).splitlines()[0]})", str(path)) from e
     log.debug("checkpoint written: %s", path)
     return path
 
@@ -64,6 +82,41 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"{str(path)!r} holds a {type(state).__name__}, not a checkpoint's "
                          f"dict.{fallback}")
     return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any], which: str,
+                         names: Mapping[torch.Tensor, str] | None = None) -> None:
+    """Load an optimizer's saved per-parameter state (moments, momentum buffers) and keep its
+    own hyperparameters (learning rate, momentum, betas, ...: those of the config it was built
+    from, so that a change made on resuming takes effect).
+
+    Args:
+        optimizer: built over the parameters the state is for, in the same order.
+        state: ``optimizer.state_dict()`` of an optimizer of the same kind.
+        which: its name in errors (``optimizer``, ``feedback_optimizer``).
+        names: parameter -> name, for the errors.
+
+    Raises:
+        ValueError: the state is for other parameters (another count, or a tensor of another
+            shape than its parameter's), before anything is loaded.
+    """
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    saved = [i for g in state["param_groups"] for i in g["params"]]
+    if len(saved) != len(params) or len(state["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"{which}: the checkpoint's state is for {len(saved)} parameters in "
+                         f"{len(state['param_groups'])} group(s), this model has "
+                         f"{len(params)} in {len(optimizer.param_groups)}")
+    for i, p in zip(saved, params, strict=True):
+        for key, value in state["state"].get(i, {}).items():
+            if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                name = (names or {}).get(p, f"parameter {i}")
+                raise ValueError(f"{which}: the checkpoint's {key} of {name} has shape "
+                                 f"{list(value.shape)}, the parameter {list(p.shape)}: the "
+                                 f"state is from another model")
+    own = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, hyper in zip(optimizer.param_groups, own, strict=True):
+        group.update(hyper)
 
 
 def rng_state() -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 A configuration is built in three layers: the dataclass defaults, then a YAML file (any subset of
 the keys, nested as in :class:`Config`), then command-line overrides such as ``optim.lr=0.1`` or
-``optim.schedule.milestones=[30,60,80]`` (values are parsed as YAML). Unknown keys and values of
-the wrong type are rejected with a :class:`ConfigError` that lists the valid keys. Keys of a
+``optim.schedule.milestones=[30,60,80]`` (values are parsed as YAML; a text key such as
+``train.name`` takes the text itself unless quoted). Unknown keys, values of the wrong type and
+numbers outside their key's range (:data:`RANGES`) are rejected with a :class:`ConfigError`
+that names the key and lists the valid keys or values. Keys of a
 mapping field (``rule.layers``, ``rule.terms``, ``model.kwargs``) are free: everything after the
 field's name is the key, so ``rule.layers.layer1.*=bp`` sets the glob ``layer1.*``. A section set
 to ``null`` goes back to its defaults.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -44,6 +47,9 @@ __all__ = [
     "config_to_dict",
     "apply_overrides",
     "check_run_name",
+    "check_ranges",
+    "Range",
+    "RANGES",
     "save_config",
     "config_to_yaml",
     "layer_rule_config",
@@ -290,6 +296,97 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------------------
+# valid ranges
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric key: finite numbers from ``low`` to ``high`` (None: no
+    bound), each bound included unless ``low_open`` / ``high_open``. A list key's range
+    applies to each item."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        return (isinstance(v, int) or math.isfinite(v)) and (
+            self.low is None or v > self.low or (v == self.low and not self.low_open)) and (
+            self.high is None or v < self.high or (v == self.high and not self.high_open))
+
+    def describe(self, integer: bool) -> str:
+        """``>= 1``, ``in [0, 1)``, ``a finite number > 0``, as the error says it."""
+        lo, hi = _bound(self.low), _bound(self.high)
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+        finite = "" if integer else "a finite number "
+        if self.low is not None:
+            return f"{finite}{'>' if self.low_open else '>='} {lo}"
+        return f"{finite}{'<' if self.high_open else '<='} {hi}"
+
+
+def _bound(x: float | None) -> str:
+    return "" if x is None else "2**63" if x == 2**63 else f"{x:g}"
+
+
+#: Seeds: what torch's generators take, with room for the offsets added to them.
+SEED = Range(0, 2**63, high_open=True)
+
+#: The valid range of every numeric key, by config section; a subclass's section inherits its
+#: parent's. The rule's keys are the fields of :class:`neuralign.Rule`, which checks them
+#: itself.
+RANGES: dict[type, dict[str, Range]] = {
+    DataConfig: {"batch_size": Range(1), "eval_batch_size": Range(1),
+                 "val_split": Range(0, 1, high_open=True), "workers": Range(0),
+                 "num_samples": Range(0), "shape": Range(1), "num_classes": Range(2),
+                 "seed": SEED},
+    ModelConfig: {"widths": Range(1), "channels": Range(1)},
+    ScheduleConfig: {"warmup_epochs": Range(0), "milestones": Range(0),
+                     "gamma": Range(0, low_open=True), "min_factor": Range(0, 1)},
+    OptimConfig: {"lr": Range(0), "momentum": Range(0, 1, high_open=True),
+                  "weight_decay": Range(0), "betas": Range(0, 1, high_open=True),
+                  "eps": Range(0, low_open=True)},
+    FeedbackOptimConfig: {"rate": Range(0, 1, low_open=True)},
+    TrainConfig: {"epochs": Range(1), "seed": SEED, "checkpoint_every": Range(0),
+                  "angle_every": Range(0)},
+}
+
+
+def _range_of(obj: Any, name: str) -> Range | None:
+    for cls in type(obj).__mro__:
+        if name in RANGES.get(cls, {}):
+            return RANGES[cls][name]
+    return None
+
+
+def _check_range(obj: Any, name: str, value: Any, key: str) -> None:
+    """A :class:`ConfigError` naming ``key`` and its range when ``value`` (or an item of it)
+    is out of the range of field ``name`` of ``obj``."""
+    valid = _range_of(obj, name)
+    if valid is None or value is None:
+        return
+    items = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+    for i, v in items:
+        if v not in valid:
+            at = key if i is None else f"{key}[{i}]"
+            raise ConfigError(f"{at} must be {valid.describe(isinstance(v, int))}, got {v!r}")
+
+
+def check_ranges(cfg: Any, prefix: str = "") -> None:
+    """A :class:`ConfigError` for the first value of ``cfg`` (a :class:`Config` or one of its
+    sections) outside its key's range (:data:`RANGES`). Values set from files and overrides
+    are checked as they are set; the trainer checks the whole config again, for values set
+    in Python."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{prefix}{f.name}.")
+        else:
+            _check_range(cfg, f.name, value, f"{prefix}{f.name}")
+
+
+# ---------------------------------------------------------------------------------------------
 # typed merge
 
 
@@ -370,7 +467,10 @@ def _check(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{key}: {value} is too large for a float") from None
         value = yaml_float(value)
         if isinstance(value, float):
             return value
@@ -421,7 +521,9 @@ def _set(obj: Any, name: str, value: Any, key: str) -> None:
     its defaults; a single value: its first field, where it takes one); a value is checked."""
     cur = getattr(obj, name)
     if not dataclasses.is_dataclass(cur):
-        setattr(obj, name, _check(value, _fields(obj)[name], key))
+        value = _check(value, _fields(obj)[name], key)
+        _check_range(obj, name, value, key)
+        setattr(obj, name, value)
     elif value is None:
         setattr(obj, name, type(cur)())
     else:
@@ -450,8 +552,15 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _quoted(text: str) -> bool:
+    t = text.strip()
+    return len(t) >= 2 and t[0] == t[-1] and t[0] in "'\""
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """A copy of ``cfg`` with dotted ``key=value`` overrides applied (values parsed as YAML)."""
+    """A copy of ``cfg`` with dotted ``key=value`` overrides applied: values parsed as YAML,
+    except that a text key (``train.name``, ``data.data_dir``, ...) takes the text as it is
+    unless it is quoted (``train.name=yes`` is the name ``yes``, not true)."""
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -470,6 +579,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             cur = getattr(obj, part)
             last = i == len(parts) - 1
             if last:
+                if fields[part] is str and not _quoted(text):
+                    value = text  # a text key takes the text itself: --name yes, null, 007
                 _set(obj, part, value, prefix + part)
             elif dataclasses.is_dataclass(cur):
                 obj, prefix = cur, prefix + part + "."
@@ -494,16 +605,17 @@ def check_run_name(name: str, key: str = "train.name") -> str:
     """``name`` if it names a folder under the runs folder: plain folder names, optionally
     nested with ``/`` (``compare`` puts each rule's run at ``NAME/RULE``); never absolute, never
     ``.`` or ``..``, so that no run can write into another run's folder or the runs folder
-    itself. Else a :class:`ConfigError`."""
+    itself, and without control characters (a newline). Else a :class:`ConfigError`."""
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{key} must be a non-empty folder name, got {name!r}")
     parts = name.split("/")
     bad = [part for part in parts if part in ("", ".", "..") or "\\" in part
-           or part != part.strip() or "\x00" in part]
+           or part != part.strip() or not part.isprintable()]
     if name.startswith("/") or bad:
         raise ConfigError(f"{key}={name!r} is not a folder name under the runs folder: use "
                           f"plain names, nested with '/' if you like (e.g. exp1/sa), without "
-                          f"'..', '.', empty or absolute parts, or surrounding spaces")
+                          f"'..', '.', empty or absolute parts, surrounding spaces or control "
+                          f"characters (a newline, a tab)")
     return name
 
 

@@ -31,6 +31,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: 
     (``which`` names the section in errors)."""
     params = list(params)
     name = cfg.name.lower()
+    _check_finite(cfg, which)
     if name == "sgd":
         if cfg.nesterov and cfg.momentum <= 0:
             raise ValueError(f"{which}.nesterov needs {which}.momentum > 0")
@@ -43,6 +44,19 @@ def build_optimizer(params: Iterable[torch.nn.Parameter] | Iterable[dict], cfg: 
         return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                    weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {which}.name={cfg.name!r}; valid: {', '.join(OPTIMIZERS)}")
+
+
+def _check_finite(cfg: OptimConfig, which: str) -> None:
+    """A ValueError naming the key for a hyperparameter that torch cannot hold: not finite
+    (``1e400`` reads as infinity), or beyond float32's range (torch's step fails with "value
+    cannot be converted to type float without overflow")."""
+    biggest = torch.finfo(torch.float32).max
+    values = {"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+              "eps": cfg.eps, **{f"betas[{i}]": b for i, b in enumerate(cfg.betas)}}
+    for key, value in values.items():
+        if not math.isfinite(value) or abs(value) > biggest:
+            raise ValueError(f"{which}.{key}={value!r} is not a number torch can hold "
+                             f"(float32: finite, at most {biggest:.3g} in size)")
 
 
 def build_feedback_optimizer(model: torch.nn.Module, cfg, generator: torch.Generator | None = None
@@ -127,15 +141,21 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_
 
 
 def load_schedule_state(schedule: torch.optim.lr_scheduler.LambdaLR, state: dict) -> None:
-    """Restore a schedule, also from checkpoints of the former hand-written one
-    (``{"step_count", "base_lrs"}``)."""
+    """Restore a schedule's position, the optimizer step it reached, also from checkpoints of
+    the former hand-written one (``{"step_count", ...}``).
+
+    The base rates and the factor function stay the schedule's own (those of the config it
+    was built from): a schedule or rate changed on resuming takes effect at once, as the new
+    schedule evaluated at the step reached."""
+    base = list(schedule.base_lrs)
     if "step_count" in state:  # before LambdaLR
         state = {**schedule.state_dict(), "last_epoch": int(state["step_count"]),
-                 "_step_count": int(state["step_count"]) + 1,
-                 "base_lrs": [float(b) for b in state["base_lrs"]]}
+                 "_step_count": int(state["step_count"]) + 1}
     schedule.load_state_dict(state)
+    schedule.base_lrs = base
     # LambdaLR's load does not write the rates back into the optimizer's groups
     step = schedule.last_epoch
-    for group, base, factor in zip(schedule.optimizer.param_groups, schedule.base_lrs,
-                                   schedule.lr_lambdas, strict=True):
-        group["lr"] = base * factor(step)
+    for group, lr, factor in zip(schedule.optimizer.param_groups, base, schedule.lr_lambdas,
+                                 strict=True):
+        group["lr"] = lr * factor(step)
+    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]

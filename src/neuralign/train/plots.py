@@ -7,7 +7,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..io import pyplot, read_csv, save_figure
+from ..io import pyplot, read_csv, save_figure, whole_number_ticks
 
 __all__ = ["plot_history", "plot_run", "plot_compare"]
 
@@ -39,6 +39,7 @@ def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") 
     ax1.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
     ax1.legend()
     ax1.grid(alpha=0.3)
+    whole_number_ticks(ax1)
     for key, label in (("train_loss", "train"), ("val_loss", "validation"),
                        ("test_loss", "test")):
         ys = _col(history, key)
@@ -47,6 +48,7 @@ def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") 
     ax2.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     ax2.legend()
     ax2.grid(alpha=0.3)
+    whole_number_ticks(ax2)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -73,6 +75,7 @@ def plot_history(history: Sequence[dict], out_dir: str | Path, title: str = "") 
         ax.set(xlabel="epoch", ylabel=unit, title=label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
+        whole_number_ticks(ax)
     if not present:
         axes[0][0].text(0.5, 0.5, "no feedback layers (backprop)", ha="center", va="center")
         axes[0][0].set_axis_off()
@@ -118,6 +121,7 @@ def plot_compare(results: dict[str, Sequence[dict]], path: str | Path, title: st
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+        whole_number_ticks(ax)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -31,9 +31,16 @@ from torch.nn import functional as F
 import neuralign as na
 
 from ..data import DataBundle
+from ..io import lock_folder
 from . import build, distributed
 from .build import build_rule
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    load_checkpoint,
+    load_optimizer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import (
     Config,
     ConfigError,
@@ -176,6 +183,7 @@ class Trainer:
         self.last_checkpoint_epoch: int | None = None
         self.should_stop = False  # a callback may set this to end training after the epoch
         self.config_changes: list[dict] = []  # changes made on purpose when resuming
+        self._lock: Any = None  # rank 0's lock on the run folder (from_run, then fit)
         self.callbacks: list[Callback] = (
             build.standard_callbacks(tc, self.is_main, quiet) if default_callbacks else [])
         self.callbacks += list(callbacks or [])
@@ -211,13 +219,37 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s state: model, optimizers, schedules, random generators
-        and history, so that training continues exactly."""
+        and history, so that training continues exactly.
+
+        The hyperparameters are this trainer's config's: the optimizers keep their learning
+        rates, momentum, betas, ..., and the schedules their base rates and shapes (evaluated
+        at the step reached), so a config changed on resuming takes effect from there. An
+        optimizer of another kind than the checkpoint's (``optim.name``,
+        ``feedback_optim.name``) starts with a new state, said in the log.
+
+        Raises:
+            ValueError, RuntimeError: the state does not fit this trainer's model or
+                optimizers (another model), before any optimizer is changed.
+        """
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.feedback_optimizer is not None:
-            self.feedback_optimizer.load_state_dict(state["feedback_optimizer"])
+        saved = state.get("config") or {}
+        names = {p: n for n, p in self.model.named_parameters()}
+        for key, which, optimizer in (
+                ("optim", "optimizer", self.optimizer),
+                ("feedback_optim", "feedback_optimizer", self.feedback_optimizer)):
+            if optimizer is None:
+                continue
+            now = getattr(self.cfg, key).name
+            was = (saved.get(key) or {}).get("name", now)
+            if state.get(which) is not None and was.lower() == now.lower():
+                load_optimizer_state(optimizer, state[which], which, names)
+            else:
+                log.warning("%s.name %s -> %s: the %s optimizer starts with a new state from "
+                            "step %d (no momentum or moment estimates carried over)", key, was,
+                            now, "forward" if key == "optim" else "feedback",
+                            int(state["step"]))
         load_schedule_state(self.schedule, state["schedule"])
-        if self.feedback_schedule is not None:
+        if self.feedback_schedule is not None and state.get("feedback_schedule") is not None:
             load_schedule_state(self.feedback_schedule, state["feedback_schedule"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
@@ -250,8 +282,22 @@ class Trainer:
         path = self.run_dir / CHECKPOINT
         if self.is_main:
             path = save_checkpoint(state, path)
+            # config.yaml records what the checkpoint holds (a resume's changes included)
+            save_config(self.cfg, self.run_dir / "config.yaml")
         self.last_checkpoint, self.last_checkpoint_epoch = path, self.epoch
         return path
+
+    def _checkpoint_note(self) -> str:
+        """Where a stopped run stands: its last checkpoint, and how to continue from it."""
+        if self.last_checkpoint is None:
+            return "no checkpoint had been written yet"
+        epoch = self.last_checkpoint_epoch
+        try:  # (the file's own: a stop can land between its write and the note of it)
+            epoch = torch.load(self.last_checkpoint, weights_only=True, mmap=True)["epoch"]
+        except Exception:  # noqa: BLE001 (the note falls back to the epoch noted)
+            pass
+        return (f"the last checkpoint, {self.last_checkpoint} (end of epoch {epoch}), is "
+                f"intact: continue with neuralign train --resume {self.run_dir}")
 
     @classmethod
     def from_run(cls, run: str | Path, overrides: list[str] | None = None,
@@ -262,14 +308,23 @@ class Trainer:
         ``overrides`` may change the keys of :data:`RESUMABLE_KEYS` (e.g. ``train.epochs=60``
         to train longer). Any other change (rule, model, optimizer, data, ...) would relabel
         what the run trained: it is refused with a :class:`ConfigError` naming the keys, before
-        anything is touched, unless ``allow_change`` (then it is logged and recorded in the
-        checkpoint's ``config_changes``)."""
-        from .config import apply_overrides
+        anything is touched, unless ``allow_change`` (then it is logged, recorded in the
+        checkpoint's ``config_changes``, and takes effect from the step reached: see
+        :meth:`load_state_dict`). ``train.epochs`` below the epochs done is refused too.
 
+        The run folder is locked (:func:`neuralign.io.lock_folder`) from before its checkpoint
+        is read until :meth:`fit` ends, so a second process cannot resume or train into it
+        meanwhile; nothing in it is written before everything is built and loaded.
+
+        Raises:
+            neuralign.io.FolderInUseError: another process holds the run folder.
+        """
         distributed.init()
+        held = []  # rank 0's lock on the run folder, kept by the trainer until fit() ends
 
         def read():
             found = resolve_run_dir(run, runs_dir)
+            held.append(lock_folder(found))
             state = load_checkpoint(found / CHECKPOINT)
             missing = [k for k in ("model", "config", "epoch", "history") if k not in state]
             if missing:
@@ -277,8 +332,25 @@ class Trainer:
                                  f"checkpoint (no {', '.join(missing)} in it)")
             return found, state
 
-        # rank 0 reads (the run folder may exist on its machine only) and hands it round
-        run_dir, state = distributed.on_main(read)
+        try:
+            trainer = cls._resume(distributed.on_main(read), overrides, callbacks,
+                                  allow_change, **kwargs)
+        except BaseException:
+            for lock in held:
+                if lock is not None:
+                    lock.close()
+            raise
+        trainer._lock = held[0] if held else None
+        return trainer
+
+    @classmethod
+    def _resume(cls, found: tuple[Path, dict[str, Any]], overrides: list[str] | None,
+                callbacks: list[Callback] | None, allow_change: bool, **kwargs) -> Trainer:
+        """:meth:`from_run`'s trainer from the run folder and its checkpoint (rank 0 reads
+        them and hands them round)."""
+        from .config import apply_overrides
+
+        run_dir, state = found
         ckpt_path = run_dir / CHECKPOINT
         old = config_from_dict(state["config"])
         cfg = apply_overrides(old, overrides or [])
@@ -291,21 +363,38 @@ class Trainer:
                 f"Start a new run with them (--name NEW), or pass --allow-change to change "
                 f"them on purpose (recorded in the checkpoint). Keys a resume may change: "
                 f"{', '.join(RESUMABLE_KEYS)}")
+        done = int(state["epoch"])
+        if cfg.train.epochs < done:  # (the record would claim fewer epochs than it holds)
+            todo = (f"it has finished: to train longer, resume with train.epochs above {done}"
+                    if old.train.epochs <= done else
+                    f"resume without train.epochs to finish its {old.train.epochs}")
+            raise ConfigError(
+                f"{str(run_dir)!r} has trained {done} epochs: train.epochs={cfg.train.epochs} "
+                f"would record it as a run of {cfg.train.epochs}; {todo}")
         trainer = cls(cfg, callbacks=callbacks, run_dir=run_dir, **kwargs)
         try:
             trainer.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError, IndexError) as e:
-            raise ConfigError(f"the checkpoint {str(ckpt_path)!r} does not fit the changed "
-                              f"config ({type(e).__name__}: {str(e).splitlines()[0]}); resume "
-                              f"without changing those keys") from None
+            what = ("does not fit the changed config" if changes else
+                    "does not fit its own config (is it from another run?)")
+            todo = ("resume without changing those keys" if changes else
+                    "move the previous checkpoint over it if it is kept (last.prev.pt), or "
+                    "start a new run")
+            raise ConfigError(f"the checkpoint {str(ckpt_path)!r} {what} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]}); {todo}"
+                              ) from None
         if changes:
-            log.warning("resuming with changed config (recorded in the checkpoint): %s",
-                        ", ".join(changes))
+            log.warning("resuming with changed config, in effect from step %d (recorded in "
+                        "the checkpoint): %s", trainer.step,
+                        "; ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
             trainer.config_changes.append({"epoch": trainer.epoch, "changes": {
                 k: [a, b] for k, (a, b) in changes.items()}})
         trainer.last_checkpoint, trainer.last_checkpoint_epoch = ckpt_path, trainer.epoch
         trainer._info("resuming %s after epoch %d (step %d)", run_dir, trainer.epoch,
                       trainer.step)
+        if trainer.epoch >= cfg.train.epochs:
+            trainer._info("nothing to train: %s has done its %d epochs (train.epochs=N, N > %d, "
+                          "trains longer)", run_dir, trainer.epoch, trainer.epoch)
         return trainer
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -431,12 +520,25 @@ class Trainer:
         Under ``torchrun --max-restarts=N`` (N > 0) a new run also writes its checkpoint
         before the first epoch, and when torchrun restarts the job's processes, each new
         trainer continues from the run folder's last checkpoint (:meth:`_resume_after_restart`)
-        instead of starting over."""
-        self._resume_after_restart()
-        # rank 0 alone prepares the run folder; its errors end every rank
-        distributed.on_main(self._prepare_run_dir)
-        if self.epoch == 0 and self.last_checkpoint is None and distributed.max_restarts() > 0:
-            self.save_checkpoint()  # a restart during the first epoch resumes from here
+        instead of starting over.
+
+        The run folder is locked while it trains (rank 0 holds the lock): a second process
+        training into it or resuming it gets :class:`neuralign.io.FolderInUseError`. An
+        exception that stops training carries a note (``__notes__``) saying where the last
+        checkpoint stands."""
+        try:
+            self._resume_after_restart()
+            # rank 0 alone prepares the run folder; its errors end every rank
+            distributed.on_main(self._prepare_run_dir)
+            if self.epoch == 0 and self.last_checkpoint is None and distributed.max_restarts() > 0:
+                self.save_checkpoint()  # a restart during the first epoch resumes from here
+            return self._train()
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+
+    def _train(self) -> list[dict[str, float]]:
         self._fire("on_train_start")
         epochs = self.cfg.train.epochs
         try:
@@ -456,9 +558,11 @@ class Trainer:
                 self._fire("on_epoch_end", epoch, metrics)
                 if self.world_size > 1:  # a callback on one rank (pruning) stops them all
                     self.should_stop = distributed.any_true(self.should_stop, self.device)
-        except BaseException:
-            # stopped (divergence, Ctrl-C): close bars and writers, plot what there is, and let
-            # the original exception through even if a callback fails now
+        except BaseException as stop:
+            # stopped (divergence, Ctrl-C, a full disk): close bars and writers, plot what
+            # there is, and let the original exception through even if a callback fails now
+            if not isinstance(stop, DivergenceError):  # (its message says it already)
+                stop.add_note(self._checkpoint_note())
             try:
                 self._fire("on_train_end", self.history)
             except Exception as e:
@@ -483,6 +587,8 @@ class Trainer:
         def read() -> dict[str, Any] | None:
             if not path.is_file():
                 return None
+            if self._lock is None:  # (as a resume: the lock before the checkpoint is read)
+                self._lock = lock_folder(self.run_dir)
             state = load_checkpoint(path)
             return state if state.get("torchrun_run_id") == distributed.run_id() else None
 
@@ -501,9 +607,13 @@ class Trainer:
                    self.run_dir, self.epoch, self.step)
 
     def _prepare_run_dir(self) -> None:
-        # (a run resumed from its checkpoint of epoch 0, written for restarts, is no new run)
-        if self.epoch == 0 and self.last_checkpoint is None and (
-                self.run_dir / "config.yaml").exists():
+        if self._lock is None:  # (a resumed run holds it since from_run)
+            self._lock = lock_folder(self.run_dir)
+        # resumed (by --resume, or by torchrun's restart, from the checkpoint of epoch 0 too):
+        # config.yaml follows the checkpoints (save_checkpoint)
+        if self.epoch > 0 or self.last_checkpoint is not None:
+            return
+        if (self.run_dir / "config.yaml").exists():
             if not self.cfg.train.overwrite:
                 raise FileExistsError(
                     f"run folder {str(self.run_dir)!r} already exists; continue it with "
