@@ -51,7 +51,7 @@ def add_parsers(sub, run: argparse.ArgumentParser) -> dict:
                "  data.batch_size: {type: int, low: 32, high: 256, log: true}\n"
                "  feedback_optim.rate: {type: log_float, low: 0.01, high: 1.0}\n"
                "storage: sqlite:///OUT/study.db by default; for many machines a PostgreSQL URL,\n"
-               "  postgresql://USER:PASSWORD@HOST:5432/DB (pip install psycopg2-binary), and\n"
+               "  postgresql://USER:PASSWORD@HOST:5432/DB (pip install 'neuralign[postgres]'), and\n"
                "  the same command (--study, --storage) started on each machine: the workers\n"
                "  sample differently by themselves (each trial's sampler is seeded by --seed and\n"
                "  the trial's number).")

@@ -12,7 +12,9 @@ e.g. PostgreSQL, for many machines), so
   ``trials.csv``), does not count, and its values are tried again;
 - several workers (``jobs`` processes here, or more commands on other machines) share a study,
   and sample differently by themselves: each trial's sampler is seeded by ``seed`` and the
-  trial's number, which the study gives out once (:func:`trial_seed`).
+  trial's number, which the study gives out once (:func:`trial_seed`); and the study ends
+  with exactly ``trials`` that count: a trial that a worker starts when the others have taken
+  the last ones stops at once (failed, status ``surplus``; it does not count).
 
 A trial that diverges or fails is stored as Optuna's FAIL state with user attributes ``status``
 (``diverged`` / ``error``) and ``reason``; the study goes on.
@@ -205,23 +207,47 @@ def _recover_stale(study) -> None:
             log.info("trial %d was interrupted: its values are queued again", t.number)
 
 
-def _counted(study) -> int:
-    """Trials that count towards the target: finished (interrupted ones excepted) or running."""
+def _counts(t) -> bool:
+    """Whether a trial counts towards the target: finished (interrupted and surplus ones
+    excepted) or running."""
     from optuna.trial import TrialState
 
-    n = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
-            n += 1
-        elif t.state == TrialState.FAIL and not interrupted(t):
-            n += 1
-    return n
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING):
+        return True
+    return (t.state == TrialState.FAIL and not interrupted(t)
+            and t.user_attrs.get("status") != "surplus")
 
 
-def _objective(base: Config, space: SearchSpace, root: Path, data):
+def _counted(study) -> int:
+    """Trials that count towards the target."""
+    return sum(_counts(t) for t in study.get_trials(deepcopy=False))
+
+
+def _over_budget(study, number: int, target: int) -> bool:
+    """Whether ``target`` trials numbered before trial ``number`` count or wait to run (a
+    queued retry). Workers that see one trial missing may all start one; the study gives
+    each trial number out once, so this check at the start of each trial lets exactly the
+    missing ones run, whichever worker asks."""
+    from optuna.trial import TrialState
+
+    before = (t for t in study.get_trials(deepcopy=False) if t.number < number)
+    return sum(t.state == TrialState.WAITING or _counts(t) for t in before) >= target
+
+
+class _Surplus(Exception):
+    """A trial started after the study held its target (recorded as failed, status
+    ``surplus``; it does not count and is not retried)."""
+
+
+def _objective(base: Config, space: SearchSpace, root: Path, data, target: int):
     import optuna
 
     def objective(trial: optuna.Trial) -> float:
+        if _over_budget(trial.study, trial.number, target):
+            trial.set_user_attr("status", "surplus")
+            trial.set_user_attr("reason", f"not run: the study held its {target} trials when "
+                                          f"it started (other workers took the last ones)")
+            raise _Surplus(trial.user_attrs["reason"])
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         params = space.suggest(trial)
@@ -308,7 +334,7 @@ def _run_worker(study_name: str, storage: str, base_dict: dict, space_dict: dict
     from ..data import build_data
 
     data = build_data(base.data)
-    objective = _objective(base, space, Path(root), data)
+    objective = _objective(base, space, Path(root), data, target)
     t_end = time.monotonic() + timeout if timeout else None
     errors = 0
     while _counted(study) < target:
@@ -328,6 +354,8 @@ def _run_worker(study_name: str, storage: str, base_dict: dict, space_dict: dict
         elif status == "pruned":
             log.info("trial %d: pruned after epoch %s", last.number,
                      last.user_attrs.get("epochs"))
+        elif status == "surplus":
+            log.info("trial %d: %s", last.number, last.user_attrs.get("reason"))
         if errors >= MAX_CONSECUTIVE_ERRORS:
             raise RuntimeError(f"{errors} trials in a row failed with errors (not divergence); "
                                f"last: {last.user_attrs.get('reason')}")
@@ -478,6 +506,7 @@ def _search(base, space, trials, study, out, storage, seed, pruner, prune_startu
              storage, jobs)
     args = (study, storage, config_to_dict(base), space.to_dict(), str(out), trials, seed,
             pruner)
+    jobs = min(jobs, trials - done)  # (no worker without a trial to run)
     if done < trials:
         if jobs == 1:
             _run_worker(*args, 0, timeout)

@@ -90,7 +90,8 @@ def _plot_history(study, path: Path) -> None:
     comp = [(t.number, t.value) for t in trials if t.state == TrialState.COMPLETE]
     pruned = [(t.number, t.intermediate_values[max(t.intermediate_values)])
               for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
-    failed = [t.number for t in trials if t.state == TrialState.FAIL and not interrupted(t)]
+    failed = [t.number for t in trials if t.state == TrialState.FAIL and not interrupted(t)
+              and t.user_attrs.get("status") != "surplus"]
     if comp:
         ax.plot(*zip(*comp, strict=True), "o", label="complete (final val top-1)")
         best, xs, ys = -math.inf, [], []

@@ -13,7 +13,9 @@ The backend is chosen from the machine, not the run: ``gloo`` without CUDA,
 objects), so a run can be resumed before its config (and so its device) is known.
 ``NEURALIGN_DIST_TIMEOUT`` (seconds, default 600) bounds every collective: a rank that stops
 answering ends the job with an error instead of a hang. When a rank fails outright,
-``torchrun`` stops the others at once and reports that rank's error.
+``torchrun`` stops the others at once and reports that rank's error; with ``--max-restarts``
+it starts them again, and the trainer resumes from the run folder's last checkpoint
+(:func:`restart_count`, :func:`run_id`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 __all__ = ["requested", "init", "cleanup", "rank", "world_size", "local_rank", "is_main", "timestamp",
+           "restart_count", "max_restarts", "run_id",
            "local_device", "rank_seed", "all_reduce_sum", "any_true", "broadcast_object",
            "all_gather_object", "on_main", "broadcast_buffers", "launch", "TIMEOUT_ENV"]
 
@@ -71,6 +74,13 @@ def init() -> bool:
         backend = "gloo"
     dist.init_process_group(backend=backend, timeout=timeout)
     log.debug("rank %d of %d joined (%s, timeout %s)", rank(), world_size(), backend, timeout)
+    if (rank() == 0 and restart_count() == 0 and max_restarts() > 0
+            and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"):
+        log.warning("torchrun may restart this job (--max-restarts), but its processes use the "
+                    "rendezvous' shared store, where a restart finds the previous processes' "
+                    "addresses and fails to connect (pytorch issues 135712, 167288): start "
+                    "torchrun with the c10d rendezvous and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                    "(see docs/distributed.md)")
     return dist.get_world_size() > 1
 
 
@@ -99,6 +109,22 @@ def rank() -> int:
 def world_size() -> int:
     """The number of processes in the group (1 outside a distributed run)."""
     return dist.get_world_size() if active() else 1
+
+
+def restart_count() -> int:
+    """How often torchrun has restarted this job's processes (``TORCHELASTIC_RESTART_COUNT``;
+    0 on the first attempt and without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def max_restarts() -> int:
+    """The restarts torchrun allows this job (``--max-restarts``; 0 without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+
+
+def run_id() -> str | None:
+    """torchrun's id of this job (``--rdzv-id``; ``TORCHELASTIC_RUN_ID``), None without it."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
 
 
 def local_rank() -> int:

@@ -214,6 +214,7 @@ class Trainer:
             "history": list(self.history),
             "config": config_to_dict(self.cfg),
             "config_changes": list(self.config_changes),
+            "torchrun_run_id": distributed.run_id(),  # (a restart resumes its own job's only)
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -516,13 +517,21 @@ class Trainer:
     def fit(self) -> list[dict[str, float]]:
         """Train from the current epoch to ``train.epochs``; returns the metrics history.
 
+        Under ``torchrun --max-restarts=N`` (N > 0) a new run also writes its checkpoint
+        before the first epoch, and when torchrun restarts the job's processes, each new
+        trainer continues from the run folder's last checkpoint (:meth:`_resume_after_restart`)
+        instead of starting over.
+
         The run folder is locked while it trains (rank 0 holds the lock): a second process
         training into it or resuming it gets :class:`neuralign.io.FolderInUseError`. An
         exception that stops training carries a note (``__notes__``) saying where the last
         checkpoint stands."""
         try:
+            self._resume_after_restart()
             # rank 0 alone prepares the run folder; its errors end every rank
             distributed.on_main(self._prepare_run_dir)
+            if self.epoch == 0 and self.last_checkpoint is None and distributed.max_restarts() > 0:
+                self.save_checkpoint()  # a restart during the first epoch resumes from here
             if self.cfg.train.report and self.epoch == 0:
                 self._report()
             return self._train()
@@ -564,6 +573,41 @@ class Trainer:
         self._fire("on_train_end", self.history)
         return self.history
 
+    def _resume_after_restart(self) -> None:
+        """After torchrun restarted the job (``TORCHELASTIC_RESTART_COUNT`` > 0), load the run
+        folder's checkpoint if this job wrote it (the same ``TORCHELASTIC_RUN_ID``, torchrun's
+        ``--rdzv-id``), so that the new processes continue where the old ones stopped. A
+        trainer that already holds a checkpoint (:meth:`from_run`) keeps it."""
+        if self.last_checkpoint is not None or self.step:
+            return
+        # (each agent counts its own restarts: one that restarts for another's failure may
+        # count none, so the job was restarted if any process says so)
+        if max(distributed.all_gather_object(distributed.restart_count())) == 0:
+            return
+        path = self.run_dir / CHECKPOINT
+
+        def read() -> dict[str, Any] | None:
+            if not path.is_file():
+                return None
+            if self._lock is None:  # (as a resume: the lock before the checkpoint is read)
+                self._lock = lock_folder(self.run_dir)
+            state = load_checkpoint(path)
+            return state if state.get("torchrun_run_id") == distributed.run_id() else None
+
+        state = distributed.on_main(read)  # (rank 0 reads, as for a resume)
+        if state is None:
+            return
+        changes = [k for k in _config_changes(config_from_dict(state["config"]), self.cfg)
+                   if k not in RESUMABLE_KEYS]
+        if changes:
+            raise ConfigError(f"torchrun restarted job {distributed.run_id()!r}, but its "
+                              f"checkpoint {str(path)!r} holds another config (keys "
+                              f"{', '.join(changes)})")
+        self.load_state_dict(state)
+        self.last_checkpoint, self.last_checkpoint_epoch = path, self.epoch
+        self._info("torchrun restarted the job: resuming %s after epoch %d (step %d)",
+                   self.run_dir, self.epoch, self.step)
+
     def _report(self) -> None:
         """``na.report`` on the first test batch, logged and written to ``report.txt``; the
         run goes on as without it (random streams and buffers restored)."""
@@ -583,7 +627,9 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         if self._lock is None:  # (a resumed run holds it since from_run)
             self._lock = lock_folder(self.run_dir)
-        if self.epoch > 0:  # resumed: config.yaml follows the checkpoints (save_checkpoint)
+        # resumed (by --resume, or by torchrun's restart, from the checkpoint of epoch 0 too):
+        # config.yaml follows the checkpoints (save_checkpoint)
+        if self.epoch > 0 or self.last_checkpoint is not None:
             return
         if (self.run_dir / "config.yaml").exists():
             if not self.cfg.train.overwrite:
