@@ -65,6 +65,22 @@ def test_bypassed_and_unconverted_layers_are_named():
     assert rep.bypassed == ["b"] and rep.not_converted == ["bil: Bilinear"]
 
 
+def test_a_layer_the_forward_never_uses_received_no_error():
+    class Spare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = nn.Linear(6, 10), nn.Linear(6, 10)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = na.convert(Spare(), "fa")
+    x, y = _batch()
+    rep = na.report(model, lambda: F.cross_entropy(model(x), y))
+    assert {r.name: r.error_via for r in rep.layers} == {"used": "F", "spare": "none"}
+    assert rep.bypassed == []
+
+
 def test_nothing_is_stepped_or_collected():
     model = na.convert(_net(), "aa")
     opt = na.feedback_optimizer(model)

@@ -25,7 +25,7 @@ class LayerReport:
         rule: its rule's name.
         error_via: how its error went down in the measured backward: ``'F'`` (its feedback
             weight), ``'D'`` (dfa's projection of the output error), ``'W (bypassed)'`` (the
-            model reads its weight itself: plain backprop) or ``'none'`` (no error reached it).
+            model reads its weight itself: plain backprop) or ``'none'`` (unused, or no error reached it).
         local_angle: ∠(what it sent down, what W would send for the same error), degrees.
         backprop_angle: ∠(W's gradient under the rule, W's gradient under exact backprop on
             the same batch), degrees.
@@ -104,10 +104,12 @@ def report(model: nn.Module, closure: Callable[[], Tensor]) -> Report:
     metrics.record_gradient_angles(model, True)
     try:
         loss = closure()
-        weights = [layer.weight for _, layer in layers]
-        wanted = [w for w in weights if w.requires_grad]
+        wanted = [(name, layer.weight) for name, layer in layers if layer.weight.requires_grad]
+        reached: set[str] = set()  # the layers whose W got a gradient
         if wanted:  # (the gradients themselves are not kept: only the recorded angles)
-            torch.autograd.grad(loss, wanted, allow_unused=True)
+            grads = torch.autograd.grad(loss, [w for _, w in wanted], allow_unused=True)
+            reached = {name for (name, _), g in zip(wanted, grads, strict=True)
+                       if g is not None}
         local = metrics.gradient_angles(model)
     finally:
         metrics.record_gradient_angles(model, False)
@@ -116,14 +118,16 @@ def report(model: nn.Module, closure: Callable[[], Tensor]) -> Report:
         for (_, layer), recipe in zip(layers, recipes, strict=True):
             layer._recipe = recipe
     versus = metrics.backprop_angles(model, closure)
-    bypassed = bypassed_layers(model, closure)
+    # never called, yet W got a gradient: the model read the weight itself (an unused layer
+    # is not bypassed)
+    bypassed = [n for n in bypassed_layers(model, closure) if n in reached]
     weight_angles = metrics.weight_angles(model)
     lags = metrics.feedback_lags(model, closure)
     rows = []
     for name, layer in layers:
-        if name in bypassed or name not in called:
+        if name in bypassed:
             via = "W (bypassed)"
-        elif name not in local:
+        elif name not in called or name not in local:  # unused, or no error reached it
             via = "none"
         else:
             via = "D" if layer.rule.kind == "dfa" else "F"

@@ -1,7 +1,7 @@
 """Rebuild docs/results.md's GPT-2-on-pydoc table from the per-run CSVs beside this file
 (``<rule>-s<seed>.csv``: each run's ``metrics.csv``, one row per epoch).
 
-    python results/pydoc-gpt2/table.py
+    python docs/results/pydoc-gpt2/table.py
 """
 
 from pathlib import Path
