@@ -378,16 +378,21 @@ def test_two_search_commands_on_one_study_sample_differently(tmp_path):
 def test_a_search_worker_killed_and_started_again(tmp_path):
     """kill -9 of a worker in a trial, then the same command again: the trial's values are
     tried again, once, the study reaches its target, and no other values repeat."""
-    argv = [*_shared_study(tmp_path), "--trials", "3", "train.epochs=3"]  # time to catch it
+    argv = [*_shared_study(tmp_path), "--trials", "3", "train.epochs=20"]  # time to catch it
     storage = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
     (worker,) = _search_workers(tmp_path, 1, *argv)
     running = None
-    while running is None and worker.poll() is None:
-        time.sleep(0.05)
-        if (tmp_path / "out" / "space.yaml").exists():  # (written once the study is)
+    while worker.poll() is None:
+        time.sleep(0.01)
+        if running is None and (tmp_path / "out" / "space.yaml").exists():  # (the study is)
             running = next((t for t in optuna.load_study(study_name="shared",
                                                          storage=storage).trials
                             if t.state == optuna.trial.TrialState.RUNNING and t.params), None)
+        # killed in the middle of the trial: after its first epoch, 19 before its end (killed
+        # as soon as it runs, it could finish between the look and the kill)
+        if running is not None and (tmp_path / "out" / "trials" / f"trial-{running.number:04d}"
+                                    / "metrics.csv").exists():
+            break
     worker.kill()
     worker.wait()
     assert running is not None
@@ -524,3 +529,20 @@ def test_help(cmd, capsys):
         main([cmd, "--help"])
     assert e.value.code == 0
     assert "--out" in capsys.readouterr().out
+
+
+def test_a_trial_killed_after_its_result_was_recorded_is_interrupted():
+    """The objective records ``ok`` (or ``pruned``) just before Optuna stores the result: a
+    process killed in between leaves a failed trial with that status. It must be retried and
+    must not count, like any killed trial; failures the objective records stay failures."""
+    from neuralign.experiments.search import _counts
+    from neuralign.experiments.search_outputs import interrupted
+
+    st = optuna.create_study(direction="maximize")
+    for status in ("ok", "pruned", None, "interrupted", "diverged", "error", "surplus"):
+        t = st.ask()
+        if status is not None:
+            t.set_user_attr("status", status)
+        st.tell(t, state=optuna.trial.TrialState.FAIL)
+    assert [interrupted(t) for t in st.trials] == [True] * 4 + [False] * 3
+    assert [_counts(t) for t in st.trials] == [False] * 4 + [True, True, False]

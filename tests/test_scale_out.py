@@ -421,8 +421,8 @@ def test_two_agents_train_as_one_process_on_the_global_batch(two_nodes, tmp_path
     root = two_nodes.root
     folders = [p for p in (root / "node0" / "mn", root / "node1" / "mn") if p.exists()]
     assert len(folders) == 1  # rank 0's node (c10d gives the ranks in the order of arrival)
-    assert sorted(p.name for p in folders[0].iterdir()) == ["checkpoints", "config.yaml",
-                                                             "metrics.csv"]
+    assert sorted(p.name for p in folders[0].iterdir()) == [".lock", "checkpoints",
+                                                             "config.yaml", "metrics.csv"]
     ckpt = load_checkpoint(folders[0] / "checkpoints" / "last.pt")
     assert ckpt["epoch"] == 4 and len(ckpt["rng_ranks"]) == 2
     single = Trainer(load_config(None, [*TRAIN, f"train.runs_dir={tmp_path}"]))

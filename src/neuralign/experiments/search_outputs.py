@@ -27,10 +27,13 @@ class SearchResult(dict):
 def interrupted(t) -> bool:
     """A failed trial the search did not fail itself: its process died (a kill, or a machine
     whose heartbeat stopped) or was interrupted. Every failure the objective handles records
-    a status (diverged, error); Ctrl-C records ``interrupted``."""
+    a status (diverged, error, surplus); Ctrl-C records ``interrupted``. A process killed
+    after the objective recorded ``ok`` or ``pruned`` but before Optuna stored the result
+    leaves that status on a failed trial: interrupted too."""
     from optuna.trial import TrialState
 
-    return t.state == TrialState.FAIL and t.user_attrs.get("status") in (None, "interrupted")
+    return t.state == TrialState.FAIL and t.user_attrs.get("status") not in (
+        "diverged", "error", "surplus")
 
 
 def study_summary(study) -> list[dict[str, Any]]:
