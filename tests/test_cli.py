@@ -72,7 +72,7 @@ def test_train_config_file(tmp_path, capsys):
     (["optim.lrr=0.1"], "valid keys: optim.name, optim.lr"),
     (["optim.lr=fast"], "optim.lr: expected float"),
     (["rule.name=nope"], "valid: aa, bp"),
-    (["model.name=nope"], "valid: charlm, cnn1d, gru1d, lenet, mlp"),
+    (["model.name=nope"], "valid: charlm, cnn1d, gpt2, gru1d, lenet, mlp"),
     (["data.name=nope"], "valid: cifar10, cifar100"),
     (["--config", "/nonexistent.yaml"], "does not exist"),
     (["data.name=mnist", "data.data_dir=/nonexistent"], "MNIST/raw/train-images-idx3-ubyte"),
