@@ -92,6 +92,25 @@ LAYER_CASES = [
        padding=1, output_padding=(1, 0, 0)),
 ]
 
+try:  # the hf extra: GPT-2's Conv1D ([in, out] weights), registered by the integration
+    from transformers.pytorch_utils import Conv1D
+
+    import neuralign.integrations.hf  # noqa: F401
+
+    LAYER_CASES += [_c("hf-conv1d", Conv1D, (5, 6), (4, 6)),  # Conv1D(nf=out, nx=in)
+                    _c("hf-conv1d-3d", Conv1D, (5, 6), (3, 4, 6))]
+except ImportError:
+    pass
+
+try:  # the timm extra: timm's own Linear (nn.Linear's map), registered by the integration
+    from timm.layers import Linear as TimmLinear
+
+    import neuralign.integrations.timm  # noqa: F401
+
+    LAYER_CASES += [_c("timm-linear-3d", TimmLinear, (6, 5), (3, 4, 6))]
+except ImportError:
+    pass
+
 # Every layer type the converter knows has at least one case.
 # (containers of projections have their own tests: test_attention.py, test_recurrent.py)
 assert {c.cls for c in LAYER_CASES} == {cls for cls, feedback in DEFAULT_MAPPING.items()

@@ -45,6 +45,20 @@ def test_train_end_to_end(tmp_path, capsys):
     assert (run / "plots" / "accuracy.png").is_file()
 
 
+def test_train_report_is_logged_at_the_start_and_changes_nothing(tmp_path, capsys):
+    """train.report=true: the table before the first epoch, in report.txt too, and the same
+    run as without it."""
+    assert main(["train", "--name", "rep", *runs.tiny(tmp_path, "train.report=true")]) == 0
+    err = capsys.readouterr().err
+    assert err.index("neuralign report:") < err.index("epoch 1/2")
+    text = (tmp_path / "runs" / "rep" / "report.txt").read_text()
+    assert "error via" in text and "FeedbackConv1d" in text and "bypassed" in text
+    assert main(["train", "--name", "plain", *runs.tiny(tmp_path)]) == 0
+    a, b = (torch.load(tmp_path / "runs" / n / "checkpoints/last.pt", weights_only=True)["model"]
+            for n in ("rep", "plain"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_train_config_file(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {name: mlp, widths: [16]}\nrule: {name: kp}\n")
@@ -58,7 +72,7 @@ def test_train_config_file(tmp_path, capsys):
     (["optim.lrr=0.1"], "valid keys: optim.name, optim.lr"),
     (["optim.lr=fast"], "optim.lr: expected float"),
     (["rule.name=nope"], "valid: aa, bp"),
-    (["model.name=nope"], "valid: charlm, cnn1d, gru1d, lenet, mlp"),
+    (["model.name=nope"], "valid: charlm, cnn1d, gpt2, gru1d, lenet, mlp"),
     (["data.name=nope"], "valid: cifar10, cifar100"),
     (["--config", "/nonexistent.yaml"], "does not exist"),
     (["data.name=mnist", "data.data_dir=/nonexistent"], "MNIST/raw/train-images-idx3-ubyte"),

@@ -13,7 +13,8 @@ from neuralign.models import ModelConfig, build_model, list_models
 # input shape per model family (the CIFAR ResNets and LeNet take images, cnn1d sequences)
 _SHAPES = {"mlp": (1, 40), "cnn1d": (1, 40), "lenet": (1, 28, 28), "gru1d": (1, 40),
            "transformer1d": (1, 40)}
-_REGISTERED = [m for m in list_models(include_torchvision=False) if m != "charlm"]  # (tokens)
+_REGISTERED = [m for m in list_models(include_torchvision=False)
+               if m not in ("charlm", "gpt2")]  # (tokens)
 
 
 def _convertible(model: nn.Module) -> int:
@@ -146,4 +147,21 @@ def test_charlm_is_causal_and_trains_on_per_position_targets():
     y = torch.randint(0, 7, (3, 12))
     torch.nn.functional.cross_entropy(model(x), y).backward()
     for name, layer in na.feedback_layers(model):  # the rule's gradient reached every F
+        assert layer.feedback.grad is not None, name
+
+
+def test_gpt2_is_causal_and_converts_whole():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(name="gpt2", kwargs={"dim": 16, "heads": 2}), (12,), 7)
+    x = torch.randint(0, 7, (3, 12))
+    out = plain(x)
+    assert out.shape == (3, 7, 12)  # [N, vocab, T]
+    changed = x.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 7
+    torch.testing.assert_close(plain(changed)[..., :8], out[..., :8])  # no peeking ahead
+    model = na.convert(plain, "sa", on_unsupported="raise")
+    assert len(list(na.feedback_layers(model))) == 2 * 4 + 1  # 4 Conv1D a layer, read-out
+    torch.nn.functional.cross_entropy(model(x), torch.randint(0, 7, (3, 12))).backward()
+    for name, layer in na.feedback_layers(model):
         assert layer.feedback.grad is not None, name

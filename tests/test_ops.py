@@ -15,7 +15,8 @@ CASES = [pytest.param(c, id=c.id) for c in LAYER_CASES]
 
 def _batched(case, x):
     """ops act on batched inputs; the layers add the batch dimension of an unbatched conv input."""
-    return x.unsqueeze(0) if case.cls is not torch.nn.Linear and x.dim() == len(case.input_shape) and \
+    return x.unsqueeze(0) if not issubclass(case.cls, torch.nn.Linear) and \
+        x.dim() == len(case.input_shape) and \
         len(case.input_shape) == int(case.cls.__name__[-2]) + 1 else x
 
 
@@ -89,10 +90,12 @@ def test_the_curvature_products_are_the_gram_matrices_applied(case):
     layer, x = case.make(), _batched(case, case.input())
     ops = ops_for(layer)
     W = layer.weight.detach()
+    if ops.output_probe_shape(W) == LayerOps.output_probe_shape(ops, W):
+        pytest.skip("a family that derives its curvature products (the whole kernel)")
     xp = ops.pad(x)
     y = ops.core(xp, W)
     channels = ops.out_channels(W)
-    rows = (y if case.cls is torch.nn.Linear else y.movedim(1, -1)).reshape(-1, channels)
+    rows = (y if issubclass(case.cls, torch.nn.Linear) else y.movedim(1, -1)).reshape(-1, channels)
     u = torch.randn(channels, dtype=y.dtype)
     _close(ops.output_gram(y, u), rows.t() @ (rows @ u))
     if "Transpose" in case.cls.__name__:

@@ -37,13 +37,14 @@ from .recurrent import (
     FeedbackRNN,
     FeedbackRNNCell,
 )
+from .report import report
 from .rules import Rule, get_rule, list_rules
 
 __version__ = "0.1.0"
 
 __all__ = [
     "convert", "revert", "feedback_layers", "bypassed_layers", "param_groups", "exact_backprop",
-    "after_step",
+    "after_step", "report",
     "feedback_optimizer", "FeedbackOptimizer",
     "Rule", "get_rule", "list_rules", "metrics", "rules", "estimate",
     "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d",

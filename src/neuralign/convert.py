@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import importlib
 import logging
+import sys
 from collections.abc import Callable, Iterator, Mapping
 
 import torch
@@ -31,6 +33,18 @@ ELEMENTWISE = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.PR
                nn.Embedding, nn.EmbeddingBag, nn.RMSNorm)
 
 POLICIES = ("warn", "ignore", "raise")
+
+#: library -> the neuralign module that registers its layer families (on import). ``convert``
+#: imports it when the library itself is imported, so a model of that library converts whole
+#: without a step of the user's, and ``import neuralign`` never imports the library.
+INTEGRATIONS = {"transformers": "neuralign.integrations.hf",
+                "timm": "neuralign.integrations.timm"}
+
+
+def _register_integrations() -> None:
+    for library, module in INTEGRATIONS.items():
+        if library in sys.modules:
+            importlib.import_module(module)  # (a string: the integration imports this module)
 
 
 class UnsupportedLayerError(TypeError):
@@ -77,6 +91,8 @@ def convert(
         ValueError: ``model`` already holds feedback layers (converting twice would keep the
             old rule on them): convert the plain model, or ``revert`` it first.
     """
+    if mapping is None:
+        _register_integrations()
     converted = [n or "(the model itself)" for n, _ in feedback_layers(model)]
     if converted:
         raise ValueError(f"the model is already converted (feedback layers: "

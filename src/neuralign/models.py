@@ -12,6 +12,9 @@ them into feedback models with :func:`neuralign.convert`. Names:
   MNIST-1D authors' GRU; ``transformer1d``: a small patch transformer for them.
 - ``charlm``: a small causal transformer language model (data ``pydoc``), next-token logits
   at every position.
+- ``gpt2``: GPT-2's architecture (Hugging Face transformers' ``GPT2LMHeadModel``, built from a
+  config: needs the ``hf`` extra), small, for the same data: its projections are
+  transformers' ``Conv1D``, converted by :mod:`neuralign.integrations.hf`.
 - ``resnet20`` … ``resnet110``: the CIFAR ResNets of He et al. 2016 (§4.2): 3 stages of
   16/32/64 channels, n basic blocks each (depth 6n+2). The shortcut is **option A** by default
   (identity; when the shape changes, stride-2 subsampling and zero-padded channels: no
@@ -326,6 +329,34 @@ def _charlm(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) ->
     if len(input_shape) != 1:
         raise ValueError(f"charlm needs token sequences [T], the data give {input_shape}")
     return CharTransformer(num_classes, input_shape[0], **cfg.kwargs)
+
+
+class GPT2(nn.Module):
+    """GPT-2's architecture at a small size (transformers' ``GPT2LMHeadModel`` from a config,
+    random initialisation, no dropout) over token ids ``[N, T]``; next-token logits as
+    ``[N, vocab, T]``, as :class:`CharTransformer`. The read-out is tied to the token
+    embedding, as in GPT-2."""
+
+    def __init__(self, vocab: int, length: int, dim: int = 64, depth: int = 2, heads: int = 2):
+        super().__init__()
+        try:
+            from transformers import GPT2Config, GPT2LMHeadModel
+        except ImportError as e:
+            raise ImportError("model gpt2 needs transformers: pip install 'neuralign[hf]'") from e
+        config = GPT2Config(vocab_size=vocab, n_positions=length, n_embd=dim, n_layer=depth,
+                            n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            bos_token_id=0, eos_token_id=0)
+        self.gpt2 = GPT2LMHeadModel(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gpt2(input_ids=x).logits.transpose(1, 2)
+
+
+@register_model("gpt2")
+def _gpt2(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 1:
+        raise ValueError(f"gpt2 needs token sequences [T], the data give {input_shape}")
+    return GPT2(num_classes, input_shape[0], **cfg.kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

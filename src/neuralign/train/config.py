@@ -253,6 +253,9 @@ class TrainConfig:
             end); the last epoch is always written.
         angle_every: measure local gradient angles and the end-to-end angle with backprop every
             this many steps (0: never).
+        report: at the start of a run, log :func:`neuralign.report` on the first test batch
+            (per layer: rule, whether the error went through F, angles, lag, bypassed and
+            unconverted layers) and write it to ``report.txt`` in the run folder.
         progress: show a progress bar per epoch (stderr).
         tensorboard: write TensorBoard events to the run folder.
         plots: write PNG plots at the end.
@@ -274,6 +277,7 @@ class TrainConfig:
     device: str = "auto"
     checkpoint_every: int = 1
     angle_every: int = 20
+    report: bool = False
     progress: bool = True
     tensorboard: bool = True
     plots: bool = True

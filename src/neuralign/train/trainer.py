@@ -31,7 +31,7 @@ from torch.nn import functional as F
 import neuralign as na
 
 from ..data import DataBundle
-from ..io import lock_folder
+from ..io import lock_folder, write_text
 from . import build, distributed
 from .build import build_rule
 from .checkpoint import (
@@ -65,7 +65,7 @@ RUN_FILES = ("config.yaml", "metrics.csv", CHECKPOINT, "tb/", "plots/")
 #: Config keys a resume may change: how long, how often, where and how it is shown. Any other
 #: change would relabel what the run trained (see :meth:`Trainer.from_run`).
 RESUMABLE_KEYS = ("train.epochs", "train.progress", "train.tensorboard", "train.plots",
-                  "train.checkpoint_every", "train.angle_every", "train.device",
+                  "train.checkpoint_every", "train.angle_every", "train.report", "train.device",
                   "train.runs_dir", "train.name", "train.overwrite", "data.data_dir",
                   "data.download", "data.workers", "data.eval_batch_size")
 
@@ -532,6 +532,8 @@ class Trainer:
             distributed.on_main(self._prepare_run_dir)
             if self.epoch == 0 and self.last_checkpoint is None and distributed.max_restarts() > 0:
                 self.save_checkpoint()  # a restart during the first epoch resumes from here
+            if self.cfg.train.report and self.epoch == 0:
+                self._report()
             return self._train()
         finally:
             if self._lock is not None:
@@ -605,6 +607,22 @@ class Trainer:
         self.last_checkpoint, self.last_checkpoint_epoch = path, self.epoch
         self._info("torchrun restarted the job: resuming %s after epoch %d (step %d)",
                    self.run_dir, self.epoch, self.step)
+
+    def _report(self) -> None:
+        """``na.report`` on the first test batch, logged and written to ``report.txt``; the
+        run goes on as without it (random streams and buffers restored)."""
+        x, y = next(iter(self.data.test))
+        x, y = x.to(self.device), y.to(self.device)
+        buffers = [b.clone() for b in self.model.buffers()]
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            text = str(na.report(self.model, lambda: F.cross_entropy(self.model(x), y)))
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        if self.is_main:
+            log.info("%s", text)
+            write_text(self.run_dir / "report.txt", text + "\n")
 
     def _prepare_run_dir(self) -> None:
         if self._lock is None:  # (a resumed run holds it since from_run)
