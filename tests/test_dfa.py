@@ -430,3 +430,18 @@ def test_gradient_accumulation_equals_one_big_batch(scale):
     for name, p in m.named_parameters():
         torch.testing.assert_close(p.grad, big[name], rtol=1e-12, atol=1e-14, msg=name)
     assert big["2.weight"].abs().max() > 0
+
+
+@pytest.mark.parametrize("init,bound", [("default", 1 / math.sqrt(64)),  # TinyDFA's normalised
+                                        ("uniform", 1.0),                 # TinyDFA's raw draw
+                                        ("xavier_uniform", math.sqrt(6 / (64 + 10)))])  # BioTorch
+def test_the_literatures_draws_of_D(init, bound):
+    """D of [outputs, in_channels] = [10, 64]: uniform in ±bound, the bound the init names."""
+    torch.manual_seed(0)
+    m = na.convert(nn.Sequential(nn.Linear(5, 64), nn.ReLU(), nn.Linear(64, 10)),
+                   na.get_rule("dfa", init=init))
+    m(torch.randn(3, 5)).sum().backward()
+    D = m[2].feedback
+    assert D.shape == (10, 64)
+    assert D.abs().max() <= bound and D.abs().max() > 0.9 * bound
+    assert abs(D.std().item() - bound / math.sqrt(3)) < 0.15 * bound / math.sqrt(3)

@@ -40,6 +40,8 @@ INITS = {
     "kaiming_normal": lambda t, g: nn.init.kaiming_normal_(t, nonlinearity="relu", generator=g),
     "xavier_uniform": lambda t, g: nn.init.xavier_uniform_(t, generator=g),
     "xavier_normal": lambda t, g: nn.init.xavier_normal_(t, generator=g),
+    # U[-1, 1], no fan: TinyDFA's feedback matrix before its 1/sqrt(size) normalisation
+    "uniform": lambda t, g: nn.init.uniform_(t, -1.0, 1.0, generator=g),
 }
 #: Initialisations of F: the random ones, or ``weight`` (F starts as a copy of W).
 FEEDBACK_INITS = (*INITS, "weight")
