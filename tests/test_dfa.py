@@ -445,3 +445,18 @@ def test_the_literatures_draws_of_D(init, bound):
     assert D.shape == (10, 64)
     assert D.abs().max() <= bound and D.abs().max() > 0.9 * bound
     assert abs(D.std().item() - bound / math.sqrt(3)) < 0.15 * bound / math.sqrt(3)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_the_fidelity_dfa_configs_load(dataset):
+    """configs/fidelity/lenet_<dataset>_dfa.yaml: the settings docs/fidelity.md's dfa rows ran."""
+    from pathlib import Path
+
+    from neuralign.train.build import build_rule
+    from neuralign.train.config import load_config
+
+    path = Path(__file__).parent.parent / "configs" / "fidelity" / f"lenet_{dataset}_dfa.yaml"
+    cfg = load_config(path)
+    rule = build_rule(cfg.rule)
+    assert rule.kind == "dfa" and cfg.model.name == "lenet" and cfg.train.epochs == 100
+    assert f"-c configs/fidelity/{path.name}" in path.read_text()
