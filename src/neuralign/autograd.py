@@ -283,7 +283,8 @@ def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Si
     # dfa_scale='mean': what backprop would send through a global average pooling followed by
     # D, so a convolution's weight gradient, a sum over positions, has the scale a Linear
     # layer's would; 'broadcast' sends D e itself to every position (BioTorch's form).
-    e = e.reshape(n, math.prod(e.shape[1:]) if e.dim() > 1 else -1 if e.numel() else 1)
+    # (per example, flattened; a 1-D e is one example's, unbatched, or one value per example)
+    e = e.reshape(n, math.prod(e.shape[1:]) if e.dim() > 1 else e.numel() // n if n else 1)
     D, = _cast(e.dtype, spec.project(e))
     if not positions:  # (a Linear layer's [N, C_in]: D e itself, with no pass over it)
         return ops.from_channels_last(e.mm(D), shape)
