@@ -277,3 +277,186 @@ def test_a_sequence_first_layer_is_refused_when_compiled_too():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="examples first"):
         torch.compile(m, backend="aot_eager")(x).sum().backward()
+
+
+# -- the conv error's scale (rule.dfa_scale) ---------------------------------------------------
+
+def _reference_input_gradient(e, D, shape, scale):
+    """What each position of an input of ``shape`` [N, C, *S] receives, written out position by
+    position: (D e) / P under 'mean', D e under 'broadcast' (D: [outputs, C])."""
+    n, c, *space = shape
+    P = math.prod(space)
+    expected = torch.zeros(shape, dtype=torch.float64)
+    for i in range(n):
+        sent = torch.einsum("k,kc->c", e[i], D)  # D e for example i, one value per channel
+        for p in range(P):
+            index = (i, slice(None), *torch.unravel_index(torch.tensor(p), tuple(space)))
+            expected[index] = sent / P if scale == "mean" else sent
+    return expected
+
+
+@pytest.mark.parametrize("scale", ["mean", "broadcast"])
+@pytest.mark.parametrize("conv,shape,flat", [(nn.Conv1d, (2, 3, 9), 20),
+                                             (nn.Conv2d, (2, 3, 7, 6), 30)])
+def test_each_dfa_scale_sends_the_written_out_input_gradient(scale, conv, shape, flat):
+    torch.manual_seed(0)
+    rule = na.get_rule("dfa", dfa_scale=scale)
+    m = na.convert(nn.Sequential(conv(3, 4, 3, padding=1), nn.ReLU(), conv(4, 5, 3, stride=2),
+                                 nn.Flatten(), nn.Linear(flat, 3)).double(), rule)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    out = m(x)
+    e = torch.randn_like(out)
+    out.backward(e)
+    expected = _reference_input_gradient(e, m[0].feedback, shape, scale)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-12)
+    # the second conv's input gets the same form; through ReLU's derivative it is the first
+    # conv's output gradient, whose sum over examples and positions is that conv's bias gradient
+    h = torch.relu(m[0](x.detach()))
+    sent = _reference_input_gradient(e, m[2].feedback, h.shape, scale) * (h > 0)
+    torch.testing.assert_close(m[0].bias.grad, sent.transpose(0, 1).flatten(1).sum(1),
+                               rtol=1e-12, atol=1e-12)
+
+
+class _Pooled(nn.Module):
+    """Linear layers over [N, T, 5] tokens, mean-pooled over T before a read-out: [N, 3]."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc1, self.head = nn.Linear(5, 7), nn.Linear(7, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.fc1(torch.tanh(self.fc0(x))).mean(1))
+
+
+def test_a_linear_layer_over_leading_dimensions_takes_the_scale_too():
+    """[N, T, C] tokens under a pooled output: each token gets D e / T ('mean') or D e."""
+    grads = {}
+    for scale in ("mean", "broadcast"):
+        torch.manual_seed(0)
+        model = na.convert(_Pooled().double(), na.get_rule("dfa", dfa_scale=scale),
+                           generator=torch.Generator().manual_seed(3))
+        x = torch.randn(2, 6, 5, dtype=torch.float64, requires_grad=True)
+        e = torch.randn(2, 3, dtype=torch.float64)
+        model(x).backward(e)
+        sent = torch.einsum("nk,kc->nc", e, model.fc0.feedback)
+        expected = sent[:, None].expand(2, 6, 5) / (6 if scale == "mean" else 1)
+        torch.testing.assert_close(x.grad, expected, rtol=1e-12, atol=1e-12)
+        grads[scale] = x.grad
+    torch.testing.assert_close(grads["broadcast"], 6 * grads["mean"], rtol=1e-12, atol=0)
+
+
+def test_dfa_scale_bad_values_name_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown dfa scale 'sum'; valid: mean, broadcast"):
+        na.get_rule("dfa", dfa_scale="sum")
+    with pytest.raises(ValueError, match="kind='dfa'"):
+        na.get_rule("fa", dfa_scale="broadcast")
+    rule = na.get_rule("dfa", dfa_scale="broadcast")
+    assert na.Rule.from_dict(rule.to_dict()) == rule and hash(rule) != hash(na.get_rule("dfa"))
+    from neuralign.train.build import build_rule
+    from neuralign.train.config import load_config
+    assert build_rule(load_config(None, ["rule.name=dfa", "rule.dfa_scale=broadcast"]).rule
+                      ).dfa_scale == "broadcast"
+    with pytest.raises(ValueError, match="valid: mean, broadcast"):
+        build_rule(load_config(None, ["rule.name=dfa", "rule.dfa_scale=pool"]).rule)
+
+
+# -- edge cases, as for every rule ---------------------------------------------------------------
+
+def _small_conv_net(scale):
+    torch.manual_seed(0)
+    return na.convert(nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(),
+                                    nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(),
+                                    nn.Linear(36, 5)).double(), na.get_rule("dfa", dfa_scale=scale))
+
+
+@pytest.mark.parametrize("scale", ["mean", "broadcast"])
+def test_a_batch_of_zero_examples(scale):
+    m = _small_conv_net(scale)
+    x = torch.randn(0, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    F.cross_entropy(m(x), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    assert x.grad.shape == x.shape
+    for layer in (m[0], m[2], m[5]):
+        assert layer.weight.grad.abs().max() == 0
+    # the next, real batch draws D and trains as usual
+    F.cross_entropy(m(torch.randn(4, 2, 5, 5, dtype=torch.float64)), torch.arange(4)).backward()
+    assert m[2].feedback.shape == (5, 3)
+    assert m[0].weight.grad.abs().max() > 0
+    tokens = na.convert(_PerToken().double(), "dfa")  # per-position outputs, no examples
+    xt = torch.randn(0, 6, 5, dtype=torch.float64, requires_grad=True)
+    F.cross_entropy(tokens(xt), torch.zeros(0, 6, dtype=torch.long), reduction="sum").backward()
+    assert xt.grad.shape == xt.shape and tokens.fc0.weight.grad.abs().max() == 0
+
+
+def test_a_one_dimensional_output_is_one_value_per_example():
+    """A regression head returning [N] trains as the same head returning [N, 1]."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).double()
+    flat = na.convert(nn.Sequential(*base, nn.Flatten(0)), "dfa",
+                      generator=torch.Generator().manual_seed(1))
+    column = na.convert(base, "dfa", generator=torch.Generator().manual_seed(1))
+    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    F.mse_loss(flat(x), y).backward()
+    F.mse_loss(column(x), y[:, None]).backward()
+    torch.testing.assert_close(flat[0].weight.grad, column[0].weight.grad, rtol=1e-12, atol=0)
+    assert flat[0].weight.grad.abs().max() > 0
+
+
+def test_a_scalar_output_is_refused():
+    class OwnLoss(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc0, self.fc1 = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc1(torch.tanh(self.fc0(x))).square().mean()
+
+    with pytest.raises(TypeError, match="examples on its first dimension"):
+        na.convert(OwnLoss(), "dfa")(torch.randn(2, 3))
+    with torch.no_grad():  # (no backward coming: nothing to refuse)
+        na.convert(OwnLoss(), "dfa")(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("scale", ["mean", "broadcast"])
+def test_gradient_accumulation_equals_one_big_batch(scale):
+    """k micro-batches with loss/k give one big batch's W gradients (float64 rounding)."""
+    m = _small_conv_net(scale)
+    x, t = torch.randn(12, 2, 5, 5, dtype=torch.float64), torch.randint(0, 5, (12,))
+    F.cross_entropy(m(x), t).backward()
+    big = {name: p.grad.clone() for name, p in m.named_parameters()}
+    m.zero_grad()
+    k = 3
+    for xs, ts in zip(x.chunk(k), t.chunk(k), strict=True):
+        (F.cross_entropy(m(xs), ts) / k).backward()
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, big[name], rtol=1e-12, atol=1e-14, msg=name)
+    assert big["2.weight"].abs().max() > 0
+
+
+@pytest.mark.parametrize("init,bound", [("default", 1 / math.sqrt(64)),  # TinyDFA's normalised
+                                        ("uniform", 1.0),                 # TinyDFA's raw draw
+                                        ("xavier_uniform", math.sqrt(6 / (64 + 10)))])  # BioTorch
+def test_the_literatures_draws_of_D(init, bound):
+    """D of [outputs, in_channels] = [10, 64]: uniform in ±bound, the bound the init names."""
+    torch.manual_seed(0)
+    m = na.convert(nn.Sequential(nn.Linear(5, 64), nn.ReLU(), nn.Linear(64, 10)),
+                   na.get_rule("dfa", init=init))
+    m(torch.randn(3, 5)).sum().backward()
+    D = m[2].feedback
+    assert D.shape == (10, 64)
+    assert D.abs().max() <= bound and D.abs().max() > 0.9 * bound
+    assert abs(D.std().item() - bound / math.sqrt(3)) < 0.15 * bound / math.sqrt(3)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
+def test_the_fidelity_dfa_configs_load(dataset):
+    """configs/fidelity/lenet_<dataset>_dfa.yaml: the settings docs/fidelity.md's dfa rows ran."""
+    from pathlib import Path
+
+    from neuralign.train.build import build_rule
+    from neuralign.train.config import load_config
+
+    path = Path(__file__).parent.parent / "configs" / "fidelity" / f"lenet_{dataset}_dfa.yaml"
+    cfg = load_config(path)
+    rule = build_rule(cfg.rule)
+    assert rule.kind == "dfa" and cfg.model.name == "lenet" and cfg.train.epochs == 100
+    assert f"-c configs/fidelity/{path.name}" in path.read_text()

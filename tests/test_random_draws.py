@@ -59,7 +59,8 @@ def test_the_same_seed_draws_the_same_with_or_without_a_c_compiler(tmp_path):
 
 
 @pytest.mark.parametrize("init,shape", [("default", (400, 300)), ("kaiming_uniform", (400, 300)),
-                                        ("xavier_uniform", (400, 300)), ("default", (40, 50))])
+                                        ("xavier_uniform", (400, 300)), ("default", (40, 50)),
+                                        ("uniform", (400, 300))])
 def test_brsf_magnitudes_are_fresh_uniform_draws(init, shape):
     """brsf's draw (one random byte an entry, eight per 64-bit word) has the distribution the
     rule specifies, |U(-b, b)| = U(0, b) with the init's own b, on 256 levels (the bins'

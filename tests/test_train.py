@@ -149,6 +149,7 @@ _DONORS = [
                                            drive_noise=0.0, unit="lif", steps=5, tau=2.0,
                                            memory=0.5))),
     ("fa", na.Rule(kind="frsf", init="weight", rate=0.7)),
+    ("dfa", na.Rule(kind="dfa", init="uniform", dfa_scale="broadcast")),
 ]
 
 

@@ -256,7 +256,8 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b, e=None):
                 raise missing_error()
             e = ctx.slot["e"]
         n = x.shape[0] if x.dim() > 1 else 1
-        outputs = e.shape[0] if e.dim() > 1 else 1
+        # (a 1-D output of a batched input holds one value per example: [N] is [N, 1])
+        outputs = e.shape[0] if e.dim() > 1 or (e.dim() == 1 and x.dim() > 1) else 1
         if outputs != n:
             raise examples_error(outputs, f"this layer's input {n} (input shape "
                                           f"{tuple(x.shape)})")
@@ -277,16 +278,20 @@ def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Si
         # al. 2020's per-token DFA).
         rows = e.flatten(2).transpose(1, 2)  # [N, P, C]
         D, = _cast(e.dtype, spec.project(rows.reshape(-1, e.shape[1])))
-        return ops.from_channels_last(rows.matmul(D).view(n, *positions, -1), shape)
-    # Otherwise each of the P positions of an example's input gets (D e) / P: what backprop
-    # would send through a global average pooling followed by D. So a convolution's weight
-    # gradient, a sum over positions, has the scale a Linear layer's would.
-    e = e.reshape(n, -1)
+        return ops.from_channels_last(rows.matmul(D).view(n, *positions, D.shape[1]), shape)
+    # Otherwise each of the P positions of an example's input gets (D e) / P under
+    # dfa_scale='mean': what backprop would send through a global average pooling followed by
+    # D, so a convolution's weight gradient, a sum over positions, has the scale a Linear
+    # layer's would; 'broadcast' sends D e itself to every position (BioTorch's form).
+    # (per example, flattened; a 1-D e is one example's, unbatched, or one value per example)
+    e = e.reshape(n, math.prod(e.shape[1:]) if e.dim() > 1 else e.numel() // n if n else 1)
     D, = _cast(e.dtype, spec.project(e))
     if not positions:  # (a Linear layer's [N, C_in]: D e itself, with no pass over it)
         return ops.from_channels_last(e.mm(D), shape)
-    v = e.mm(D).div_(math.prod(positions))
-    return ops.from_channels_last(v.view(n, *[1] * len(positions), -1)
+    v = e.mm(D)
+    if spec.rule.dfa_scale == "mean":
+        v = v.div_(math.prod(positions))
+    return ops.from_channels_last(v.view(n, *[1] * len(positions), v.shape[1])
                                   .expand(n, *positions, v.shape[1]), shape)
 
 

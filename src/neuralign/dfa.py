@@ -102,6 +102,10 @@ class _CaptureOutput:
         if not isinstance(output, Tensor):
             raise TypeError(f"rule dfa needs the model to return one tensor (the output whose "
                             f"error every layer receives), got {type(output).__name__}")
+        if output.dim() == 0:
+            raise TypeError("rule dfa needs the model's output to hold the examples on its first "
+                            "dimension (each example's error goes to its own inputs), got a 0-d "
+                            "tensor: return the outputs and compute the loss outside the model")
         if output.dim() > 1:
             state.tail = tuple(output.shape[1:])
         taps, state.taps = state.taps or [], None

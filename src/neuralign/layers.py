@@ -89,6 +89,7 @@ UNIFORM_BOUNDS: dict[str, Callable[[Tensor], float]] = {
     "default": lambda t: _bound(1, _fans(t)[0]),
     "kaiming_uniform": lambda t: _bound(6, _fans(t)[0]),
     "xavier_uniform": lambda t: _bound(6, sum(_fans(t))),
+    "uniform": lambda t: 1.0,
 }
 
 

@@ -40,10 +40,15 @@ INITS = {
     "kaiming_normal": lambda t, g: nn.init.kaiming_normal_(t, nonlinearity="relu", generator=g),
     "xavier_uniform": lambda t, g: nn.init.xavier_uniform_(t, generator=g),
     "xavier_normal": lambda t, g: nn.init.xavier_normal_(t, generator=g),
+    # U[-1, 1], no fan: TinyDFA's feedback matrix before its 1/sqrt(size) normalisation
+    "uniform": lambda t, g: nn.init.uniform_(t, -1.0, 1.0, generator=g),
 }
 #: Initialisations of F: the random ones, or ``weight`` (F starts as a copy of W).
 FEEDBACK_INITS = (*INITS, "weight")
 NOISE_DISTS = ("normal", "uniform")
+#: How a dfa layer scales the output error it sends to each of an input's P positions (see
+#: :attr:`Rule.dfa_scale`).
+DFA_SCALES = ("mean", "broadcast")
 #: How a rule's terms are defined (see :attr:`Rule.convention`).
 CONVENTIONS = ("library", "paper")
 #: The terms the paper's convention writes without the ½ (their gradient is twice the
@@ -178,6 +183,13 @@ class Rule:
             ½, the layer's bias added to both projections (their flags' defaults). A named
             rule taken with ``get_rule(name, convention="paper")`` also takes the authors'
             coefficients.
+        dfa_scale: ``kind='dfa'`` only: what each of an input's P positions receives when the
+            output error is one vector per example. ``'mean'`` (the default): ``D e / P``, what
+            backprop sends through a global average pooling followed by D, so a convolution's
+            weight gradient has a Linear layer's scale. ``'broadcast'``: ``D e`` at every
+            position, no ``1/P`` (BioTorch's convolutional dfa, whose kernel-shaped D sums to
+            this where every tap reads). An output with the input's positions (per-token
+            logits) gives each position its own ``D e_s`` under either.
         name: a label (the catalog name for named rules).
     """
 
@@ -192,6 +204,7 @@ class Rule:
     estimate: WeightEstimate | None = None
     convention: str = "library"
     name: str = "custom"
+    dfa_scale: str = "mean"
     feedback: InitVar[str | None] = None  # the deprecated name of ``kind``
 
     def __post_init__(self, feedback: str | None = None):
@@ -262,6 +275,10 @@ class Rule:
         elif not (self.terms or self.kp):
             raise ValueError("a learned feedback needs at least one term (valid: "
                              f"{', '.join(TERMS)}) or kp=True; for a fixed one use kind='fixed'")
+        _valid("dfa scale", self.dfa_scale, DFA_SCALES)
+        if self.kind != "dfa" and self.dfa_scale != "mean":
+            raise ValueError(f"dfa_scale={self.dfa_scale!r} scales the output error a dfa layer "
+                             f"sends down; kind={self.kind!r} sends none (use kind='dfa')")
         if self.kind == "dfa" and self.init == "weight":
             raise ValueError("dfa's D maps the output error to a layer's input: it has no W to "
                              "copy; choose another init")
@@ -272,7 +289,7 @@ class Rule:
     def __hash__(self):
         return hash((tuple(sorted(self.terms.items())), self.kind, self.kp, self.noise,
                      self.update_noise, self.normalize, self.init, self.rate, self.estimate,
-                     self.convention, self.name))
+                     self.convention, self.dfa_scale, self.name))
 
     def __reduce__(self):  # the terms mapping is read-only, and pickles as a dict
         return (Rule.from_dict, (self.to_dict(),))
@@ -494,7 +511,8 @@ register("kp", "Kolen-Pollack: F gets W's task gradient plus decay; F - W -> 0 w
          paper={"decay": 1e-3})
 register("dfa", "Direct feedback alignment: each layer sends down D e, the network's output error "
          "e through a fixed random D (outputs x in_channels, shared over positions: each of an "
-         "input's P positions receives D e / P; where the output has the input's positions, "
+         "input's P positions receives D e / P, or D e with dfa_scale='broadcast'; where the "
+         "output has the input's positions, "
          "as a language model's per-token logits, each position receives its own D e).",
          "Nøkland 2016", kind="dfa")
 register("usf", "Uniform sign-concordant feedback: F = s sign(W), s the std of F's init.",

@@ -132,13 +132,16 @@ class LayerRuleConfig:
         update_noise: standard deviation σ of the update noise ``F += rate * N(0, σ²)``.
         normalize: rescale F after each step to its initial norm (true) or to this norm.
         init: initialisation of F: ``default``, ``kaiming_uniform``, ``kaiming_normal``,
-            ``xavier_uniform``, ``xavier_normal`` or ``weight`` (F starts equal to W).
+            ``xavier_uniform``, ``xavier_normal``, ``uniform`` (U[-1, 1], no fan scaling) or
+            ``weight`` (F starts equal to W).
         rate: the recipe's rate, the fraction of the way to the rule's fixed point per step, in
             (0, 1] (``feedback_optim.rate`` overrides every layer's; see docs/cli.md).
         estimate: where the self term's W comes from, a section of
             :class:`neuralign.rules.WeightEstimate`'s fields (``method``: ``exact``, ``rdd`` or
             ``perturb``; ``samples``, ``every``, ...); ``rule.estimate=rdd`` is short for
             ``rule.estimate.method=rdd``.
+        dfa_scale: dfa only: ``mean`` (each of an input's P positions gets ``D e / P``, the
+            default) or ``broadcast`` (``D e`` at every position, BioTorch's form).
         noise_std: short for ``noise.std`` (mirror-noise standard deviation).
         noise_dist: short for ``noise.dist`` (mirror-noise distribution).
 
