@@ -86,3 +86,41 @@ def accumulate(rule: str, rank: int = 0, world: int = 1, parts: int = 1) -> dict
         opt_w.step()
         opt_f.step()
     return model.state_dict()
+
+
+def kill_mid_trial(load_trials, out: Path, pid_of=None, timeout: float = 120.0):
+    """SIGKILL a search worker in the middle of a trial; returns that trial (as read just
+    before the kill). ``load_trials()`` reads the study's trials afresh; a trial qualifies once
+    it runs with its values and its first epoch is in ``out/trials/trial-NNNN/metrics.csv``;
+    its worker is the trial's ``pid`` user attribute unless ``pid_of(trial)`` says otherwise.
+
+    The worker is frozen (SIGSTOP) before its trial is read once more: a trial that finished
+    between the two reads lets its worker go on (SIGCONT), and the next is tried. So the
+    killed trial was running when it died, however loaded the machine (a trial of a few
+    milliseconds an epoch can otherwise end between a look and a kill)."""
+    import os
+    import signal
+    import time
+
+    import optuna
+
+    running = optuna.trial.TrialState.RUNNING
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        for t in load_trials():
+            metrics = out / "trials" / f"trial-{t.number:04d}" / "metrics.csv"
+            if t.state != running or not t.params or not metrics.is_file():
+                continue
+            pid = pid_of(t) if pid_of is not None else int(t.user_attrs["pid"])
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                now = next(u for u in load_trials() if u.number == t.number)
+            except Exception:  # (frozen while it held SQLite's write lock: let it go on)
+                os.kill(pid, signal.SIGCONT)
+                continue
+            if now.state == running:
+                os.kill(pid, signal.SIGKILL)
+                return now
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(0.01)
+    raise AssertionError("no running trial to interrupt")

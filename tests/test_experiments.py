@@ -21,6 +21,7 @@ from neuralign.experiments.common import run_key, run_once, split_list, write_ya
 from neuralign.experiments.space import SpaceError
 from neuralign.train import Callback, ConfigError, Trainer, load_config
 from neuralign.train.callbacks import read_csv
+from runs import kill_mid_trial
 
 ROOT = Path(__file__).parent.parent
 SEARCH_CONFIGS = ROOT / "configs" / "search"
@@ -378,24 +379,16 @@ def test_two_search_commands_on_one_study_sample_differently(tmp_path):
 def test_a_search_worker_killed_and_started_again(tmp_path):
     """kill -9 of a worker in a trial, then the same command again: the trial's values are
     tried again, once, the study reaches its target, and no other values repeat."""
-    argv = [*_shared_study(tmp_path), "--trials", "3", "train.epochs=20"]  # time to catch it
+    argv = [*_shared_study(tmp_path), "--trials", "3", "train.epochs=20"]  # (time to catch one)
     storage = f"sqlite:///{tmp_path / 'out' / 'study.db'}"
     (worker,) = _search_workers(tmp_path, 1, *argv)
-    running = None
-    while worker.poll() is None:
+    while not (tmp_path / "out" / "space.yaml").exists():  # (written once the study is)
+        assert worker.poll() is None, worker.stdout.read()
         time.sleep(0.01)
-        if running is None and (tmp_path / "out" / "space.yaml").exists():  # (the study is)
-            running = next((t for t in optuna.load_study(study_name="shared",
-                                                         storage=storage).trials
-                            if t.state == optuna.trial.TrialState.RUNNING and t.params), None)
-        # killed in the middle of the trial: after its first epoch, 19 before its end (killed
-        # as soon as it runs, it could finish between the look and the kill)
-        if running is not None and (tmp_path / "out" / "trials" / f"trial-{running.number:04d}"
-                                    / "metrics.csv").exists():
-            break
-    worker.kill()
+    running = kill_mid_trial(
+        lambda: optuna.load_study(study_name="shared", storage=storage).get_trials(),
+        tmp_path / "out", pid_of=lambda t: worker.pid)
     worker.wait()
-    assert running is not None
     (worker,) = _search_workers(tmp_path, 1, *argv)
     assert worker.wait(timeout=300) == 0, worker.stdout.read()
     trials = optuna.load_study(study_name="shared", storage=storage).trials

@@ -29,6 +29,7 @@ import yaml
 import runs
 from neuralign.train import Callback, Trainer, load_checkpoint, load_config
 from neuralign.train.callbacks import read_csv
+from runs import kill_mid_trial
 
 SRC = Path(__file__).parent.parent / "src"
 SPACE = {"rule.terms.amp": {"type": "log_float", "low": 0.01, "high": 10.0},
@@ -107,21 +108,13 @@ def _snapshot(root: Path, storage: str, study: str) -> SimpleNamespace:
         best_trial=yaml.safe_load((out / "best_trial.yaml").read_text())["search"])
 
 
-def _kill_a_worker_mid_trial(root: Path, storage: str, study: str, timeout: float = 120
-                             ) -> tuple[int, int]:
-    """SIGKILL the worker process of a running trial once that trial has finished its first
-    epoch (``metrics.csv`` has a row) and has more to train. Returns (trial number, pid)."""
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        st = optuna.load_study(study_name=study, storage=storage)
-        for t in st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-            metrics = root / "out" / "trials" / f"trial-{t.number:04d}" / "metrics.csv"
-            if t.params and "pid" in t.user_attrs and metrics.is_file() and len(
-                    metrics.read_text().splitlines()) >= 2:
-                os.kill(int(t.user_attrs["pid"]), signal.SIGKILL)
-                return t.number, int(t.user_attrs["pid"])
-        time.sleep(0.02)
-    raise AssertionError("no running trial to interrupt")
+def _kill_a_worker_mid_trial(root: Path, storage: str, study: str) -> tuple[int, int]:
+    """SIGKILL the worker process of a running trial after its first epoch (frozen first, so
+    that the trial cannot end in between: :func:`runs.kill_mid_trial`). Returns (trial number,
+    pid)."""
+    t = kill_mid_trial(
+        lambda: optuna.load_study(study_name=study, storage=storage).get_trials(), root / "out")
+    return t.number, int(t.user_attrs["pid"])
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
