@@ -8,11 +8,13 @@ reached, the metrics history and the resolved config.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import random
-from collections.abc import Mapping
+import signal
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,21 @@ def previous_path(path: str | Path) -> Path:
     return path.with_name(f"{path.stem}.prev{path.suffix}")
 
 
+@contextlib.contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """Hold SIGTERM back while a checkpoint is written: delivered inside torch's writer, its
+    exception broke the write into a RuntimeError that read as a full disk. Held back, it
+    arrives once the file is whole (where the OS has no signal masks, as it comes)."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` atomically (:func:`neuralign.io.atomic_write`).
 
@@ -45,8 +62,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             as ``OSError(ENOSPC)``.
     """
     try:
-        path = atomic_write(path, lambda f: torch.save(state, f),
-                            keep_previous=previous_path(path))
+        with _sigterm_deferred():
+            path = atomic_write(path, lambda f: torch.save(state, f),
+                                keep_previous=previous_path(path))
     except RuntimeError as e:
         # "[enforce fail at inline_container.cc:...] ... PytorchStreamWriter failed writing
         # file ...: file write failed" (or "unexpected pos"): the bytes did not reach the disk
