@@ -36,7 +36,7 @@ def previous_path(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def _sigterm_deferred() -> Iterator[None]:
+def sigterm_deferred() -> Iterator[None]:
     """Hold SIGTERM back while a checkpoint is written: delivered inside torch's writer, its
     exception broke the write into a RuntimeError that read as a full disk. Held back, it
     arrives once the file is whole (where the OS has no signal masks, as it comes)."""
@@ -62,7 +62,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             as ``OSError(ENOSPC)``.
     """
     try:
-        with _sigterm_deferred():
+        with sigterm_deferred():
             path = atomic_write(path, lambda f: torch.save(state, f),
                                 keep_previous=previous_path(path))
     except RuntimeError as e:

@@ -40,6 +40,7 @@ from .checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    sigterm_deferred,
 )
 from .config import (
     Config,
@@ -280,11 +281,13 @@ class Trainer:
                                       self.last_checkpoint, self.last_checkpoint_epoch)
         state = self.state_dict()
         path = self.run_dir / CHECKPOINT
-        if self.is_main:
-            path = save_checkpoint(state, path)
-            # config.yaml records what the checkpoint holds (a resume's changes included)
-            save_config(self.cfg, self.run_dir / "config.yaml")
-        self.last_checkpoint, self.last_checkpoint_epoch = path, self.epoch
+        # (a SIGTERM waits until the checkpoint is whole and recorded: its note names it)
+        with sigterm_deferred():
+            if self.is_main:
+                path = save_checkpoint(state, path)
+                # config.yaml records what the checkpoint holds (a resume's changes included)
+                save_config(self.cfg, self.run_dir / "config.yaml")
+            self.last_checkpoint, self.last_checkpoint_epoch = path, self.epoch
         return path
 
     def _checkpoint_note(self) -> str:
