@@ -280,15 +280,7 @@ def test_two_studies_do_not_share_an_output_folder(tmp_path):
 
 
 def test_search_cli_two_workers(tmp_path, capsys):
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(SPACE))
-    base = tmp_path / "base.yaml"
-    base.write_text(yaml.safe_dump({"data": {"num_samples": 300, "batch_size": 40,
-                                             "val_split": 0.2},
-                                    "model": {"name": "mlp", "widths": [8]},
-                                    "rule": {"name": "wm"},
-                                    "train": {"epochs": 1, "angle_every": 0,
-                                              "runs_dir": str(tmp_path)}}))
+    base, space = _search_files(tmp_path)
     out = tmp_path / "out"
     rc = main(["search", "-c", str(base), "-s", str(space), "--trials", "3", "--jobs", "2",
                "--out", str(out), "--study", "two", "--threads", "1", "-q"])
@@ -342,9 +334,8 @@ def _search_workers(tmp_path: Path, n: int, *argv: str) -> list[subprocess.Popen
                              text=True) for _ in range(n)]
 
 
-def _shared_study(tmp_path: Path) -> list[str]:
-    """The arguments of a search command on the study ``shared`` in ``tmp_path/out``, random
-    sampling throughout, no pruning."""
+def _search_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A base config (a tiny MLP under wm, one epoch) and the search space, in ``tmp_path``."""
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(SPACE))
     base = tmp_path / "base.yaml"
@@ -354,6 +345,13 @@ def _shared_study(tmp_path: Path) -> list[str]:
                                     "rule": {"name": "wm"},
                                     "train": {"epochs": 1, "angle_every": 0,
                                               "runs_dir": str(tmp_path)}}))
+    return base, space
+
+
+def _shared_study(tmp_path: Path) -> list[str]:
+    """The arguments of a search command on the study ``shared`` in ``tmp_path/out``, random
+    sampling throughout, no pruning."""
+    base, space = _search_files(tmp_path)
     return ["-c", str(base), "-s", str(space), "--out", str(tmp_path / "out"), "--study",
             "shared", "--startup-trials", "50", "--pruner", "none", "--threads", "1", "-q"]
 
