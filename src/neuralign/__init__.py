@@ -16,10 +16,12 @@ from .convert import (
     convert,
     exact_backprop,
     feedback_layers,
+    feedback_points,
     param_groups,
     revert,
 )
 from .layers import (
+    DFAPoint,
     FeedbackConv1d,
     FeedbackConv2d,
     FeedbackConv3d,
@@ -43,12 +45,13 @@ from .rules import Rule, get_rule, list_rules
 __version__ = "0.1.0"
 
 __all__ = [
-    "convert", "revert", "feedback_layers", "bypassed_layers", "param_groups", "exact_backprop",
+    "convert", "revert", "feedback_layers", "feedback_points", "bypassed_layers", "param_groups",
+    "exact_backprop",
     "after_step", "report",
     "feedback_optimizer", "FeedbackOptimizer",
     "Rule", "get_rule", "list_rules", "metrics", "rules", "estimate",
     "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d",
     "FeedbackConvTranspose1d", "FeedbackConvTranspose2d", "FeedbackConvTranspose3d",
     "FeedbackMultiheadAttention", "FeedbackRNNCell", "FeedbackGRUCell", "FeedbackLSTMCell",
-    "FeedbackRNN", "FeedbackGRU", "FeedbackLSTM",
+    "FeedbackRNN", "FeedbackGRU", "FeedbackLSTM", "DFAPoint",
 ]

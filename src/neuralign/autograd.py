@@ -8,7 +8,6 @@ generic over :class:`~neuralign.ops.LayerOps`: a new layer family only needs new
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from torch import Tensor
 
 from . import terms
-from .dfa import DFAState, examples_error, missing_error
+from .dfa import DFAState, examples_error, missing_error, project_error
 from .ops import LayerOps
 from .random_draws import noise_like
 from .rules import Rule
@@ -42,8 +41,9 @@ class Spec:
         probe: a 0-d float64 tensor that receives the local gradient angle (degrees) while
             recording is on, or None.
         dfa: for direct feedback alignment, the model's :class:`~neuralign.dfa.DFAState`.
-        project: for direct feedback alignment, ``project(e) -> D``: the layer's projection
-            for an output error ``e`` (made at the first backward, once the outputs are known).
+        project: for direct feedback alignment, ``project(outputs) -> D``: the layer's
+            projection of an output error of ``outputs`` values, ``[outputs, in_channels]``
+            (made at the first backward, once the outputs are known).
         self_weight: for a rule with an estimator, ``self_weight() -> Ŵ``, what the self term
             reads instead of W; None reads W.
         recipe: for a learned rule, the layer's :class:`~neuralign.layers.RecipeState`, which
@@ -55,7 +55,7 @@ class Spec:
     derive: Callable[[Tensor], Tensor] | None = None
     probe: Tensor | None = field(default=None)
     dfa: DFAState | None = None
-    project: Callable[[Tensor], Tensor] | None = None
+    project: Callable[[int], Tensor] | None = None
     self_weight: Callable[[], Tensor] | None = None
     recipe: Any = None
 
@@ -271,28 +271,9 @@ def _dfa_backward(ctx, dout, x, W, need_x, need_w, need_b, e=None):
 def _project_error(ops: LayerOps, spec: Spec, e: Tensor, n: int, shape: torch.Size) -> Tensor:
     """dfa's error for an input of ``shape`` (``n`` examples) from the output error ``e``."""
     assert spec.project is not None
-    positions = ops.positions(shape) if len(shape) > 1 else ()
-    if e.dim() > 2 and tuple(e.shape[2:]) == tuple(positions):
-        # An output with the input's positions ([N, C, *S], the layout cross_entropy takes,
-        # e.g. a language model's logits): each position gets D e_p, its own error (Launay et
-        # al. 2020's per-token DFA).
-        rows = e.flatten(2).transpose(1, 2)  # [N, P, C]
-        D, = _cast(e.dtype, spec.project(rows.reshape(-1, e.shape[1])))
-        return ops.from_channels_last(rows.matmul(D).view(n, *positions, D.shape[1]), shape)
-    # Otherwise each of the P positions of an example's input gets (D e) / P under
-    # dfa_scale='mean': what backprop would send through a global average pooling followed by
-    # D, so a convolution's weight gradient, a sum over positions, has the scale a Linear
-    # layer's would; 'broadcast' sends D e itself to every position (BioTorch's form).
-    # (per example, flattened; a 1-D e is one example's, unbatched, or one value per example)
-    e = e.reshape(n, math.prod(e.shape[1:]) if e.dim() > 1 else e.numel() // n if n else 1)
-    D, = _cast(e.dtype, spec.project(e))
-    if not positions:  # (a Linear layer's [N, C_in]: D e itself, with no pass over it)
-        return ops.from_channels_last(e.mm(D), shape)
-    v = e.mm(D)
-    if spec.rule.dfa_scale == "mean":
-        v = v.div_(math.prod(positions))
-    return ops.from_channels_last(v.view(n, *[1] * len(positions), v.shape[1])
-                                  .expand(n, *positions, v.shape[1]), shape)
+    positions = tuple(ops.positions(shape)) if len(shape) > 1 else ()
+    return ops.from_channels_last(
+        project_error(e, n, positions, spec.project, spec.rule.dfa_scale), shape)
 
 
 def feedback_forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback: Tensor,

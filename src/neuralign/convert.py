@@ -8,17 +8,17 @@ import fnmatch
 import importlib
 import logging
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from .dfa import DFAState, mark_output, unmark_output
-from .layers import FEEDBACK_CLASSES, FeedbackLayer
+from .dfa import DFAState, mark_output, mark_point, unmark_output
+from .layers import FEEDBACK_CLASSES, DFAPoint, FeedbackLayer
 from .rules import Rule, get_rule
 
 __all__ = ["DEFAULT_MAPPING", "UnsupportedLayerError", "convert", "revert", "feedback_layers",
-           "bypassed_layers", "param_groups", "exact_backprop", "after_step"]
+           "feedback_points", "bypassed_layers", "param_groups", "exact_backprop", "after_step"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ def convert(
     inplace: bool = False,
     on_unsupported: str = "warn",
     generator: torch.Generator | None = None,
+    points: Sequence[str] | None = None,
+    error_at: str | None = None,
 ) -> nn.Module:
     """Replace every layer of a type in ``mapping`` by its feedback layer.
 
@@ -82,6 +84,15 @@ def convert(
         on_unsupported: what to do with other layers that hold parameters directly and are not
             elementwise: ``'warn'`` (log a warning), ``'ignore'`` or ``'raise'``.
         generator: random generator for the feedback initialisations.
+        points: direct feedback alignment at block outputs (rule ``dfa`` only; Launay et al.
+            2020): module-name glob patterns; each matching module's output becomes a
+            feedback point (:class:`~neuralign.layers.DFAPoint`) that sends ``D e`` down in
+            place of the gradient from above. Layers are then kept on backprop (the blocks
+            learn from the signal injected at their outputs) unless ``layer_rules`` give them
+            a rule.
+        error_at: rule ``dfa`` only: the name of the module (the read-out) at whose *input*
+            the error ``e`` is taken, instead of at the model's output; that module trains
+            by backprop.
 
     Returns:
         The converted model (a copy unless ``inplace``); weights, hooks, device and
@@ -104,6 +115,8 @@ def convert(
     rule = get_rule(rule)
     layer_rules = {k: get_rule(v) for k, v in (layer_rules or {}).items()}
     mapping = DEFAULT_MAPPING if mapping is None else mapping
+    points = list(points or ())
+    hosts = _point_hosts(model, rule, points, error_at)
     if not inplace:
         model = copy.deepcopy(model)
     if type(model) in mapping:  # a bare layer
@@ -128,11 +141,15 @@ def convert(
     if unused:
         raise ValueError(f"layer_rules patterns {unused} match no convertible layer; "
                          f"convertible layers: {[n for n, _ in _convertible(model, mapping)]}")
+    # with feedback points the layers learn by backprop unless layer_rules say otherwise; the
+    # error_at module (what gives e) always does
+    default = get_rule("bp") if points else rule
     plan: list[tuple[list[str], nn.Module, Rule]] = []
     for name, module in places:
         if name != names[id(module)][0]:
             continue  # a later place of a module already planned
-        rules = {n: _rule_for(n, rule, layer_rules) for n in names[id(module)]}
+        rules = {n: get_rule("bp") if error_at is not None and _inside(n, [error_at])
+                 else _rule_for(n, default, layer_rules) for n in names[id(module)]}
         if len(set(rules.values())) > 1:
             raise ValueError(
                 f"{' and '.join(map(repr, rules))} are one module, registered at {len(rules)} places, and "
@@ -159,18 +176,77 @@ def convert(
             _put(model, name, layer)
         log.info("%s: %s -> %s (rule %s)", shown, type(module).__name__, type(layer).__name__,
                  r.name)
-    return _mark_dfa(model)
+    modules = dict(model.named_modules())
+    for name in hosts:
+        host = modules[name]
+        if isinstance(host, FeedbackLayer):
+            raise ValueError(f"points: {name!r} is a converted layer ({type(host).__name__}, "
+                             f"rule {host.rule.name}); put feedback points on the blocks "
+                             f"around layers, or keep it on backprop (layer_rules {{{name!r}: "
+                             f"'bp'}})")
+        like = next((p for p in host.parameters() if p.is_floating_point()), torch.empty(0))
+        host.add_module("dfa_point", DFAPoint(rule, generator).to(like.device, like.dtype))
+        log.info("%s: feedback point (rule %s)", name, rule.name)
+    return _mark_dfa(model, None if error_at is None else modules[error_at])
 
 
-def _mark_dfa(model: nn.Module) -> nn.Module:
-    """Give the model's dfa layers one shared state and hook the root's output error to it."""
+def _point_hosts(model: nn.Module, rule: Rule, points: list[str],
+                 error_at: str | None) -> list[str]:
+    """The names of the modules that ``points`` (globs) match, checked with ``error_at``."""
+    if not points and error_at is None:
+        return []
+    if rule.kind != "dfa":
+        raise ValueError(f"points and error_at place direct feedback alignment's error (rule "
+                         f"'dfa'); the rule is {rule.name!r}")
+    names = [n for n, _ in model.named_modules() if n]
+    if not names:
+        raise ValueError("points and error_at name modules inside a model; a single layer has "
+                         "none")
+    shown = f"{', '.join(names[:12])}{' ...' if len(names) > 12 else ''}"
+    hosts = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in points)]
+    unused = [p for p in points if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unused:
+        raise ValueError(f"points {unused} match no module; the model's modules: {shown}")
+    nested = [h for h in hosts if _inside(h, [o for o in hosts if o != h])]
+    if nested:
+        raise ValueError(f"points match {nested}, inside other matched modules (a glob's * "
+                         f"crosses dots: 'blocks.*' matches 'blocks.0.fc' too); name the "
+                         f"blocks alone, e.g. 'blocks.?' or their full names")
+    if error_at is not None:
+        if error_at not in names:
+            raise ValueError(f"error_at {error_at!r} is not a module of the model (a name, not "
+                             f"a pattern); the model's modules: {shown}")
+        clash = [h for h in hosts if _inside(h, [error_at]) or _inside(error_at, [h])]
+        if clash:
+            raise ValueError(f"error_at {error_at!r} and the feedback points {clash} overlap: "
+                             f"the error is taken at the read-out's input, above every point")
+    return hosts
+
+
+def feedback_points(model: nn.Module) -> Iterator[tuple[str, DFAPoint]]:
+    """``(module name, point)`` for every dfa feedback point of ``model`` (see ``convert``'s
+    ``points``), in module order: the name is the module whose output the point takes (the
+    point is its ``dfa_point``)."""
+    for name, m in model.named_modules():
+        point = m._modules.get("dfa_point")
+        if isinstance(point, DFAPoint):
+            yield name, point
+
+
+def _mark_dfa(model: nn.Module, error_at: nn.Module | None = None) -> nn.Module:
+    """Give the model's dfa layers and feedback points one shared state and hook the root's
+    output error (or ``error_at``'s input error) to it."""
     layers = [layer for _, layer in feedback_layers(model) if layer.rule.kind == "dfa"]
-    if layers:
+    points = list(feedback_points(model))
+    if layers or points:
         unmark_output(model)
         state = DFAState()
         for layer in layers:
             layer._spec.dfa = state
-        mark_output(model, state)
+        for name, point in points:
+            point.state = state
+            mark_point(model.get_submodule(name))
+        mark_output(model, state, error_at)
     return model
 
 
@@ -222,6 +298,8 @@ def revert(model: nn.Module, inplace: bool = False) -> nn.Module:
     if not inplace:
         model = copy.deepcopy(model)
     unmark_output(model)
+    for name, _ in list(feedback_points(model)):
+        del model.get_submodule(name)._modules["dfa_point"]
     if _converted(model):
         return model.to_module()  # type: ignore[operator]
     plain: dict[int, nn.Module] = {}  # a layer at several places goes back as one module
@@ -312,8 +390,9 @@ def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 @contextlib.contextmanager
 def exact_backprop(model: nn.Module):
-    """A context in which the model's feedback layers send errors through W: plain backprop,
-    with no rule work and no gradient for F. The previous state is restored on exit. It is the
+    """A context in which the model's feedback layers send errors through W and its dfa
+    feedback points pass the gradient on: plain backprop, with no rule work and no gradient
+    for F. The previous state is restored on exit. It is the
     reference of :func:`neuralign.metrics.backprop_angles`.
 
     Examples:
@@ -321,14 +400,20 @@ def exact_backprop(model: nn.Module):
         ...     loss_fn(model(x), y).backward()   # backprop's gradients
     """
     layers = [layer for _, layer in feedback_layers(model)]
+    points = [point for _, point in feedback_points(model)]
     saved = [layer._exact_backprop for layer in layers]
+    saved_points = [point.exact_backprop for point in points]
     try:
         for layer in layers:
             layer._exact_backprop = True
+        for point in points:
+            point.exact_backprop = True
         yield model
     finally:
         for layer, s in zip(layers, saved, strict=True):
             layer._exact_backprop = s
+        for point, s in zip(points, saved_points, strict=True):
+            point.exact_backprop = s
 
 
 def after_step(model: nn.Module, lr: float | torch.optim.Optimizer,

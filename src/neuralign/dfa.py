@@ -30,6 +30,16 @@ post-hook passes the output through :class:`CaptureError`, whose backward, which
 before any layer's, writes ``e`` into the slot. Several forward passes before one backward
 each keep their own ``e``.
 
+**Feedback points** (Launay et al. 2020's "macro" DFA for transformers): ``convert(model,
+"dfa", points=[...])`` puts a :class:`~neuralign.layers.DFAPoint` at each named module's
+output. In the forward it is the identity; in the backward it drops the gradient that arrives
+from above and sends ``D e`` instead (the projection above, per position or pooled). Between
+two points, and above the last, the network trains by backprop: a block's layers get the true
+gradients of the signal injected at its output. ``error_at`` takes ``e`` at a module's *input*
+(the read-out's, before the vocabulary projection, as Launay et al. do) instead of at the
+model's output; that module then trains by backprop. Its input holds the channels last
+(``[N, *S, C]``), as a point's tensor does.
+
 Under ``torch.compile`` a layer's backward is traced with the forward, before any ``e``
 exists, and a write into the slot from a backward would break the graph. So in a compiled
 pass, once an earlier pass has shown the output's shape, each layer returns a second output,
@@ -39,10 +49,14 @@ a *tap* (an expanded zero of the output's shape), and ``CaptureError``'s backwar
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["DFAState", "CaptureError", "mark_output", "unmark_output"]
+__all__ = ["DFAState", "CaptureError", "PointFunction", "mark_output", "mark_point",
+           "unmark_output", "project_error"]
 
 
 class DFAState:
@@ -67,12 +81,66 @@ class CaptureError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, e):
         if not ctx.taps:
-            ctx.slot["e"] = e
+            # (a module's input, under error_at, holds its channels last: stored, like the
+            # output, channels first, [N, C, *S])
+            ctx.slot["e"] = e.movedim(-1, 1) if ctx.slot.get("last") and e.dim() > 2 else e
             return e, None
         for shape in ctx.taps:
             if shape != e.shape:
                 raise examples_error(e.shape[0], f"a layer's input {shape[0]}")
         return (e, None, *[e] * len(ctx.taps))
+
+
+class PointFunction(torch.autograd.Function):
+    """Identity on a feedback point's tensor; its backward sends ``D e`` from the pass's output
+    error instead of the gradient arriving from above (see :class:`~neuralign.layers.DFAPoint`)."""
+
+    @staticmethod
+    def forward(ctx, x, point, slot):
+        ctx.point, ctx.slot, ctx.shape = point, slot, x.shape
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, dy):
+        slot = ctx.slot
+        if slot is None or "e" not in slot:
+            raise missing_error()
+        e, shape, point = slot["e"], ctx.shape, ctx.point
+        n = shape[0]
+        outputs = e.shape[0] if e.dim() > 0 else 1  # (a 1-D e: one value per example)
+        if outputs != n:
+            raise examples_error(outputs, f"a feedback point's tensor {n} (shape "
+                                          f"{tuple(shape)})")
+        v = project_error(e.to(dy.dtype), n, tuple(shape[1:-1]),
+                          lambda outputs: point.project(outputs, shape[-1]),
+                          point.rule.dfa_scale)
+        return v.reshape(shape), None, None
+
+
+def project_error(e: Tensor, n: int, positions: tuple[int, ...],
+                  project: Callable[[int], Tensor], scale: str) -> Tensor:
+    """dfa's error for an input of ``n`` examples with ``positions``, channels last
+    (``[n, *positions, C_in]``), from the output error ``e`` (``[N, C, *S]`` or flat per
+    example); ``project(outputs)`` is the layer's ``D``, ``[outputs, C_in]``."""
+    if e.dim() > 2 and tuple(e.shape[2:]) == tuple(positions):
+        # An output with the input's positions ([N, C, *S], the layout cross_entropy takes,
+        # e.g. a language model's logits): each position gets D e_p, its own error (Launay et
+        # al. 2020's per-token DFA).
+        rows = e.flatten(2).transpose(1, 2)  # [N, P, C]
+        D = project(e.shape[1]).to(e.dtype)
+        return rows.matmul(D).view(n, *positions, D.shape[1])
+    # Otherwise each of the P positions of an example's input gets (D e) / P under
+    # dfa_scale='mean': what backprop would send through a global average pooling followed by
+    # D, so a convolution's weight gradient, a sum over positions, has the scale a Linear
+    # layer's would; 'broadcast' sends D e itself to every position (BioTorch's form).
+    # (per example, flattened; a 1-D e is one example's, unbatched, or one value per example)
+    e = e.reshape(n, math.prod(e.shape[1:]) if e.dim() > 1 else e.numel() // n if n else 1)
+    v = e.mm(project(e.shape[1]).to(e.dtype))
+    if not positions:  # (a Linear layer's [N, C_in]: D e itself, with no pass over it)
+        return v
+    if scale == "mean":
+        v = v.div_(math.prod(positions))
+    return v.view(n, *[1] * len(positions), v.shape[1]).expand(n, *positions, v.shape[1])
 
 
 class _OpenSlot:
@@ -112,17 +180,62 @@ class _CaptureOutput:
         return CaptureError.apply(output, slot, *taps)
 
 
-def mark_output(model: nn.Module, state: DFAState) -> None:
-    """Hook ``model`` so that its output error reaches the dfa layers sharing ``state``."""
+class _CaptureInput:
+    """Under ``error_at``: the module's input through :class:`CaptureError`, so that ``e`` is
+    the gradient at the read-out's input."""
+
+    def __init__(self, state: DFAState):
+        self.state = state
+
+    def __call__(self, module, args):
+        slot = self.state.current
+        if slot is None:
+            return None
+        if torch.compiler.is_compiling():
+            raise RuntimeError("dfa's error_at does not run under torch.compile (the error is "
+                               "read from the pass in the backward); train without compile")
+        if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
+            raise TypeError(f"dfa's error_at module ({type(module).__name__}) must take a "
+                            f"tensor with the examples first as its first argument")
+        if slot.get("last"):
+            raise RuntimeError(f"dfa's error_at module ({type(module).__name__}) ran twice in "
+                               f"one forward: the error must be taken at one place")
+        slot["last"] = True
+        return (CaptureError.apply(args[0], slot), *args[1:])
+
+
+class _ThroughPoint:
+    """Forward hook of a feedback point's module: its output through the point."""
+
+    def __call__(self, module, args, output):
+        if not isinstance(output, Tensor):
+            raise TypeError(f"a dfa feedback point needs its module to return one tensor; "
+                            f"{type(module).__name__} returned {type(output).__name__}")
+        return module.dfa_point(output)
+
+
+def mark_output(model: nn.Module, state: DFAState, error_at: nn.Module | None = None) -> None:
+    """Hook ``model`` so that its output error (or, with ``error_at``, the gradient at that
+    module's input) reaches the dfa layers and feedback points sharing ``state``."""
     model.register_forward_pre_hook(_OpenSlot(state))
-    model.register_forward_hook(_CaptureOutput(state))
+    if error_at is None:
+        model.register_forward_hook(_CaptureOutput(state))
+    else:
+        error_at.register_forward_pre_hook(_CaptureInput(state))
+
+
+def mark_point(module: nn.Module) -> None:
+    """Pass ``module``'s output through its ``dfa_point``."""
+    module.register_forward_hook(_ThroughPoint())
 
 
 def unmark_output(model: nn.Module) -> None:
-    """Remove :func:`mark_output`'s hooks."""
-    for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for key in [k for k, h in hooks.items() if isinstance(h, _OpenSlot | _CaptureOutput)]:
-            del hooks[key]
+    """Remove :func:`mark_output`'s and :func:`mark_point`'s hooks."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, h in hooks.items()
+                        if isinstance(h, _OpenSlot | _CaptureOutput | _CaptureInput | _ThroughPoint)]:
+                del hooks[key]
 
 
 def examples_error(outputs: int, inputs: str) -> RuntimeError:
@@ -136,6 +249,8 @@ def examples_error(outputs: int, inputs: str) -> RuntimeError:
 
 def missing_error() -> RuntimeError:
     return RuntimeError(
-        "a dfa layer found no output error: its model's output was not marked. Convert the "
-        "whole model with neuralign.convert (it marks the root module's output), and run the "
-        "layer inside that model's forward")
+        "a dfa layer or feedback point found no output error: its model's output was not "
+        "marked, or (with error_at) the error_at module did not run after it in the forward. "
+        "Convert the whole model with neuralign.convert (it marks the root module's output), "
+        "run the layer inside that model's forward, and give error_at a module that reads "
+        "what every point and dfa layer computes (the read-out)")

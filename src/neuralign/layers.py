@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .autograd import WARMUP_ITERATIONS, Spec, feedback_forward
-from .dfa import DFAState
+from .dfa import DFAState, PointFunction
 from .ops import OPS, ConvOps, ConvTransposeOps, LayerOps, LinearOps, ops_for
 from .random_draws import UniformMagnitudes
 from .rules import INITS, Rule, get_rule
@@ -27,7 +27,7 @@ from .terms import ACTIVITY_TERMS
 __all__ = ["FeedbackLayer", "RecipeState", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d",
            "FeedbackConv3d", "FeedbackConvTranspose1d", "FeedbackConvTranspose2d",
            "FeedbackConvTranspose3d", "FEEDBACK_CLASSES", "register_layer", "init_feedback",
-           "shared_copy"]
+           "shared_copy", "DFAPoint"]
 
 #: torch layer class -> its feedback layer class (filled by :func:`register_layer`; the
 #: default mapping of :func:`neuralign.convert`).
@@ -392,26 +392,17 @@ class FeedbackLayer(nn.Module):
             self._spec.derive(self.weight)
         return self.feedback
 
-    def _project_dfa(self, e: Tensor) -> Tensor:
-        # (called in every dfa layer's backward: the buffer read from _buffers, and no
-        # no_grad context, 1-2 µs each, where only the first call makes D)
+    def _project_dfa(self, outputs: int) -> Tensor:
         D: Tensor = self._buffers["feedback"]  # type: ignore[assignment]
-        if D.shape[0] != e.shape[1]:
-            with torch.no_grad():
-                g = torch.Generator().manual_seed(int(self.dfa_seed))
-                fresh = init_feedback(torch.empty(e.shape[1], D.shape[1]), None, self.rule.init,
-                                      g)
-                self.feedback = D = fresh.to(D)  # replaces the buffer (its shape changes)
-        return D
+        return _dfa_matrix(self, outputs, D.shape[1])
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # frsf kept |F0| (usf its scale) in a buffer of its own before F held it (F is in the
         # checkpoint too)
         state_dict.pop(prefix + "feedback_magnitude", None)
         state_dict.pop(prefix + "feedback_scale", None)
-        saved = state_dict.get(prefix + "feedback")
-        if self.rule.kind == "dfa" and saved is not None and saved.shape != self.feedback.shape:
-            self.feedback = self.feedback.new_empty(saved.shape)  # D not yet made here
+        if self.rule.kind == "dfa":
+            _dfa_shape_for_load(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- forward --------------------------------------------------------------------------------
@@ -536,3 +527,72 @@ class FeedbackConvTranspose2d(_FeedbackConvTranspose, nn.ConvTranspose2d):
 @register_layer(nn.ConvTranspose3d, ConvTransposeOps.from_module)
 class FeedbackConvTranspose3d(_FeedbackConvTranspose, nn.ConvTranspose3d):
     """``nn.ConvTranspose3d`` with a feedback weight (in the weight's layout)."""
+
+
+def _dfa_matrix(owner: FeedbackLayer | DFAPoint, outputs: int, columns: int) -> Tensor:
+    """``owner``'s dfa matrix ``D`` (its ``feedback`` buffer) for ``outputs`` output values:
+    made at the first backward, once they are known, from the seed drawn at conversion (so
+    every rank of a distributed run draws the same). Called in every backward: the buffer is
+    read from ``_buffers``, and only the first call makes D."""
+    D: Tensor = owner._buffers["feedback"]  # type: ignore[assignment]
+    if D.shape != (outputs, columns):
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(int(owner.dfa_seed))
+            fresh = init_feedback(torch.empty(outputs, columns), None, owner.rule.init, g)
+            owner.feedback = D = fresh.to(D)  # replaces the buffer (its shape changes)
+    return D
+
+
+def _dfa_shape_for_load(owner: FeedbackLayer | DFAPoint, state_dict: dict, prefix: str) -> None:
+    """Before loading a state dict: give ``owner``'s D the saved shape (D may not be made
+    here yet)."""
+    saved = state_dict.get(prefix + "feedback")
+    if saved is not None and saved.shape != owner.feedback.shape:
+        owner.feedback = owner.feedback.new_empty(saved.shape)
+
+
+class DFAPoint(nn.Module):
+    """A feedback point of direct feedback alignment (Launay et al. 2020): the identity on its
+    host module's output in the forward; in the backward it sends ``D e`` (the output error,
+    projected, per position where the tensor has the error's positions, else pooled as
+    ``rule.dfa_scale`` says) instead of the gradient arriving from above.
+
+    ``neuralign.convert(model, "dfa", points=[...])`` registers one as ``dfa_point`` on each
+    named module, with a forward hook that passes the module's output through it. The tensor
+    must hold the examples first and its features last (``[N, *positions, C]``: a transformer
+    block's output). ``D`` is ``[outputs, C]``, drawn as a dfa layer's is.
+    """
+
+    feedback: Tensor
+    dfa_seed: Tensor
+
+    def __init__(self, rule: Rule, generator: torch.Generator | None = None):
+        super().__init__()
+        if rule.kind != "dfa":
+            raise ValueError(f"a feedback point needs a dfa rule, got {rule.name!r}")
+        self.rule = rule
+        self.register_buffer("feedback", torch.empty(0, 0))
+        self.register_buffer("dfa_seed", torch.randint(2**62, (), generator=generator))
+        self.exact_backprop = False  # (neuralign.exact_backprop: the point passes gradients)
+        self.state: DFAState | None = None  # the model's, set by convert
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.exact_backprop or not torch.is_grad_enabled() or not x.requires_grad:
+            return x
+        if torch.compiler.is_compiling():
+            raise RuntimeError("dfa feedback points do not run under torch.compile (their "
+                               "backward reads the pass's output error); train without compile")
+        if x.dim() < 2:
+            raise TypeError(f"a dfa feedback point needs a tensor [N, *positions, features] "
+                            f"(examples first, features last), got shape {tuple(x.shape)}")
+        return PointFunction.apply(x, self, None if self.state is None else self.state.current)
+
+    def project(self, outputs: int, columns: int) -> Tensor:
+        return _dfa_matrix(self, outputs, columns)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _dfa_shape_for_load(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"rule={self.rule.name}"

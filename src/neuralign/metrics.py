@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .attention import Projection
 from .autograd import angle as tensor_angle
-from .convert import exact_backprop, feedback_layers
+from .convert import exact_backprop, feedback_layers, feedback_points
 from .layers import FeedbackLayer
 
 __all__ = ["angle", "weight_angles", "estimate_errors", "record_gradient_angles", "gradient_angles",
@@ -63,14 +63,19 @@ def backprop_angles(model: nn.Module, closure: Callable[[], Tensor]) -> dict[str
     """End to end: ``{layer: ∠(W's gradient under its rule, W's gradient under backprop)}`` on
     the same batch. ``closure()`` runs the forward and returns the loss; it is called twice.
     The parameters' ``.grad``, and the feedback recipe's curvature estimates, are left as they
-    were."""
+    were. A dfa feedback point (``convert``'s ``points``) is its module, under its name: the
+    angle between the gradients of all the module's parameters, flattened together."""
     layers = list(feedback_layers(model))
-    if not layers:
+    points = [(name, [p for p in model.get_submodule(name).parameters() if p.requires_grad])
+              for name, _ in feedback_points(model)]
+    points = [(name, ps) for name, ps in points if ps]
+    if not layers and not points:
         return {}
     # a projection's W is rows of its attention module's Parameter: differentiate that
     sources = [layer._source[:2] if isinstance(layer, Projection) else (layer.weight, None)
                for _, layer in layers]
-    params = list({id(p): p for p, _ in sources}.values())
+    params = list({id(p): p for p in [p for p, _ in sources] + [
+        p for _, ps in points for p in ps]}.values())
     recipes = [layer._recipe for _, layer in layers]
     for _, layer in layers:  # a measurement: the recipe's state does not see its backward
         layer._recipe = None
@@ -87,6 +92,12 @@ def backprop_angles(model: nn.Module, closure: Callable[[], Tensor]) -> dict[str
         g, h = by_id[id(p)]
         if g is not None and h is not None:
             out[name] = angle(g if rows is None else g[rows], h if rows is None else h[rows])
+    for name, ps in points:
+        pairs = [by_id[id(p)] for p in ps]
+        pairs = [(g, h) for g, h in pairs if g is not None and h is not None]
+        if pairs:
+            out[name] = angle(torch.cat([g.flatten() for g, _ in pairs]),
+                              torch.cat([h.flatten() for _, h in pairs]))
     return out
 
 

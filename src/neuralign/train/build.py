@@ -198,7 +198,8 @@ def build_network(cfg: Config, rule: na.Rule, info: DataInfo, device: torch.devi
         layer_rules = build_layer_rules(cfg.rule, rule)
     plain = build_model(cfg.model, info.input_shape, info.num_classes)
     model = na.convert(plain, rule, layer_rules=dict(layer_rules),
-                       on_unsupported=cfg.rule.on_unsupported).to(device)
+                       on_unsupported=cfg.rule.on_unsupported, points=cfg.rule.points,
+                       error_at=cfg.rule.error_at or None).to(device)
     # a converted layer whose weight the model reads itself still trains by backprop: say so
     # (one forward in training mode, as the run will call it; random streams and buffers such
     # as batch norm's running statistics are left as they were)
@@ -345,7 +346,9 @@ def describe(cfg: Config, model: torch.nn.Module, rule: na.Rule,
     """What was built, in a line or two (the trainer logs them)."""
     groups = na.param_groups(model)
     layers = sum(1 for _ in na.feedback_layers(model))
+    points = sum(1 for _ in na.feedback_points(model))
     lines = [f"model {cfg.model.name}, rule {rule.name}: {layers} feedback layers, "
+             f"{f'{points} dfa feedback points, ' if points else ''}"
              f"{sum(p.numel() for p in groups['forward'])} forward and "
              f"{sum(p.numel() for p in groups['feedback'])} learned feedback parameters, "
              f"device {device}"]

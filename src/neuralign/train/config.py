@@ -165,12 +165,19 @@ class RuleConfig(LayerRuleConfig):
             ``name``, the run's rule with these changes: ``{fc: {rate: 0.3}}``).
         on_unsupported: what ``convert`` does with layer types it cannot convert:
             ``warn``, ``ignore`` or ``raise``.
+        points: dfa only: module-name globs whose outputs become feedback points (Launay et
+            al. 2020's DFA at block outputs, backprop inside the blocks; ``convert``'s
+            ``points``), e.g. ``[layers.?]``.
+        error_at: dfa only: the module (the read-out) at whose input dfa's error is taken,
+            instead of at the model's output (``convert``'s ``error_at``); empty: the output.
     """
 
     name: str = "ia"
     # (a mapping entry is checked against LayerRuleConfig's keys and kept as the data it sets)
     layers: dict[str, str | LayerRuleConfig] = field(default_factory=dict)
     on_unsupported: str = "warn"
+    points: list[str] = field(default_factory=list)
+    error_at: str = ""
 
 
 def layer_rule_config(entry: str | dict[str, Any], key: str = "rule.layers") -> LayerRuleConfig:

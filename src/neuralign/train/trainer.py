@@ -159,7 +159,9 @@ class Trainer:
         # update noise: one stream, the same on every rank, so F stays identical everywhere
         self.update_generator = torch.Generator(device=self.device).manual_seed(
             tc.seed + 20_011)
-        self.layer_names = [n for n, _ in na.feedback_layers(self.model)]
+        # (a dfa feedback point's end-to-end angle is its module's: under its name)
+        self.layer_names = [n for n, _ in na.feedback_layers(self.model)] + [
+            n for n, _ in na.feedback_points(self.model)]
         # (the optimizers before DDP: the recipe decides which F need a gradient at all)
         self.optimizer, self.feedback_optimizer = build.build_optimizers(
             self.model, cfg, self.update_generator)
