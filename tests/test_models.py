@@ -150,6 +150,24 @@ def test_charlm_is_causal_and_trains_on_per_position_targets():
         assert layer.feedback.grad is not None, name
 
 
+@pytest.mark.parametrize("name, shape", [("charlm", (12,)), ("transformer1d", (1, 40))])
+def test_transformers_take_post_norm_blocks(name, shape):
+    """``norm_first=false``: post-norm encoder layers (Launay et al.'s DFA transformer): each
+    block's output is normalised over the features (layer norm's scale 1 and shift 0 at
+    initialisation), the default pre-norm block's is not."""
+    torch.manual_seed(0)
+    post = build_model(ModelConfig(name=name, kwargs={"norm_first": False}), shape, 7)
+    blocks = post.layers if name == "charlm" else post.encoder
+    assert all(not b.norm_first for b in blocks)
+    assert all(b.norm_first for b in (build_model(ModelConfig(name=name), shape, 7).layers
+                                      if name == "charlm" else
+                                      build_model(ModelConfig(name=name), shape, 7).encoder))
+    h = 3 * torch.randn(2, 5, blocks[0].self_attn.embed_dim) + 1
+    out = blocks[0](h)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, 5), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, 5), rtol=0, atol=1e-3)
+
+
 def test_gpt2_is_causal_and_converts_whole():
     pytest.importorskip("transformers")
     torch.manual_seed(0)

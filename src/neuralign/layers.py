@@ -588,6 +588,8 @@ class DFAPoint(nn.Module):
         return PointFunction.apply(x, self, None if self.state is None else self.state.current)
 
     def project(self, outputs: int, columns: int) -> Tensor:
+        """``D``, ``[outputs, columns]``: for an error of ``outputs`` values and a tensor of
+        ``columns`` features (made at the first backward)."""
         return _dfa_matrix(self, outputs, columns)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

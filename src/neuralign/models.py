@@ -54,8 +54,9 @@ class ModelConfig:
         shortcut: CIFAR ResNets: ``A`` (parameter-free identity with zero padding) or ``B``
             (1x1 convolution projections).
         kwargs: extra keyword arguments for a torchvision builder, or the options of
-            ``gru1d`` (``hidden``), ``transformer1d`` (``dim``, ``depth``, ``heads``, ``patch``)
-            and ``lenet`` (``batch_norm``).
+            ``gru1d`` (``hidden``), ``transformer1d`` (``dim``, ``depth``, ``heads``, ``patch``,
+            ``norm_first``), ``charlm`` (``dim``, ``depth``, ``heads``, ``norm_first``) and
+            ``lenet`` (``batch_norm``).
         init: the forward weights' initialisation: ``default`` (each torch layer's own) or
             ``xavier_uniform`` (every Linear and Conv weight Xavier-uniform, every bias zero:
             BioTorch's benchmark models).
@@ -262,10 +263,11 @@ class Transformer1d(nn.Module):
     """A small vision-transformer-style encoder for sequences: the signal cut into patches
     (``model.kwargs.patch``, default 4 positions), each embedded by a Linear map plus a learned
     position embedding, ``depth`` pre-norm encoder layers (``nn.TransformerEncoderLayer``:
-    multi-head self-attention and a ReLU feed-forward block), mean pooling, a linear read-out."""
+    multi-head self-attention and a ReLU feed-forward block; ``norm_first=false``: post-norm),
+    a final layer norm, mean pooling, a linear read-out."""
 
     def __init__(self, in_channels: int, length: int, num_classes: int, dim: int = 32,
-                 depth: int = 2, heads: int = 4, patch: int = 4):
+                 depth: int = 2, heads: int = 4, patch: int = 4, norm_first: bool = True):
         super().__init__()
         if length % patch:
             raise ValueError(f"transformer1d: the length {length} is not a multiple of the "
@@ -276,7 +278,7 @@ class Transformer1d(nn.Module):
         nn.init.normal_(self.position, std=0.02)
         self.encoder = nn.Sequential(*[
             nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True,
-                                       norm_first=True) for _ in range(depth)])
+                                       norm_first=norm_first) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
 
@@ -298,18 +300,20 @@ def _transformer1d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: 
 
 class CharTransformer(nn.Module):
     """A small causal transformer language model over token ids ``[N, T]``: an embedding plus a
-    learned position embedding, ``depth`` pre-norm encoder layers under a causal mask, a linear
-    read-out. It returns next-token logits for every position as ``[N, vocab, T]``, the layout
-    ``F.cross_entropy`` takes with per-position targets ``[N, T]``."""
+    learned position embedding, ``depth`` pre-norm encoder layers under a causal mask
+    (``norm_first=false``: post-norm), a final layer norm, a linear read-out. It returns
+    next-token logits for every position as ``[N, vocab, T]``, the layout ``F.cross_entropy``
+    takes with per-position targets ``[N, T]``."""
 
-    def __init__(self, vocab: int, length: int, dim: int = 64, depth: int = 2, heads: int = 4):
+    def __init__(self, vocab: int, length: int, dim: int = 64, depth: int = 2, heads: int = 4,
+                 norm_first: bool = True):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.position = nn.Parameter(torch.zeros(1, length, dim))
         nn.init.normal_(self.position, std=0.02)
         self.layers = nn.ModuleList([
             nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True,
-                                       norm_first=True) for _ in range(depth)])
+                                       norm_first=norm_first) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab)
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(length),
