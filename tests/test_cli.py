@@ -125,6 +125,15 @@ def test_compare_unknown_rule(tmp_path, capsys):
     assert "valid: aa, bp" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["compare", "--rules", "bp"],
+                                     ["robustness", "--rules", "fa", "--noise", "0"]])
+def test_an_unknown_model_leaves_no_folder(tmp_path, capsys, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)  # (robustness writes under ./runs)
+    assert main([*command, "--name", "x", "model.name=nosuch", "train.runs_dir=runs"]) == 2
+    assert "unknown model 'nosuch'; valid: charlm" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no folder, no config, no data loaded
+
+
 def test_rules_lists_the_catalog(capsys):
     assert main(["rules"]) == 0
     out = capsys.readouterr().out

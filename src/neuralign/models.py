@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelConfig", "build_model", "list_models", "register_model"]
+__all__ = ["ModelConfig", "build_model", "check_model_name", "list_models", "register_model"]
 
 #: Initialisations of the forward weights (``ModelConfig.init``).
 MODEL_INITS = ("default", "xavier_uniform")
@@ -129,8 +129,20 @@ def _build(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> 
         if input_shape[0] != 3:
             _adapt_first_conv(model, input_shape[0])
         return model
-    raise ValueError(f"unknown model {cfg.name!r}; valid: {', '.join(sorted(_MODELS))}, or a "
-                     f"torchvision classifier ({', '.join(tv[:6])}, … {len(tv)} in all)")
+    raise _unknown_model(cfg.name)
+
+
+def check_model_name(name: str) -> None:
+    """Raise :func:`build_model`'s error for a model name it does not know (before a command
+    makes its folders or loads its data)."""
+    if name not in _MODELS and name not in _torchvision_names():
+        raise _unknown_model(name)
+
+
+def _unknown_model(name: str) -> ValueError:
+    tv = _torchvision_names()
+    return ValueError(f"unknown model {name!r}; valid: {', '.join(sorted(_MODELS))}, or a "
+                      f"torchvision classifier ({', '.join(tv[:6])}, … {len(tv)} in all)")
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:

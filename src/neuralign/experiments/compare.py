@@ -13,6 +13,7 @@ import neuralign as na
 
 from ..data import build_data
 from ..io import markdown_table, read_csv, write_csv
+from ..models import check_model_name
 from ..train import distributed
 from ..train.config import Config, ConfigError, check_run_name, save_config
 from ..train.events import Callback
@@ -47,6 +48,7 @@ def compare(cfg: Config, rules: list[str] | tuple[str, ...] = DEFAULT_RULES,
     unknown = [r for r in rules if r not in valid]
     if unknown or not rules:
         raise ConfigError(f"unknown rule(s) {unknown or rules}; valid: {', '.join(valid)}")
+    check_model_name(cfg.model.name)  # (before any folder is made)
     distributed.init()  # under torchrun every rank runs every rule; rank 0 writes
     name = name or cfg.train.name or \
         f"compare-{cfg.data.name}-{cfg.model.name}-{distributed.timestamp()}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import neuralign as na
 
+from ..models import check_model_name
 from ..train.config import Config, ConfigError, config_to_dict
 from .common import (
     format_markdown,
@@ -51,6 +52,7 @@ def robustness(base: Config, rules: Sequence[str], noise: Sequence[float], out: 
     if any(s < 0 for s in noise):
         raise ConfigError(f"robustness: σ is a standard deviation >= 0, got {list(noise)}")
     configs = {r: rule_variant(base, r) for r in rules}  # unknown rules fail here, early
+    check_model_name(base.model.name)  # and an unknown model
     noise = sorted(set(float(s) for s in noise))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
