@@ -193,6 +193,26 @@ def test_a_transformer_language_model_trains_with_points():
                for p in model.layers[0].parameters())
 
 
+@pytest.mark.parametrize("kwargs", [{"points": ["layers.?"], "error_at": "head"},
+                                    {"error_at": "head"}])
+def test_compiled_equals_eager(kwargs):
+    """Under torch.compile the points and the error capture run eagerly (graph breaks)."""
+    from neuralign.models import CharTransformer
+
+    torch.manual_seed(0)
+    model = na.convert(CharTransformer(12, 16, dim=16, depth=2, heads=2), "dfa", **kwargs)
+    twin = copy.deepcopy(model)
+    compiled = torch.compile(twin, backend="aot_eager")
+    x = torch.randint(12, (2, 16))
+    for _ in range(2):  # (the second pass: dfa layers' taps once the output's shape is known)
+        model.zero_grad()
+        twin.zero_grad()
+        F.cross_entropy(model(x), x).backward()
+        F.cross_entropy(compiled(x), x).backward()
+        for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=n)
+
+
 def test_bad_points_and_error_at_are_clear_errors():
     with pytest.raises(ValueError, match="rule is 'fa'"):
         na.convert(Net(), "fa", points=["blocks.?"])

@@ -187,13 +187,11 @@ class _CaptureInput:
     def __init__(self, state: DFAState):
         self.state = state
 
+    @torch.compiler.disable  # (eager under torch.compile, as the points: see DFAPoint)
     def __call__(self, module, args):
         slot = self.state.current
         if slot is None:
             return None
-        if torch.compiler.is_compiling():
-            raise RuntimeError("dfa's error_at does not run under torch.compile (the error is "
-                               "read from the pass in the backward); train without compile")
         if not args or not isinstance(args[0], Tensor) or args[0].dim() == 0:
             raise TypeError(f"dfa's error_at module ({type(module).__name__}) must take a "
                             f"tensor with the examples first as its first argument")

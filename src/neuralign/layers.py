@@ -576,12 +576,12 @@ class DFAPoint(nn.Module):
         self.exact_backprop = False  # (neuralign.exact_backprop: the point passes gradients)
         self.state: DFAState | None = None  # the model's, set by convert
 
+    # (under torch.compile a point runs eagerly, a graph break: its backward reads the pass's
+    # error from a slot that a traced backward could not)
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         if self.exact_backprop or not torch.is_grad_enabled() or not x.requires_grad:
             return x
-        if torch.compiler.is_compiling():
-            raise RuntimeError("dfa feedback points do not run under torch.compile (their "
-                               "backward reads the pass's output error); train without compile")
         if x.dim() < 2:
             raise TypeError(f"a dfa feedback point needs a tensor [N, *positions, features] "
                             f"(examples first, features last), got shape {tuple(x.shape)}")
