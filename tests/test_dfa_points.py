@@ -244,3 +244,17 @@ def test_bad_points_and_error_at_are_clear_errors():
     bad = na.convert(Net(), "dfa", points=["blocks.1"], error_at="embed")
     with pytest.raises(RuntimeError, match="did not run after it"):
         F.cross_entropy(bad(torch.randn(2, 6, 3)), torch.randint(5, (2, 6))).backward()
+
+
+def test_report_has_a_row_per_point():
+    torch.manual_seed(0)
+    model = na.convert(Net().double(), "dfa", points=["blocks.?"], error_at="head")
+    x, y = _data(True)
+    report = na.report(model, lambda: F.cross_entropy(model(x), y))
+    rows = {r.name: r for r in report.layers}
+    assert set(rows) == {"blocks.0", "blocks.1"}
+    angles = na.metrics.backprop_angles(model, lambda: F.cross_entropy(model(x), y))
+    for name, row in rows.items():
+        assert row.error_via == "D (point)" and row.kind == "DFAPoint on Block"
+        assert row.backprop_angle == pytest.approx(float(angles[name]), abs=1e-9)
+    assert str(report).startswith("neuralign report: 0 feedback layer(s), 2 dfa feedback point(s)")

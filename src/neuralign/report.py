@@ -10,22 +10,24 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics
-from .convert import _converted, _holds_weights, bypassed_layers, feedback_layers
+from .convert import _converted, _holds_weights, bypassed_layers, feedback_layers, feedback_points
 
 __all__ = ["Report", "LayerReport", "report"]
 
 
 @dataclass(frozen=True)
 class LayerReport:
-    """One feedback layer's row of a :class:`Report`.
+    """One feedback layer's (or dfa feedback point's) row of a :class:`Report`.
 
     Attributes:
         name: the layer's qualified name.
         kind: its class (``FeedbackLinear``, ...).
         rule: its rule's name.
         error_via: how its error went down in the measured backward: ``'F'`` (its feedback
-            weight), ``'D'`` (dfa's projection of the output error), ``'W (bypassed)'`` (the
-            model reads its weight itself: plain backprop) or ``'none'`` (unused, or no error reached it).
+            weight), ``'D'`` (dfa's projection of the output error), ``'D (point)'`` (a dfa
+            feedback point at the module's output: its parameters learn by backprop from D e),
+            ``'W (bypassed)'`` (the model reads its weight itself: plain backprop) or
+            ``'none'`` (unused, or no error reached it).
         local_angle: ∠(what it sent down, what W would send for the same error), degrees.
         backprop_angle: ∠(W's gradient under the rule, W's gradient under exact backprop on
             the same batch), degrees.
@@ -63,7 +65,9 @@ class Report:
                  num(r.backprop_angle, ".1f"), num(r.weight_angle, ".1f"), num(r.lag, ".3f"))
                 for r in self.layers]
         widths = [max(len(str(c)) for c in col) for col in zip(head, *rows, strict=True)]
-        lines = [f"neuralign report: {len(self.layers)} feedback layer(s); rules "
+        points = sum(r.error_via == "D (point)" for r in self.layers)
+        lines = [f"neuralign report: {len(self.layers) - points} feedback layer(s)"
+                 f"{f', {points} dfa feedback point(s)' if points else ''}; rules "
                  f"{', '.join(sorted({r.rule for r in self.layers})) or '-'}; angles in degrees",
                  *("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                    for row in (head, *rows))]
@@ -134,6 +138,9 @@ def report(model: nn.Module, closure: Callable[[], Tensor]) -> Report:
         rows.append(LayerReport(name, type(layer).__name__, layer.rule.name, via,
                                 local.get(name), versus.get(name), weight_angles.get(name),
                                 lags.get(name)))
+    for name, point in feedback_points(model):  # (vs backprop: all the module's parameters)
+        rows.append(LayerReport(name, f"DFAPoint on {type(model.get_submodule(name)).__name__}",
+                                point.rule.name, "D (point)", None, versus.get(name), None, None))
     converted = [n for n, m in model.named_modules() if _converted(m)]
     left = [f"{n}: {type(m).__name__}" for n, m in model.named_modules()
             if n and _holds_weights(m) and not any(n.startswith(c + ".") for c in converted)]
