@@ -12,7 +12,7 @@ from neuralign.models import ModelConfig, build_model, list_models
 
 # input shape per model family (the CIFAR ResNets and LeNet take images, cnn1d sequences)
 _SHAPES = {"mlp": (1, 40), "cnn1d": (1, 40), "lenet": (1, 28, 28), "gru1d": (1, 40),
-           "transformer1d": (1, 40)}
+           "transformer1d": (1, 40), "resnet1d": (1, 40)}
 _REGISTERED = [m for m in list_models(include_torchvision=False)
                if m not in ("charlm", "gpt2")]  # (tokens)
 
@@ -166,6 +166,36 @@ def test_transformers_take_post_norm_blocks(name, shape):
     out = blocks[0](h)
     torch.testing.assert_close(out.mean(-1), torch.zeros(2, 5), rtol=0, atol=1e-5)
     torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, 5), rtol=0, atol=1e-3)
+
+
+def test_resnet1d_is_the_cifar_resnet_in_one_dimension():
+    """resnet1d: the CIFAR ResNet's stages of Conv1d (16/32/64 channels, option A shortcuts,
+    batch norm), depth 6n+2; a 1-D sequence [C, L] repeated along a second axis of size 1 gives
+    the 2-D network with (1 x 3) kernels the same output."""
+    torch.manual_seed(0)
+    for depth in (8, 14):
+        m = build_model(ModelConfig(name="resnet1d", kwargs={"depth": depth}), (1, 40), 10)
+        convs = [c for c in m.modules() if isinstance(c, nn.Conv1d)]
+        assert len(convs) == 1 + 2 * 3 * (depth - 2) // 6  # stem + two a block
+        assert m(torch.randn(4, 1, 40)).shape == (4, 10)
+    x = torch.randn(3, 1, 40)
+    with pytest.raises(ValueError, match="depth must be 6n\\+2"):
+        build_model(ModelConfig(name="resnet1d", kwargs={"depth": 10}), (1, 40), 10)
+    with pytest.raises(ValueError, match="resnet1d has no option width"):
+        build_model(ModelConfig(name="resnet1d", kwargs={"width": 8}), (1, 40), 10)
+    with pytest.raises(ValueError, match="needs sequence inputs"):
+        build_model(ModelConfig(name="resnet1d"), (1, 28, 28), 10)
+    # resnet8 on [C, 1, L], its 3 x 3 kernels' middle rows set to resnet1d's kernels and the
+    # rest to zero (the padded rows), gives resnet1d's output
+    plain2d = build_model(ModelConfig(name="resnet8"), (1, 1, 40), 10).eval()
+    m8 = build_model(ModelConfig(name="resnet1d"), (1, 40), 10).eval()
+    with torch.no_grad():
+        for a, b in zip(m8.state_dict().values(), plain2d.state_dict().values(), strict=True):
+            if a.dim() == 3:
+                b.zero_()[:, :, b.shape[2] // 2] = a
+            else:
+                b.copy_(a)
+    torch.testing.assert_close(m8(x), plain2d(x[:, :, None]), rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_is_causal_and_converts_whole():

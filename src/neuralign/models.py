@@ -15,11 +15,12 @@ them into feedback models with :func:`neuralign.convert`. Names:
 - ``gpt2``: GPT-2's architecture (Hugging Face transformers' ``GPT2LMHeadModel``, built from a
   config: needs the ``hf`` extra), small, for the same data: its projections are
   transformers' ``Conv1D``, converted by :mod:`neuralign.integrations.hf`.
-- ``resnet20`` … ``resnet110``: the CIFAR ResNets of He et al. 2016 (§4.2): 3 stages of
-  16/32/64 channels, n basic blocks each (depth 6n+2). The shortcut is **option A** by default
-  (identity; when the shape changes, stride-2 subsampling and zero-padded channels: no
-  parameters, as in the paper's CIFAR experiments); ``shortcut: B`` uses 1x1 convolution + BN
-  projections where the shape changes.
+- ``resnet8``, ``resnet20`` … ``resnet110``: the CIFAR ResNets of He et al. 2016 (§4.2): 3
+  stages of 16/32/64 channels, n basic blocks each (depth 6n+2); ``resnet1d``: the same
+  network of ``Conv1d`` layers for ``[N, C, L]`` inputs (``model.kwargs.depth``, default 8).
+  The shortcut is **option A** by default (identity; when the shape changes, stride-2
+  subsampling and zero-padded channels: no parameters, as in the paper's CIFAR experiments);
+  ``shortcut: B`` uses 1x1 convolution + BN projections where the shape changes.
 - any torchvision classifier by name (``resnet18`` … ``resnet152``, ``vgg11``, …), built
   untrained with ``num_classes`` set.
 """
@@ -55,8 +56,8 @@ class ModelConfig:
             (1x1 convolution projections).
         kwargs: extra keyword arguments for a torchvision builder, or the options of
             ``gru1d`` (``hidden``), ``transformer1d`` (``dim``, ``depth``, ``heads``, ``patch``,
-            ``norm_first``), ``charlm`` (``dim``, ``depth``, ``heads``, ``norm_first``) and
-            ``lenet`` (``batch_norm``).
+            ``norm_first``), ``charlm`` (``dim``, ``depth``, ``heads``, ``norm_first``),
+            ``resnet1d`` (``depth``) and ``lenet`` (``batch_norm``).
         init: the forward weights' initialisation: ``default`` (each torch layer's own) or
             ``xavier_uniform`` (every Linear and Conv weight Xavier-uniform, every bias zero:
             BioTorch's benchmark models).
@@ -380,7 +381,8 @@ def _gpt2(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> n
 
 
 class PadShortcut(nn.Module):
-    """Option A shortcut: subsample by ``stride`` and zero-pad channels (no parameters)."""
+    """Option A shortcut: subsample by ``stride`` and zero-pad channels (no parameters); for
+    ``[N, C, L]`` and ``[N, C, H, W]`` inputs."""
 
     def __init__(self, stride: int, extra_channels: int):
         super().__init__()
@@ -388,25 +390,28 @@ class PadShortcut(nn.Module):
         self.extra = extra_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x[:, :, ::self.stride, ::self.stride]
+        x = x[(slice(None), slice(None), *[slice(None, None, self.stride)] * (x.dim() - 2))]
         lo = self.extra // 2
-        return F.pad(x, (0, 0, 0, 0, lo, self.extra - lo))
+        return F.pad(x, (0, 0) * (x.dim() - 2) + (lo, self.extra - lo))
+
+
+_CONV_BN = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d)}
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str):
+    def __init__(self, c_in: int, c_out: int, stride: int, shortcut: str, dim: int = 2):
         super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        conv, bn = _CONV_BN[dim]
+        self.conv1 = conv(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = bn(c_out)
+        self.conv2 = conv(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = bn(c_out)
         if stride == 1 and c_in == c_out:
             self.shortcut: nn.Module = nn.Identity()
         elif shortcut == "A":
             self.shortcut = PadShortcut(stride, c_out - c_in)
         else:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
-                                          nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(conv(c_in, c_out, 1, stride, bias=False), bn(c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -415,35 +420,38 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 images: 16/32/64 channels, global average pool, linear."""
+    """ResNet-(6n+2) for 32x32 images: 16/32/64 channels, global average pool, linear.
+    ``dim=1``: the same network of ``Conv1d`` layers, for sequences ``[C, L]``."""
 
-    def __init__(self, depth: int, in_channels: int, num_classes: int, shortcut: str = "A"):
+    def __init__(self, depth: int, in_channels: int, num_classes: int, shortcut: str = "A",
+                 dim: int = 2):
         super().__init__()
-        if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if (depth - 2) % 6 or depth < 8:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, ...), got {depth}")
         if shortcut not in ("A", "B"):
             raise ValueError(f"model.shortcut must be 'A' or 'B', got {shortcut!r}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        conv, bn = _CONV_BN[dim]
+        self.conv1 = conv(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = bn(16)
         stages, c_in = [], 16
         for i, c in enumerate((16, 32, 64)):
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(BasicBlock(c_in, c, stride, shortcut))
+                blocks.append(BasicBlock(c_in, c, stride, shortcut, dim))
                 c_in = c
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(64, num_classes)
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
+            if isinstance(m, conv):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(torch.flatten(x.mean(tuple(range(2, x.dim()))), 1))
 
 
 def _cifar_resnet(depth: int) -> _Builder:
@@ -456,5 +464,17 @@ def _cifar_resnet(depth: int) -> _Builder:
     return build
 
 
-for _d in (20, 32, 44, 56, 110):
+@register_model("resnet1d")
+def _resnet1d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if len(input_shape) != 2:
+        raise ValueError(f"resnet1d needs sequence inputs [C, L], the data give {input_shape}")
+    unknown = set(cfg.kwargs) - {"depth"}
+    if unknown:
+        raise ValueError(f"resnet1d has no option {', '.join(sorted(unknown))} "
+                         f"(model.kwargs); valid: depth")
+    return CifarResNet(int(cfg.kwargs.get("depth", 8)), input_shape[0], num_classes,
+                       cfg.shortcut.upper(), dim=1)
+
+
+for _d in (8, 20, 32, 44, 56, 110):
     register_model(f"resnet{_d}")(_cifar_resnet(_d))
