@@ -3,6 +3,7 @@ blocks, the error taken at the model's output or at the read-out's input (``erro
 
 import copy
 import io
+import math
 import pickle
 
 import pytest
@@ -254,7 +255,14 @@ def test_report_has_a_row_per_point():
     rows = {r.name: r for r in report.layers}
     assert set(rows) == {"blocks.0", "blocks.1"}
     angles = na.metrics.backprop_angles(model, lambda: F.cross_entropy(model(x), y))
+    # the local angle: D e against the gradient that arrived from above, written out
+    h1 = model.blocks[1](model.blocks[0](model.embed(x)))
+    e, = torch.autograd.grad(F.cross_entropy(model.head(h1).transpose(1, 2), y), h1)
+    local = {"blocks.1": math.degrees(math.acos(F.cosine_similarity(
+        (e @ model.blocks[1].dfa_point.feedback).flatten(), e.flatten(), dim=0)))}
     for name, row in rows.items():
         assert row.error_via == "D (point)" and row.kind == "DFAPoint on Block"
         assert row.backprop_angle == pytest.approx(float(angles[name]), abs=1e-9)
+        assert 0 < row.local_angle < 180
+    assert rows["blocks.1"].local_angle == pytest.approx(local["blocks.1"], abs=1e-9)
     assert str(report).startswith("neuralign report: 0 feedback layer(s), 2 dfa feedback point(s)")

@@ -114,7 +114,7 @@ class PointFunction(torch.autograd.Function):
         v = project_error(e.to(dy.dtype), n, tuple(shape[1:-1]),
                           lambda outputs: point.project(outputs, shape[-1]),
                           point.rule.dfa_scale)
-        return v.reshape(shape), None, None
+        return point.sent(v.reshape(shape), dy), None, None
 
 
 def project_error(e: Tensor, n: int, positions: tuple[int, ...],
@@ -212,6 +212,17 @@ class _ThroughPoint:
         return module.dfa_point(output)
 
 
+class _CloseSlot:
+    """Under ``error_at``: the slot closes with the model's forward, so that the error_at
+    module called on its own afterwards captures nothing."""
+
+    def __init__(self, state: DFAState):
+        self.state = state
+
+    def __call__(self, module, args, output):
+        self.state.current = None
+
+
 def mark_output(model: nn.Module, state: DFAState, error_at: nn.Module | None = None) -> None:
     """Hook ``model`` so that its output error (or, with ``error_at``, the gradient at that
     module's input) reaches the dfa layers and feedback points sharing ``state``."""
@@ -220,6 +231,7 @@ def mark_output(model: nn.Module, state: DFAState, error_at: nn.Module | None = 
         model.register_forward_hook(_CaptureOutput(state))
     else:
         error_at.register_forward_pre_hook(_CaptureInput(state))
+        model.register_forward_hook(_CloseSlot(state))
 
 
 def mark_point(module: nn.Module) -> None:
@@ -232,7 +244,8 @@ def unmark_output(model: nn.Module) -> None:
     for module in model.modules():
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
             for key in [k for k, h in hooks.items()
-                        if isinstance(h, _OpenSlot | _CaptureOutput | _CaptureInput | _ThroughPoint)]:
+                        if isinstance(h, _OpenSlot | _CaptureOutput | _CaptureInput | _CloseSlot
+                                         | _ThroughPoint)]:
                 del hooks[key]
 
 

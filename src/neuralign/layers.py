@@ -17,7 +17,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-from .autograd import WARMUP_ITERATIONS, Spec, feedback_forward
+from .autograd import WARMUP_ITERATIONS, Spec, angle, feedback_forward
 from .dfa import DFAState, PointFunction
 from .ops import OPS, ConvOps, ConvTransposeOps, LayerOps, LinearOps, ops_for
 from .random_draws import UniformMagnitudes
@@ -575,6 +575,7 @@ class DFAPoint(nn.Module):
         self.register_buffer("dfa_seed", torch.randint(2**62, (), generator=generator))
         self.exact_backprop = False  # (neuralign.exact_backprop: the point passes gradients)
         self.state: DFAState | None = None  # the model's, set by convert
+        self.probe: Tensor | None = None  # the local angle, while recording
 
     # (under torch.compile a point runs eagerly, a graph break: its backward reads the pass's
     # error from a slot that a traced backward could not)
@@ -586,6 +587,26 @@ class DFAPoint(nn.Module):
             raise TypeError(f"a dfa feedback point needs a tensor [N, *positions, features] "
                             f"(examples first, features last), got shape {tuple(x.shape)}")
         return PointFunction.apply(x, self, None if self.state is None else self.state.current)
+
+    def record_gradient_angle(self, enabled: bool = True) -> None:
+        """Record, at each backward, the angle between what the point sends down (``D e``) and
+        the gradient that arrived from above (what backprop would pass on)."""
+        self.probe = torch.full((), math.nan, dtype=torch.float64,
+                                device=self.dfa_seed.device) if enabled else None
+
+    @property
+    def gradient_angle(self) -> float | None:
+        """Degrees, from the last backward while recording was on (else None)."""
+        if self.probe is None:
+            return None
+        a = float(self.probe)
+        return None if math.isnan(a) else a
+
+    def sent(self, v: Tensor, dy: Tensor) -> Tensor:
+        """``v`` (what the backward sends down), the local angle to ``dy`` recorded."""
+        if self.probe is not None:
+            self.probe.copy_(angle(v, dy))
+        return v
 
     def project(self, outputs: int, columns: int) -> Tensor:
         """``D``, ``[outputs, columns]``: for an error of ``outputs`` values and a tensor of

@@ -44,18 +44,26 @@ def record_gradient_angles(model: nn.Module, enabled: bool = True) -> None:
     """Turn recording of the local gradient angle on or off for every feedback layer.
 
     While on, each backward also computes what the layer would send through W for the same
-    incoming error (one more transposed product per layer)."""
+    incoming error (one more transposed product per layer). A dfa feedback point records
+    ∠(D e, the gradient that arrived from above)."""
     for _, layer in feedback_layers(model):
         layer.record_gradient_angle(enabled)
+    for _, point in feedback_points(model):
+        point.record_gradient_angle(enabled)
 
 
 def gradient_angles(model: nn.Module) -> dict[str, float]:
-    """``{layer: ∠(apply_T(dy, F), apply_T(dy, W))}`` from the last backward while recording."""
+    """``{layer: ∠(apply_T(dy, F), apply_T(dy, W))}`` from the last backward while recording;
+    a dfa feedback point, under its module's name: ``∠(D e, dy)``."""
     out = {}
     for name, layer in feedback_layers(model):
         a = layer.gradient_angle
         if a is not None:
             out[name] = a
+    for name, point in feedback_points(model):
+        b = point.gradient_angle
+        if b is not None:
+            out[name] = b
     return out
 
 

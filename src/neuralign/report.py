@@ -109,10 +109,14 @@ def report(model: nn.Module, closure: Callable[[], Tensor]) -> Report:
     try:
         loss = closure()
         wanted = [(name, layer.weight) for name, layer in layers if layer.weight.requires_grad]
+        # (a backward through the points too: their modules' parameters)
+        inside = [p for name, _ in feedback_points(model)
+                  for p in model.get_submodule(name).parameters() if p.requires_grad]
         reached: set[str] = set()  # the layers whose W got a gradient
-        if wanted:  # (the gradients themselves are not kept: only the recorded angles)
-            grads = torch.autograd.grad(loss, [w for _, w in wanted], allow_unused=True)
-            reached = {name for (name, _), g in zip(wanted, grads, strict=True)
+        if wanted or inside:  # (the gradients themselves are not kept: only the angles)
+            grads = torch.autograd.grad(loss, [*(w for _, w in wanted), *inside],
+                                        allow_unused=True)
+            reached = {name for (name, _), g in zip(wanted, grads[:len(wanted)], strict=True)
                        if g is not None}
         local = metrics.gradient_angles(model)
     finally:
@@ -140,7 +144,8 @@ def report(model: nn.Module, closure: Callable[[], Tensor]) -> Report:
                                 lags.get(name)))
     for name, point in feedback_points(model):  # (vs backprop: all the module's parameters)
         rows.append(LayerReport(name, f"DFAPoint on {type(model.get_submodule(name)).__name__}",
-                                point.rule.name, "D (point)", None, versus.get(name), None, None))
+                                point.rule.name, "D (point)", local.get(name), versus.get(name),
+                                None, None))
     converted = [n for n, m in model.named_modules() if _converted(m)]
     left = [f"{n}: {type(m).__name__}" for n, m in model.named_modules()
             if n and _holds_weights(m) and not any(n.startswith(c + ".") for c in converted)]
