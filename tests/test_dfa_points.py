@@ -225,8 +225,12 @@ def test_bad_points_and_error_at_are_clear_errors():
         na.convert(Net(), "dfa", error_at="heads")
     with pytest.raises(ValueError, match="overlap"):
         na.convert(Net(), "dfa", points=["head"], error_at="head")
-    with pytest.raises(ValueError, match="is a converted layer"):
-        na.convert(Net(), "dfa", points=["embed"], layer_rules={"embed": "dfa"})
+    plain = Net()
+    with pytest.raises(ValueError, match="'embed' is a layer converted with rule dfa"):
+        na.convert(plain, "dfa", points=["embed"], layer_rules={"embed": "dfa"}, inplace=True)
+    assert type(plain.embed) is nn.Linear and not list(na.feedback_points(plain))  # untouched
+    with pytest.raises(ValueError, match="already converted"):
+        na.convert(na.convert(Net(), "dfa", points=["blocks.?"]), "dfa", points=["blocks.?"])
     with pytest.raises(ValueError, match="single layer"):
         na.convert(nn.Linear(3, 3), "dfa", points=["x"])
 

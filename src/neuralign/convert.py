@@ -104,7 +104,8 @@ def convert(
     """
     if mapping is None:
         _register_integrations()
-    converted = [n or "(the model itself)" for n, _ in feedback_layers(model)]
+    converted = [n or "(the model itself)" for n, _ in [*feedback_layers(model),
+                                                         *feedback_points(model)]]
     if converted:
         raise ValueError(f"the model is already converted (feedback layers: "
                          f"{', '.join(converted[:5])}{' ...' if len(converted) > 5 else ''}); "
@@ -157,6 +158,13 @@ def convert(
                 f"({', '.join(f'{n}: {r.name}' for n, r in rules.items())}); a module has one "
                 f"rule: give all its names the same one")
         plan.append((names[id(module)], module, rules[name]))
+    for where, module, r in plan:
+        on_point = [w for w in where if w in hosts]
+        if on_point and r.kind != "bp":
+            raise ValueError(f"points: {on_point[0]!r} is a layer converted with rule {r.name} "
+                             f"({type(module).__name__}); put feedback points on the blocks "
+                             f"around layers, or keep it on backprop (layer_rules "
+                             f"{{{on_point[0]!r}: 'bp'}})")
     if unsupported and on_unsupported != "ignore":
         msg = (f"{len(unsupported)} layer(s) hold parameters but have no feedback layer, so "
                f"their backward still uses their own weights ({'; '.join(unsupported)}); "
@@ -179,11 +187,6 @@ def convert(
     modules = dict(model.named_modules())
     for name in hosts:
         host = modules[name]
-        if isinstance(host, FeedbackLayer):
-            raise ValueError(f"points: {name!r} is a converted layer ({type(host).__name__}, "
-                             f"rule {host.rule.name}); put feedback points on the blocks "
-                             f"around layers, or keep it on backprop (layer_rules {{{name!r}: "
-                             f"'bp'}})")
         like = next((p for p in host.parameters() if p.is_floating_point()), torch.empty(0))
         host.add_module("dfa_point", DFAPoint(rule, generator).to(like.device, like.dtype))
         log.info("%s: feedback point (rule %s)", name, rule.name)
