@@ -471,6 +471,16 @@ def test_robustness_cli(tmp_path, capsys):
     assert rc == 0
     assert "| sa |" in capsys.readouterr().out
     assert main(["robustness", "--noise", "0,x", "--out", str(tmp_path / "o")]) == 2
+    # σ in weight units: every learned rule's runs carry update_noise_units=weight
+    rc = main(["robustness", "--rules", "sa,fa", "--noise", "1e-3", "--noise-units", "weight",
+               "--out", str(tmp_path / "w"), "--epochs", "1", "-q", "data.num_samples=300",
+               "data.batch_size=40", "model.name=mlp", "model.widths=[8]",
+               "train.angle_every=0", f"train.runs_dir={tmp_path}"])
+    assert rc == 0
+    (sa,) = (tmp_path / "w" / "runs").glob("sa-noise0.001-weight-s0-*/config.yaml")
+    rule = yaml.safe_load(sa.read_text())["rule"]
+    assert (rule["update_noise"], rule["update_noise_units"]) == (0.001, "weight")
+    assert yaml.safe_load((tmp_path / "w" / "robustness.yaml").read_text())["units"] == "weight"
 
 
 def test_interrupted_run_continues_from_checkpoint(tmp_path):

@@ -570,3 +570,34 @@ def test_accumulated_micro_batches_step_as_one_batch(rule, case, monkeypatch):
         for (name, a), b in zip(got.state_dict().items(), one.state_dict().values(),
                                 strict=True):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("dynamics", ["recipe", "after_step"])
+def test_update_noise_in_weight_units_is_rms_w_per_step_whatever_the_step(dynamics):
+    """update_noise_units='weight': F += σ · rms(W) · N(0, 1) at each step, the step size
+    (the recipe's rate/κ, or after_step's lr) leaving the noise unchanged; gradient units
+    give lr_F · σ."""
+    sigma = 0.3
+    moved = {}
+    for units in ("gradient", "weight"):
+        for rate in (0.5, 0.05):
+            rule = na.get_rule("sa", update_noise=sigma, update_noise_units=units)
+            layer = _linear(rule)
+            F0, W = layer.feedback.detach().clone(), layer.weight.detach()
+            if dynamics == "recipe":
+                opt = na.feedback_optimizer(layer, rate=rate,
+                                            generator=torch.Generator().manual_seed(5))
+                opt.step()
+                clean = F0 + rate * (W - F0)  # sa's step: lr_F = rate
+            else:
+                na.after_step(layer, rate, generator=torch.Generator().manual_seed(5))
+                clean = F0
+            eps = torch.randn(F0.shape, generator=torch.Generator().manual_seed(5),
+                              dtype=F0.dtype)
+            scale = sigma * W.square().mean().sqrt() if units == "weight" else rate * sigma
+            torch.testing.assert_close(layer.feedback.detach(), clean + scale * eps)
+            moved[units, rate] = (layer.feedback.detach() - clean).norm()
+    torch.testing.assert_close(moved["weight", 0.5], moved["weight", 0.05])
+    torch.testing.assert_close(moved["gradient", 0.5], 10 * moved["gradient", 0.05])
+    with pytest.raises(ValueError, match="update noise units"):
+        na.get_rule("sa", update_noise=0.1, update_noise_units="relative")

@@ -143,8 +143,9 @@ def test_config_round_trip():
 # than its default: a field added to Rule needs a value here, and nothing in the config.
 _DONORS = [
     ("sa", na.Rule(terms={"self": 0.5, "amp": 2.0, "decay": 1.5}, kp=True,
-                   noise=MirrorNoise("uniform", 0.5), update_noise=0.2, normalize=3.0,
-                   init="xavier_normal", rate=0.25, convention="paper",
+                   noise=MirrorNoise("uniform", 0.5), update_noise=0.2,
+                   update_noise_units="weight", normalize=3.0, init="xavier_normal", rate=0.25,
+                   convention="paper",
                    estimate=WeightEstimate("rdd", samples=40, every=7, noise=0.5, window=0.4,
                                            drive_noise=0.0, unit="lif", steps=5, tau=2.0,
                                            memory=0.5))),

@@ -438,12 +438,13 @@ class FeedbackLayer(nn.Module):
     # -- after the optimizer step ------------------------------------------------------------------
     @torch.no_grad()
     def perturb_feedback(self, lr: float, generator: torch.Generator | None = None) -> None:
-        """Update noise ``F += lr · N(0, σ²)`` with the rule's σ (nothing when σ is 0)."""
+        """Update noise with the rule's σ (nothing when σ is 0): ``F += lr · N(0, σ²)``, or
+        under ``update_noise_units='weight'`` ``F += σ · rms(W) · N(0, 1)``."""
         sigma = self.rule.update_noise
         if sigma:
             F = self.feedback
             eps = torch.randn(F.shape, generator=generator, device=F.device, dtype=F.dtype)
-            F.add_(eps, alpha=lr * sigma)
+            F.add_(eps.mul_(update_noise_scale(self.rule, lr, self.weight)))
 
     @torch.no_grad()
     def normalize_feedback(self) -> None:
@@ -527,6 +528,15 @@ class FeedbackConvTranspose2d(_FeedbackConvTranspose, nn.ConvTranspose2d):
 @register_layer(nn.ConvTranspose3d, ConvTransposeOps.from_module)
 class FeedbackConvTranspose3d(_FeedbackConvTranspose, nn.ConvTranspose3d):
     """``nn.ConvTranspose3d`` with a feedback weight (in the weight's layout)."""
+
+
+def update_noise_scale(rule: Rule, lr: float | Tensor, W: Tensor) -> float | Tensor:
+    """The update noise's standard deviation per entry of F for a step of size ``lr``:
+    ``lr · σ`` in gradient units, ``σ · rms(W)`` (a 0-d tensor: no host sync) in weight
+    units."""
+    if rule.update_noise_units == "weight":
+        return W.detach().norm() * (rule.update_noise / math.sqrt(max(W.numel(), 1)))
+    return lr * rule.update_noise
 
 
 def _dfa_matrix(owner: FeedbackLayer | DFAPoint, outputs: int, columns: int) -> Tensor:

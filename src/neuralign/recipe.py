@@ -79,7 +79,7 @@ from torch import Tensor, nn
 from .autograd import unit_blocks
 from .convert import feedback_layers
 from .estimate import estimate_layer
-from .layers import FeedbackLayer, RecipeState
+from .layers import FeedbackLayer, RecipeState, update_noise_scale
 
 __all__ = ["FeedbackOptimizer", "feedback_optimizer", "curvature"]
 
@@ -388,10 +388,9 @@ class FeedbackOptimizer(torch.optim.Optimizer):
             _decay_step(X, s, decay, g, samples)
             if self_:
                 X.add_(W_self, alpha=s * self_)
-        sigma = rule.update_noise
-        if sigma:
+        if rule.update_noise:
             eps = torch.randn(F.shape, generator=self.generator, device=F.device, dtype=F.dtype)
-            X.add_(eps.mul_(s * sigma))
+            X.add_(eps.mul_(update_noise_scale(rule, s, W)))
         if rule.kp:
             torch.add(W, X, out=F)
         if rule.normalize:

@@ -49,6 +49,8 @@ NOISE_DISTS = ("normal", "uniform")
 #: How a dfa layer scales the output error it sends to each of an input's P positions (see
 #: :attr:`Rule.dfa_scale`).
 DFA_SCALES = ("mean", "broadcast")
+#: What the update noise's σ is measured in (see :attr:`Rule.update_noise_units`).
+UPDATE_NOISE_UNITS = ("gradient", "weight")
 #: How a rule's terms are defined (see :attr:`Rule.convention`).
 CONVENTIONS = ("library", "paper")
 #: The terms the paper's convention writes without the ½ (their gradient is twice the
@@ -163,7 +165,13 @@ class Rule:
             deprecated name, still accepted; ``rule.feedback`` reads it with a warning.)
         kp: Kolen-Pollack: F's gradient also receives W's task gradient ``outer(x, dy)``.
         noise: mirror noise (a :class:`MirrorNoise`, a dict of its fields, or None).
-        update_noise: σ of the noise added after each step, ``F += lr_F · N(0, σ²)``.
+        update_noise: σ of the noise added after each step of F, in ``update_noise_units``.
+        update_noise_units: ``'gradient'`` (the default; the paper's ``ΔB = ∇R + N(0, σ²)``):
+            ``F += lr_F · N(0, σ²)``, so each rule's step size ``lr_F`` scales it (the
+            recipe's ``rate/κ``, or the feedback optimizer's learning rate). ``'weight'``:
+            ``F += σ · rms(W) · N(0, 1)`` at every step, whatever the step size: σ is the noise
+            per step as a fraction of W's root-mean-square entry, one axis for every rule and
+            dynamics. A gradient-unit σ is ``lr_F · σ / rms(W)`` in weight units.
         normalize: after each step rescale F to a fixed Frobenius norm: ``True`` for its norm
             at initialisation, a number for that norm, ``False`` for none.
         init: how F is initialised, one of ``FEEDBACK_INITS``.
@@ -205,6 +213,7 @@ class Rule:
     convention: str = "library"
     name: str = "custom"
     dfa_scale: str = "mean"
+    update_noise_units: str = "gradient"
     feedback: InitVar[str | None] = None  # the deprecated name of ``kind``
 
     def __post_init__(self, feedback: str | None = None):
@@ -252,6 +261,7 @@ class Rule:
         _valid("feedback kind", self.kind, FEEDBACK_KINDS)
         _valid("convention", self.convention, CONVENTIONS)
         _valid("feedback init", self.init, FEEDBACK_INITS)
+        _valid("update noise units", self.update_noise_units, UPDATE_NOISE_UNITS)
         if not (isinstance(self.update_noise, int | float) and math.isfinite(self.update_noise)
                 and self.update_noise >= 0):
             raise ValueError(f"update_noise is a standard deviation >= 0 (finite), got "
@@ -289,7 +299,7 @@ class Rule:
     def __hash__(self):
         return hash((tuple(sorted(self.terms.items())), self.kind, self.kp, self.noise,
                      self.update_noise, self.normalize, self.init, self.rate, self.estimate,
-                     self.convention, self.dfa_scale, self.name))
+                     self.convention, self.dfa_scale, self.update_noise_units, self.name))
 
     def __reduce__(self):  # the terms mapping is read-only, and pickles as a dict
         return (Rule.from_dict, (self.to_dict(),))

@@ -105,12 +105,16 @@ def add_parsers(sub, run: argparse.ArgumentParser) -> dict:
     p = sub.add_parser(
         "robustness", parents=[run], help="top-1 against update-noise σ",
         description="Train each rule with update noise F <- F + lr_F*N(0, sigma^2) after every "
-                    "feedback step, for each sigma; table and plot of final test top-1 "
-                    "against sigma. Finished runs are skipped on restart.")
+                    "feedback step (--noise-units weight: F <- F + sigma*rms(W)*N(0, 1)), for "
+                    "each sigma; table and plot of final test top-1 against sigma. Finished "
+                    "runs are skipped on restart.")
     p.add_argument("--config", "-c", metavar="BASE", help="base config YAML")
     p.add_argument("--rules", default="sa,aa,ia", help="comma-separated (default sa,aa,ia)")
     p.add_argument("--noise", default="0,1e-4,1e-3,1e-2",
                    help="update-noise standard deviations (default 0,1e-4,1e-3,1e-2)")
+    p.add_argument("--noise-units", default="gradient", choices=("gradient", "weight"),
+                   help="gradient: sigma scaled by each rule's step size (the paper's); weight: "
+                        "sigma is the noise per step relative to rms(W), one axis for all rules")
     p.add_argument("--seeds", help="training seeds, e.g. 0,1,2 (default: the config's)")
     p.add_argument("--name", dest="out_name",
                    help="name of the output folder under runs/robustness/")
@@ -208,7 +212,7 @@ def _cmd_robustness(args) -> int:
     noise = parse_floats(args.noise, "--noise")
     name = check_run_name(args.out_name or f"{base.data.name}-{base.model.name}", "--name")
     out = Path(args.out) if args.out else Path(base.train.runs_dir) / "robustness" / name
-    res = robustness(base, rules, noise, out, _seeds(args.seeds))
+    res = robustness(base, rules, noise, out, _seeds(args.seeds), units=args.noise_units)
     if not common.main_rank():
         return 0
     print(res["table"])

@@ -87,7 +87,8 @@ def _cmd_rules(args: argparse.Namespace) -> int:
         if r.noise is not None:
             parts.append(f"mirror noise: {r.noise.dist}, std {r.noise.std:g}")
         if r.update_noise:
-            parts.append(f"update noise std {r.update_noise:g}")
+            parts.append(f"update noise std {r.update_noise:g}"
+                         + (" x rms(W)" if r.update_noise_units == "weight" else ""))
         if r.normalize:
             parts.append(f"normalize: {r.normalize}")
         if r.init != "default":

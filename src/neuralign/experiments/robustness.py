@@ -1,7 +1,9 @@
 """Robustness to noisy feedback updates: top-1 against the update-noise σ.
 
 After every feedback step ``F ← F + lr_F · ε``, ``ε ~ N(0, σ²)`` (the paper's
-ΔB = ∇R + N(0, σ²); ``rule.update_noise``). Each rule runs with its metaparameters from the base
+ΔB = ∇R + N(0, σ²); ``rule.update_noise``), or, with ``units='weight'``,
+``F ← F + σ · rms(W) · N(0, 1)``: the same noise per step relative to W for every rule, whatever
+its step size (``rule.update_noise_units``). Each rule runs with its metaparameters from the base
 config when the base is that rule, else with its catalog defaults (:func:`.common.rule_variant`).
 Rules without learned feedback weights (``bp``, ``fa``, sign rules, ``dfa``) have nothing to
 perturb: they run once, at σ = 0, as reference lines.
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import neuralign as na
+from neuralign.rules import UPDATE_NOISE_UNITS
 
 from ..models import check_model_name
 from ..train.config import Config, ConfigError, config_to_dict
@@ -39,8 +42,9 @@ def _learns(rule: str) -> bool:  # learned feedback weights, which update noise 
 
 
 def robustness(base: Config, rules: Sequence[str], noise: Sequence[float], out: str | Path,
-               seeds: Sequence[int] | None = None) -> dict:
+               seeds: Sequence[int] | None = None, units: str = "gradient") -> dict:
     """Train each rule at each update-noise σ (and seed); write tables and the plot.
+    ``units``: what σ is measured in (:attr:`neuralign.Rule.update_noise_units`).
 
     Returns:
         ``{"runs": [...], "summary": [...], "table": str, "out": Path}``.
@@ -51,13 +55,17 @@ def robustness(base: Config, rules: Sequence[str], noise: Sequence[float], out: 
         raise ConfigError("robustness: no noise levels given")
     if any(s < 0 for s in noise):
         raise ConfigError(f"robustness: σ is a standard deviation >= 0, got {list(noise)}")
+    if units not in UPDATE_NOISE_UNITS:
+        raise ConfigError(f"robustness: unknown noise units {units!r}; valid: "
+                          f"{', '.join(UPDATE_NOISE_UNITS)}")
     configs = {r: rule_variant(base, r) for r in rules}  # unknown rules fail here, early
     check_model_name(base.model.name)  # and an unknown model
     noise = sorted(set(float(s) for s in noise))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_yaml({"base": config_to_dict(base), "rules": list(rules), "noise": noise,
-                "seeds": list(seeds) if seeds else None}, out / "robustness.yaml")
+                "units": units, "seeds": list(seeds) if seeds else None},
+               out / "robustness.yaml")
     data = DataCache()
     runs = []
     plan = [(r, s, seed) for r in rules for s in (noise if _learns(r) else [0.0])
@@ -67,9 +75,11 @@ def robustness(base: Config, rules: Sequence[str], noise: Sequence[float], out: 
         cfg.train.seed = seed
         if _learns(rule):
             cfg.rule.update_noise = sigma
-        log.info("robustness: %s at σ=%g, seed %d  [%d/%d]", rule, sigma, seed, i + 1,
-                 len(plan))
-        r = run_once(cfg, out, f"{rule}-noise{sigma:g}-s{seed}", data=data.get(cfg))
+            cfg.rule.update_noise_units = units
+        log.info("robustness: %s at σ=%g (%s units), seed %d  [%d/%d]", rule, sigma, units,
+                 seed, i + 1, len(plan))
+        tag = "" if units == "gradient" else f"-{units}"
+        r = run_once(cfg, out, f"{rule}-noise{sigma:g}{tag}-s{seed}", data=data.get(cfg))
         runs.append({"rule": rule, "sigma": sigma, "seed": seed, **r})
         write_csv(runs, out / "robustness.csv")
     summary = summarise(runs, ("rule", "sigma"))

@@ -129,7 +129,9 @@ class LayerRuleConfig:
             ``bp``.
         kp: add W's task gradient to F's (Kolen-Pollack's switch).
         noise: mirror noise, a section: ``dist`` (``normal`` or ``uniform``), ``std``.
-        update_noise: standard deviation σ of the update noise ``F += rate * N(0, σ²)``.
+        update_noise: standard deviation σ of the update noise, in ``update_noise_units``.
+        update_noise_units: ``gradient`` (``F += lr_F · N(0, σ²)``, the step size scaling it)
+            or ``weight`` (``F += σ · rms(W) · N(0, 1)`` each step: σ relative to W's entries).
         normalize: rescale F after each step to its initial norm (true) or to this norm.
         init: initialisation of F: ``default``, ``kaiming_uniform``, ``kaiming_normal``,
             ``xavier_uniform``, ``xavier_normal``, ``uniform`` (U[-1, 1], no fan scaling) or
