@@ -31,6 +31,9 @@ VARIANTS = (
     ("bp-long", "backprop, 60 epochs", "bp-long"),
     ("dfa-long", "dfa at every layer's input, 60 epochs", "bp-long"),
     ("dfapt-head-long", "points, e at the head's input, 60 epochs", "bp-long"),
+    ("bp-postln-long", "backprop, post-norm blocks, 60 epochs", "bp-postln-long"),
+    ("dfapt-norm-postln-long", "post-norm: points, e at the last block's output, 60 epochs",
+     "bp-postln-long"),
 )
 
 
@@ -68,5 +71,27 @@ def main() -> str:
                            "final test loss", "exp(loss − bp's)", "end-to-end angle (°)"],
                           rows)
 
+def local_angles() -> str:
+    """The points' local angle, ∠(D e, the gradient arriving from above), per block at the
+    first, middle and last epoch: the seed-0 runs that logged it (``gradient_angle/<block>``)."""
+    rows = []
+    for model, label in MODELS:
+        for variant, what, _ in VARIANTS:
+            path = HERE / f"{model}-{variant}-s0.csv"
+            if not variant.startswith("dfapt") or not path.is_file():
+                continue
+            run = read_csv(path)
+            blocks = [k for k in run[0] if k.startswith("gradient_angle/")]
+            if not blocks or not any(math.isfinite(float(run[-1][k])) for k in blocks):
+                continue
+            picks = (run[0], run[len(run) // 2], run[-1])
+            rows.append([label, what] + [
+                " / ".join(f"{float(r[k]):.1f}" for r in picks) for k in blocks])
+    return markdown_table(["model", "variant", "block 1: epoch 1 / middle / last",
+                           "block 2: epoch 1 / middle / last"], rows)
+
+
 if __name__ == "__main__":
     print(main())
+    print()
+    print(local_angles())
