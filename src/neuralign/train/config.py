@@ -568,6 +568,15 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def _yaml(text: str) -> bool:
+    """``text`` parses as YAML."""
+    try:
+        yaml.safe_load(text)
+    except yaml.YAMLError:
+        return False
+    return True
+
+
 def _quoted(text: str) -> bool:
     t = text.strip()
     return len(t) >= 2 and t[0] == t[-1] and t[0] in "'\""
@@ -597,6 +606,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if last:
                 if fields[part] is str and not _quoted(text):
                     value = text  # a text key takes the text itself: --name yes, null, 007
+                elif value == text and text.lstrip()[:1] in ("[", "{") and not _yaml(text):
+                    raise ConfigError(
+                        f"{key}={text}: not valid YAML (a list or mapping whose items hold "
+                        f"YAML's own characters such as ? or : must quote them, e.g. "
+                        f"{key}='[\"layers.?\"]', or use plain names)")
                 _set(obj, part, value, prefix + part)
             elif dataclasses.is_dataclass(cur):
                 obj, prefix = cur, prefix + part + "."
