@@ -28,7 +28,8 @@ class LayerReport:
             feedback point at the module's output: its parameters learn by backprop from D e),
             ``'W (bypassed)'`` (the model reads its weight itself: plain backprop) or
             ``'none'`` (unused, or no error reached it).
-        local_angle: ∠(what it sent down, what W would send for the same error), degrees.
+        local_angle: ∠(what it sent down, what W would send for the same error), degrees (a
+            dfa feedback point: ∠(D e, the gradient that arrived from above)).
         backprop_angle: ∠(W's gradient under the rule, W's gradient under exact backprop on
             the same batch), degrees.
         weight_angle: ∠(W, F), degrees (dfa: none).
