@@ -112,8 +112,12 @@ def _kill_a_worker_mid_trial(root: Path, storage: str, study: str) -> tuple[int,
     """SIGKILL the worker process of a running trial after its first epoch (frozen first, so
     that the trial cannot end in between: :func:`runs.kill_mid_trial`). Returns (trial number,
     pid)."""
-    t = kill_mid_trial(
-        lambda: optuna.load_study(study_name=study, storage=storage).get_trials(), root / "out")
+    # one storage for every look: loading the study afresh builds an engine and checks the
+    # schema each time (tenths of a second on PostgreSQL), long enough for the two workers'
+    # four trials to end between looks on an idle machine; the study reads running trials
+    # from the database at each call
+    shared = optuna.load_study(study_name=study, storage=storage)
+    t = kill_mid_trial(shared.get_trials, root / "out")
     return t.number, int(t.user_attrs["pid"])
 
 
