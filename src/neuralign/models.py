@@ -146,6 +146,14 @@ def _unknown_model(name: str) -> ValueError:
                       f"torchvision classifier ({', '.join(tv[:6])}, … {len(tv)} in all)")
 
 
+def _check_options(name: str, cfg: ModelConfig, valid: tuple[str, ...]) -> None:
+    """``cfg.kwargs`` holds only options of model ``name`` (else an error naming the valid)."""
+    unknown = set(cfg.kwargs) - set(valid)
+    if unknown:
+        raise ValueError(f"{name} has no option {', '.join(sorted(unknown))} (model.kwargs); "
+                         f"valid: {', '.join(valid)}")
+
+
 def _adapt_first_conv(model: nn.Module, in_channels: int) -> None:
     """Swap a torchvision model's first convolution for one with ``in_channels`` inputs."""
     for name, mod in model.named_modules():
@@ -211,10 +219,7 @@ class LeNet(nn.Module):
 def _lenet(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if len(input_shape) != 3:
         raise ValueError(f"lenet needs image inputs [C, H, W], the data give {input_shape}")
-    unknown = set(cfg.kwargs) - {"batch_norm"}
-    if unknown:
-        raise ValueError(f"lenet has no option {', '.join(sorted(unknown))} "
-                         f"(model.kwargs); valid: batch_norm")
+    _check_options("lenet", cfg, ("batch_norm",))
     return LeNet(input_shape[0], num_classes, tuple(input_shape[1:]), **cfg.kwargs)
 
 
@@ -468,10 +473,7 @@ def _cifar_resnet(depth: int) -> _Builder:
 def _resnet1d(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     if len(input_shape) != 2:
         raise ValueError(f"resnet1d needs sequence inputs [C, L], the data give {input_shape}")
-    unknown = set(cfg.kwargs) - {"depth"}
-    if unknown:
-        raise ValueError(f"resnet1d has no option {', '.join(sorted(unknown))} "
-                         f"(model.kwargs); valid: depth")
+    _check_options("resnet1d", cfg, ("depth",))
     return CifarResNet(int(cfg.kwargs.get("depth", 8)), input_shape[0], num_classes,
                        cfg.shortcut.upper(), dim=1)
 

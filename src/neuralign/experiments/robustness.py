@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import neuralign as na
-from neuralign.rules import UPDATE_NOISE_UNITS
 
 from ..models import check_model_name
+from ..rules import UPDATE_NOISE_UNITS
 from ..train.config import Config, ConfigError, config_to_dict
 from .common import (
     format_markdown,

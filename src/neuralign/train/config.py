@@ -169,7 +169,7 @@ class RuleConfig(LayerRuleConfig):
             ``warn``, ``ignore`` or ``raise``.
         points: dfa only: module-name globs whose outputs become feedback points (Launay et
             al. 2020's DFA at block outputs, backprop inside the blocks; ``convert``'s
-            ``points``), e.g. ``[layers.?]``.
+            ``points``), e.g. ``[layers.0, layers.1]``.
         error_at: dfa only: the module (the read-out) at whose input dfa's error is taken,
             instead of at the model's output (``convert``'s ``error_at``); empty: the output.
     """
@@ -561,20 +561,12 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str) -> tuple[Any, bool]:
+    """``text`` read as YAML, and whether it was: text that is not YAML stays text."""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return (yaml.safe_load(text) if text.strip() else ""), True
     except yaml.YAMLError:
-        return text
-
-
-def _yaml(text: str) -> bool:
-    """``text`` parses as YAML."""
-    try:
-        yaml.safe_load(text)
-    except yaml.YAMLError:
-        return False
-    return True
+        return text, False
 
 
 def _quoted(text: str) -> bool:
@@ -594,7 +586,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override {item!r} is not of the form key=value "
                               f"(e.g. optim.lr=0.1); sections: "
                               f"{', '.join(_fields(cfg))}")
-        value = _parse_value(text)
+        value, parsed = _parse_value(text)
         parts = key.split(".")
         obj, prefix = cfg, ""
         for i, part in enumerate(parts):
@@ -606,7 +598,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             if last:
                 if fields[part] is str and not _quoted(text):
                     value = text  # a text key takes the text itself: --name yes, null, 007
-                elif value == text and text.lstrip()[:1] in ("[", "{") and not _yaml(text):
+                elif not parsed and text.lstrip()[:1] in ("[", "{"):
                     raise ConfigError(
                         f"{key}={text}: not valid YAML (a list or mapping whose items hold "
                         f"YAML's own characters such as ? or : must quote them, e.g. "
